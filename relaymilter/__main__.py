@@ -1,0 +1,7 @@
+"""Allow ``python -m relaymilter``."""
+
+import sys
+
+from relaymilter.cli import main
+
+sys.exit(main())
