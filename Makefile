@@ -1,0 +1,37 @@
+# relaymilter - `make run` starts the milter, `make test` runs every test.
+# Both install what is missing first (Debian packages, a virtualenv).
+
+PYTHON ?= python3
+VENV   ?= .venv
+CONFIG ?= packaging/relaymilter.toml
+PY      = $(VENV)/bin/python
+
+.PHONY: run test unit bench check-config clean
+
+run: $(VENV)/.installed
+	@echo "relaymilter: starting with $(CONFIG); stop with Ctrl-C"
+	$(VENV)/bin/relaymilter run -c $(CONFIG)
+
+test: $(VENV)/.installed
+	scripts/install-debian-deps test
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/adapter
+
+bench: $(VENV)/.installed
+	scripts/install-debian-deps test
+	$(PY) bench/postfix_throughput.py
+
+check-config: $(VENV)/.installed
+	$(VENV)/bin/relaymilter check-config -c $(CONFIG)
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	scripts/install-debian-deps run
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

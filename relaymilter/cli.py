@@ -1,0 +1,152 @@
+"""cli - the relaymilter command and its verbs.
+
+NAME
+    relaymilter - run the milter, check its configuration
+
+SYNOPSIS
+    relaymilter run [-c FILE] [--syslog] [--debug]
+    relaymilter check-config [-c FILE]
+    relaymilter --version
+
+DESCRIPTION
+    The config file is -c FILE, else $RELAYMILTER_CONFIG, else
+    /etc/relaymilter/relaymilter.toml. Exit codes follow sysexits(3):
+    0 ok, 64 usage, 69 socket unavailable, 78 bad configuration, 1 other.
+
+    The verbs only parse arguments and call the modules that own the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import re
+import sys
+
+from relaymilter import __version__
+from relaymilter.config import ConfigError, config_path, load_config
+from relaymilter.live import LiveConfig, build_snapshot
+
+EX_OK, EX_SOFTWARE_OTHER, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 64, 69, 78
+
+log = logging.getLogger("relaymilter")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2; sysexits says 64
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class _PostfixStyleFormatter(logging.Formatter):
+    """INFO lines bare, others prefixed "warning: ", "error: " as Postfix does."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname.lower()}: {message}"
+        return message
+
+
+def setup_logging(use_syslog: bool, debug: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    if use_syslog:
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(_PostfixStyleFormatter(f"relaymilter[{os.getpid()}]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_PostfixStyleFormatter(
+            f"%(asctime)s relaymilter[{os.getpid()}]: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def attach_lines(milter_socket: str) -> list[str]:
+    """The MTA configuration lines that connect Postfix and Sendmail to us."""
+    postfix = milter_socket
+    match = re.fullmatch(r"inet6?:(\d+)@(.+)", milter_socket)
+    if match:
+        port, host = match.groups()
+        if milter_socket.startswith("inet6:") and not host.startswith("["):
+            host = f"[{host}]"
+        postfix = f"inet:{host}:{port}"
+    elif milter_socket.startswith("local:"):
+        postfix = "unix:" + milter_socket.split(":", 1)[1]
+    return [
+        f"Postfix main.cf:  smtpd_milters = {postfix}",
+        "                  milter_default_action = tempfail",
+        f"Sendmail .mc:     INPUT_MAIL_FILTER(`relaymilter', "
+        f"`S={milter_socket}, F=T, T=C:10s;S:10s;R:20s;E:5m')dnl",
+    ]
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
+    config = load_config(path)
+    snapshot = build_snapshot(config)
+    sys.stdout.write(f"# {path}: OK ({snapshot.local_domain_count} local domains)\n")
+    sys.stdout.write(config.effective_toml())
+    for line in attach_lines(config.milter.socket):
+        sys.stdout.write(f"# {line}\n")
+    return EX_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging(args.syslog, args.debug)
+    path = config_path(args.config)
+    config = load_config(path)
+    live = LiveConfig.start(config)
+    from relaymilter import milter  # pymilter is imported only where it is used
+
+    log.info("relaymilter %s starting on %s with %s (%d local domains%s)", __version__,
+             config.milter.socket, path, live.snapshot.local_domain_count,
+             ", dry run" if config.milter.dry_run else "")
+    for line in attach_lines(config.milter.socket):
+        log.info("%s", line)
+    live.watch(interval=1.0)
+    try:
+        milter.serve(live)
+    except OSError as error:
+        log.error("%s", error)
+        return EX_UNAVAILABLE
+    finally:
+        live.stop()
+    log.info("relaymilter stopped")
+    return EX_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="relaymilter",
+                     description="Milter that closes open relays and keeps listed relays out.")
+    parser.add_argument("--version", action="version", version=f"relaymilter {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+
+    def verb(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("-c", "--config", metavar="FILE",
+                         help="config file (default: $RELAYMILTER_CONFIG or "
+                              "/etc/relaymilter/relaymilter.toml)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = verb("run", cmd_run, "run the milter in the foreground")
+    run.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
+    run.add_argument("--debug", action="store_true", help="also log every permit decision")
+    verb("check-config", cmd_check_config, "validate the config and print the effective values")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        sys.stderr.write(f"relaymilter: fatal: {error}\n")
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return EX_OK

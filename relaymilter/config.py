@@ -1,0 +1,287 @@
+"""config - the TOML configuration, its schema, and its frozen form.
+
+NAME
+    config - TOML -> frozen dataclasses; one schema table; errors name file and key
+
+SYNOPSIS
+    config = load_config("/etc/relaymilter/relaymilter.toml")
+    config.relay.local_domains
+
+DESCRIPTION
+    Every key is declared once in SCHEMA, with its type, default, bounds and
+    help text; the man page and `relaymilter check-config` are built from the
+    same table, and a test proves the docs name every key. Unknown sections
+    and keys, wrong types and out-of-range values are refused with a
+    ConfigError whose text reads "FILE: section.key: reason".
+
+    The result is immutable. A reload builds a new Config and the owner swaps
+    one reference (see live.py); nothing here is re-read behind its back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from relaymilter.relay import parse_network, split_domain_patterns
+
+DEFAULT_CONFIG_PATH = "/etc/relaymilter/relaymilter.toml"
+CONFIG_ENV = "RELAYMILTER_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is "FILE: section.key: reason"."""
+
+    def __init__(self, path: str, key: str | None, reason: str):
+        self.path, self.key, self.reason = path, key, reason
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + reason)
+
+
+# ---------------------------------------------------------------- checks ---
+# Each check takes the TOML value (already of the declared type) and returns
+# the value to store, or raises ValueError with the reason.
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+    return check
+
+
+_INET_SOCKET = re.compile(r"(?P<family>inet6?):(?P<port>\d+)@(?P<host>.+)\Z")
+
+
+def check_milter_socket(value: str) -> str:
+    """libmilter socket syntax: inet:PORT@HOST, inet6:PORT@[ADDR], unix:/path."""
+    if value.startswith(("unix:", "local:")):
+        path = value.split(":", 1)[1]
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute, not {path!r}")
+        return value
+    match = _INET_SOCKET.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not inet:PORT@HOST, inet6:PORT@[ADDR] or unix:/PATH")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 1-65535")
+    host = match["host"]
+    if match["family"] == "inet6":
+        try:
+            ipaddress.IPv6Address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+        raise ValueError(f"{host!r} is not a host name or IPv4 address")
+    return value
+
+
+def _domains(values: list[str]) -> tuple[str, ...]:
+    split_domain_patterns(values)  # raises ValueError naming the bad entry
+    return tuple(values)
+
+
+def _networks(values: list[str]) -> tuple[str, ...]:
+    for text in values:
+        parse_network(text)
+    return tuple(values)
+
+
+def _addresses(values: list[str]) -> tuple[str, ...]:
+    for text in values:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address") from None
+    return tuple(values)
+
+
+def _optional_path(value: str) -> str | None:
+    if value == "":
+        return None
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, not {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- schema ---
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: where it lives, what it holds, what it means."""
+
+    section: str
+    name: str
+    type: type              # the TOML type: str, bool, int, float or list (of str)
+    default: Any
+    help: str
+    check: Callable[[Any], Any] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+SCHEMA: tuple[Key, ...] = (
+    Key("milter", "socket", str, "inet:8894@127.0.0.1",
+        "Where the milter listens: inet:PORT@HOST, inet6:PORT@[ADDR] or unix:/PATH.",
+        check_milter_socket),
+    Key("milter", "on_error", str, "tempfail",
+        "What an internal fault answers: tempfail (451 4.3.0) or accept.",
+        _one_of("tempfail", "accept")),
+    Key("milter", "dry_run", bool, False,
+        "Decide and log \"would reject\", but accept everything."),
+    Key("milter", "timeout", int, 600,
+        "Seconds libmilter waits for the MTA before it drops a connection.",
+        minimum=1, maximum=86400),
+    Key("relay", "local_domains", list, [],
+        "Domains we receive mail for; \".example.net\" means every subdomain of example.net.",
+        _domains),
+    Key("relay", "local_domains_file", str, "",
+        "Optional file of further local domains, one a line, # comments; re-read when it changes.",
+        _optional_path),
+    Key("relay", "trusted_networks", list, ["127.0.0.0/8", "::1/128"],
+        "Client networks that may relay anywhere (CIDR, IPv4 and IPv6).",
+        _networks),
+    Key("relay", "trust_authenticated", bool, True,
+        "Whether an SMTP-authenticated client ({auth_authen} set) may relay."),
+    Key("relay", "local_address_literals", list, [],
+        "IP addresses that recipients may name as a literal, as in user@[192.0.2.1].",
+        _addresses),
+)
+
+SECTIONS = tuple(dict.fromkeys(key.section for key in SCHEMA))
+
+
+# ---------------------------------------------------------- frozen form ---
+
+@dataclass(frozen=True)
+class MilterConfig:
+    socket: str
+    on_error: str
+    dry_run: bool
+    timeout: int
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    local_domains: tuple[str, ...]
+    local_domains_file: str | None
+    trusted_networks: tuple[str, ...]
+    trust_authenticated: bool
+    local_address_literals: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    milter: MilterConfig
+    relay: RelayConfig
+    values: dict[str, Any] = field(repr=False, compare=False)  # dotted key -> value
+
+    def effective_toml(self) -> str:
+        """The effective configuration, defaults included, as TOML text."""
+        lines: list[str] = []
+        for section in SECTIONS:
+            lines.append(f"[{section}]")
+            for key in SCHEMA:
+                if key.section == section:
+                    lines.append(f"{key.name} = {_toml_value(self.values[key.dotted])}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+_SECTION_TYPES = {"milter": MilterConfig, "relay": RelayConfig}
+
+
+def config_path(cli_path: str | None) -> str:
+    """-c, else $RELAYMILTER_CONFIG, else the default path."""
+    return cli_path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a config file; raises ConfigError."""
+    try:
+        with open(path, "rb") as stream:
+            document = tomllib.load(stream)
+    except OSError as error:
+        raise ConfigError(path, None, f"cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(path, None, f"not valid TOML: {error}") from None
+    return parse_config(document, path)
+
+
+def parse_config(document: dict[str, Any], path: str = "<string>") -> Config:
+    """Validate a parsed TOML document against SCHEMA."""
+    for section, body in document.items():
+        if section not in SECTIONS:
+            raise ConfigError(path, section, "unknown section")
+        if not isinstance(body, dict):
+            raise ConfigError(path, section, "must be a table ([section])")
+    known = {key.dotted for key in SCHEMA}
+    for section, body in document.items():
+        for name in body:
+            if f"{section}.{name}" not in known:
+                raise ConfigError(path, f"{section}.{name}", "unknown key")
+    values = {key.dotted: _read_key(key, document.get(key.section, {}), path) for key in SCHEMA}
+    sections = {
+        section: cls(**{key.name: values[key.dotted] for key in SCHEMA if key.section == section})
+        for section, cls in _SECTION_TYPES.items()
+    }
+    return Config(path=path, values=values, **sections)
+
+
+def _read_key(key: Key, body: dict[str, Any], path: str) -> Any:
+    if key.name not in body:
+        value = key.default
+    else:
+        value = body[key.name]
+        _check_type(key, value, path)
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(path, key.dotted, f"{value} is below the minimum {key.minimum}")
+    if key.maximum is not None and value > key.maximum:
+        raise ConfigError(path, key.dotted, f"{value} is above the maximum {key.maximum}")
+    if key.check is not None:
+        try:
+            value = key.check(value)
+        except ValueError as error:
+            raise ConfigError(path, key.dotted, str(error)) from None
+    elif isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def _check_type(key: Key, value: Any, path: str) -> None:
+    expected = key.type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(path, key.dotted, "must be an integer, not a boolean")
+    if not isinstance(value, expected):
+        raise ConfigError(path, key.dotted,
+                          f"must be {_TYPE_NAMES[expected]}, not {type(value).__name__}")
+    if expected is list and not all(isinstance(item, str) for item in value):
+        raise ConfigError(path, key.dotted, "must be a list of strings")
+
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer",
+               float: "a number", list: "a list of strings"}
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,155 @@
+"""live - the running configuration: one immutable snapshot, swapped on change.
+
+NAME
+    live - owner of the current Snapshot; change detection for reloads
+
+SYNOPSIS
+    live = LiveConfig.start(config)     # raises ConfigError on a bad domains file
+    snapshot = live.snapshot            # one reference read, never locked
+    live.watch(interval=1.0)            # daemon thread: reload on change
+
+DESCRIPTION
+    libmilter ends the process on SIGHUP, so reloads are driven by change
+    detection: the config file and the local domains file are stat()ed every
+    interval; when either changed, a complete new Snapshot is built and the
+    single `snapshot` reference is replaced. Readers never see a half-built
+    state and need no lock. A reload that fails (bad TOML, bad key, a
+    domains file with a bad line, a file that vanished) keeps the running
+    snapshot and logs the file, key and reason once per distinct error.
+
+    Keys that only take effect at start (milter.socket, milter.timeout) are
+    reported when they change, and keep their running values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+
+from relaymilter.config import Config, ConfigError, load_config
+from relaymilter.relay import RelayRules
+
+log = logging.getLogger(__name__)
+
+RESTART_ONLY_KEYS = ("milter.socket", "milter.timeout")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a decision reads, frozen together."""
+
+    config: Config
+    relay_rules: RelayRules
+    local_domain_count: int
+
+
+def read_domains_file(path: str) -> list[str]:
+    """One domain a line; "#" starts a comment. Raises ConfigError on a bad line."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            lines = stream.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(path, None, f"cannot read local domains: {error}") from None
+    domains = []
+    for number, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            RelayRules.build(local_domains=[entry])
+        except ValueError as error:
+            raise ConfigError(path, f"line {number}", str(error)) from None
+        domains.append(entry)
+    return domains
+
+
+def build_snapshot(config: Config) -> Snapshot:
+    """Config + the files it names -> Snapshot. Raises ConfigError."""
+    domains = list(config.relay.local_domains)
+    if config.relay.local_domains_file:
+        domains += read_domains_file(config.relay.local_domains_file)
+    rules = RelayRules.build(local_domains=domains,
+                             trusted_networks=config.relay.trusted_networks,
+                             own_literals=config.relay.local_address_literals,
+                             trust_authenticated=config.relay.trust_authenticated)
+    return Snapshot(config=config, relay_rules=rules, local_domain_count=len(domains))
+
+
+def _stamp(path: str | None) -> tuple | None:
+    if not path:
+        return None
+    try:
+        status = os.stat(path)
+    except OSError:
+        return ("missing",)
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+class LiveConfig:
+    """Owns the current Snapshot. Only the watcher thread writes `snapshot`."""
+
+    def __init__(self, snapshot: Snapshot):
+        self.snapshot = snapshot
+        self._stamps = self._current_stamps(snapshot.config)
+        self._last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, config: Config) -> "LiveConfig":
+        return cls(build_snapshot(config))
+
+    def refresh(self) -> bool:
+        """Reload if a watched file changed. Returns True when swapped."""
+        running = self.snapshot.config
+        stamps = self._current_stamps(running)
+        if stamps == self._stamps:
+            return False
+        try:
+            config = load_config(running.path)
+            config = self._keep_restart_only_keys(running, config)
+            snapshot = build_snapshot(config)
+        except ConfigError as error:
+            if str(error) != self._last_error:
+                log.error("reload failed, keeping the running configuration: %s", error)
+                self._last_error = str(error)
+            # Do not retry the same broken files every second; retry on change.
+            self._stamps = stamps
+            return False
+        self._stamps = self._current_stamps(config)
+        self._last_error = None
+        self.snapshot = snapshot
+        log.info("configuration reloaded from %s (%d local domains)",
+                 config.path, snapshot.local_domain_count)
+        return True
+
+    def watch(self, interval: float = 1.0) -> None:
+        """Start a daemon thread that calls refresh() every interval seconds."""
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh()
+                except Exception:  # keep watching: a reload bug must not end reloads
+                    log.exception("unexpected error while checking for a reload")
+        self._thread = threading.Thread(target=loop, name="relaymilter-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @staticmethod
+    def _current_stamps(config: Config) -> tuple:
+        return (_stamp(config.path), _stamp(config.relay.local_domains_file))
+
+    @staticmethod
+    def _keep_restart_only_keys(running: Config, new: Config) -> Config:
+        changed = [key for key in RESTART_ONLY_KEYS if running.values[key] != new.values[key]]
+        if not changed:
+            return new
+        log.warning("%s: %s changed; takes effect at the next restart",
+                    new.path, ", ".join(changed))
+        values = {**new.values, **{key: running.values[key] for key in RESTART_ONLY_KEYS}}
+        milter = replace(new.milter, socket=running.milter.socket, timeout=running.milter.timeout)
+        return replace(new, milter=milter, values=values)

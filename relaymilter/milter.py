@@ -1,0 +1,209 @@
+"""milter - the pymilter adapter: callbacks -> facts -> Decision -> reply.
+
+NAME
+    milter - thin libmilter front end to policy.py
+
+DESCRIPTION
+    libmilter runs one thread per MTA connection and creates one RelayMilter
+    per connection. A RelayMilter keeps the facts of its SMTP session (who
+    the client is, HELO, MAIL FROM, SASL login) and asks policy.py for a
+    Decision at each RCPT TO. It holds no policy of its own.
+
+    Protocol economy: connect, HELO and MAIL are "no reply" stages (the MTA
+    does not wait for us); headers, body, DATA and unknown commands are
+    negotiated away; only RCPT waits for an answer. Macros are requested
+    per stage with @Milter.symlist.
+
+    Error boundary: every callback is guarded. An exception is logged once
+    with its traceback and answered per [milter] on_error; in a no-reply
+    stage it is remembered and answered at the next RCPT. Nothing is ever
+    permanently rejected because relaymilter failed.
+
+    Postfix runs the milter's connect callback again after XCLIENT, in the
+    same milter conversation: connect starts a fresh session every time.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import socket
+import threading
+from typing import Any, Callable
+
+import Milter
+
+from relaymilter.live import LiveConfig
+from relaymilter.logline import log_decision
+from relaymilter.policy import (Action, ClientFacts, Decision, RecipientFacts, answered_action,
+                                decide_recipient, enforce, internal_fault)
+from relaymilter.relay import normalise_ip
+
+log = logging.getLogger(__name__)
+
+# Macros whose absence means the MTA is configured so that a check is
+# weaker than it should be; warned about once per process.
+EXPECTED_MACROS = {"connect": ("j",), "envrcpt": ("{rcpt_addr}",)}
+
+
+class MacroWarnings:
+    """Remembers which missing macros were already reported. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reported: set[str] = set()
+
+    def missing(self, stage: str, macro: str) -> None:
+        with self._lock:
+            if macro in self._reported:
+                return
+            self._reported.add(macro)
+        log.warning("the MTA sent no %s macro at %s; see the relaymilter guide, "
+                    "section on MTA macros", macro, stage)
+
+
+def client_address(family: int | None, hostaddr: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client IP from connect's arguments; None when unknown or not IP."""
+    if family not in (socket.AF_INET, socket.AF_INET6) or not hostaddr:
+        return None
+    text = hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr
+    try:
+        return normalise_ip(ipaddress.ip_address(str(text).split("%", 1)[0]))
+    except ValueError:
+        return None
+
+
+def escape_reply(text: str) -> str:
+    """pymilter's setreply() treats "%" as a format character."""
+    return text.replace("%", "%%")
+
+
+def guarded(stage: str) -> Callable:
+    """Catch any exception of a callback at the edge and answer per on_error."""
+    def decorate(callback: Callable) -> Callable:
+        @functools.wraps(callback)
+        def wrapper(self: "RelayMilter", *args: Any) -> int:
+            try:
+                return callback(self, *args)
+            except Exception:
+                log.exception("internal error in the %s callback", stage)
+                return self.fault(stage)
+        return wrapper
+    return decorate
+
+
+class RelayMilter(Milter.Base):
+    """One MTA connection. Created by libmilter's thread for that connection."""
+
+    def __init__(self, live: LiveConfig, warnings: MacroWarnings):
+        self._live = live
+        self._warnings = warnings
+        self._start_session(ClientFacts(address=None))
+
+    def _start_session(self, client: ClientFacts) -> None:
+        self._client = client
+        self._sender: str | None = None
+        self._session_fault = False
+        self._message_fault = False
+
+    # ------------------------------------------------------ callbacks ---
+
+    @Milter.symlist("j", "{daemon_name}")
+    @Milter.noreply
+    @guarded("connect")
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        name = hostname if hostname and not hostname.startswith("[") else "unknown"
+        self._start_session(ClientFacts(address=client_address(family, hostaddr), name=name))
+        self._require_macros("connect")
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    @guarded("helo")
+    def hello(self, hostname: str) -> int:
+        self._client = ClientFacts(self._client.address, self._client.name, hostname,
+                                   self._client.auth_user)
+        return Milter.CONTINUE
+
+    @Milter.symlist("{auth_authen}", "{auth_type}")
+    @Milter.noreply
+    @guarded("mail")
+    def envfrom(self, sender: str, *params: str) -> int:
+        self._message_fault = False
+        self._sender = _text(sender)
+        auth_user = self.getsymval("{auth_authen}") or None
+        self._client = ClientFacts(self._client.address, self._client.name, self._client.helo,
+                                   auth_user)
+        return Milter.CONTINUE
+
+    @Milter.symlist("{rcpt_addr}", "i")
+    @guarded("rcpt")
+    def envrcpt(self, recipient: str, *params: str) -> int:
+        recipient = _text(recipient)
+        snapshot = self._live.snapshot
+        queue_id = self.getsymval("i") or None
+        if self._session_fault or self._message_fault:
+            decision = internal_fault(snapshot.config.milter.on_error)
+        else:
+            resolved = self.getsymval("{rcpt_addr}")
+            if resolved is None:
+                self._warnings.missing("RCPT", "{rcpt_addr}")
+            facts = RecipientFacts(client=self._client, sender=self._sender or "",
+                                   recipient=recipient, resolved_recipient=resolved,
+                                   queue_id=queue_id)
+            decision = enforce(decide_recipient(facts, snapshot), snapshot.config.milter.dry_run)
+        log_decision("RCPT", decision, self._client, self._sender, recipient, queue_id)
+        return self._answer(decision)
+
+    # -------------------------------------------------------- helpers ---
+
+    def fault(self, stage: str) -> int:
+        """Answer for an exception in `stage` (called by @guarded)."""
+        if stage in ("connect", "helo"):
+            self._session_fault = True
+            return Milter.CONTINUE
+        if stage == "mail":
+            self._message_fault = True
+            return Milter.CONTINUE
+        decision = internal_fault(self._live.snapshot.config.milter.on_error)
+        try:
+            log_decision("RCPT", decision, self._client, self._sender, None, None)
+            return self._answer(decision)
+        except Exception:
+            log.exception("could not answer after an internal error; answering TEMPFAIL")
+            return Milter.TEMPFAIL
+
+    def _answer(self, decision: Decision) -> int:
+        action = answered_action(decision)
+        if action is Action.PERMIT:
+            return Milter.CONTINUE
+        self.setreply(str(decision.code), decision.dsn, escape_reply(decision.text))
+        return Milter.REJECT if action is Action.REJECT else Milter.TEMPFAIL
+
+    def _require_macros(self, stage: str) -> None:
+        for macro in EXPECTED_MACROS[stage]:
+            if self.getsymval(macro) is None:
+                self._warnings.missing(stage, macro)
+
+
+def _text(value: str | bytes) -> str:
+    """pymilter passes str (surrogate-escaped) or, rarely, bytes."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return value
+
+
+def serve(live: LiveConfig, name: str = "relaymilter") -> None:
+    """Run the milter until libmilter stops (SIGTERM, SIGINT, SIGHUP).
+
+    Raises OSError when the socket cannot be opened.
+    """
+    config = live.snapshot.config.milter
+    warnings = MacroWarnings()
+    Milter.factory = lambda: RelayMilter(live, warnings)
+    # No message modifications; SETSYMLIST so @symlist can ask for macros.
+    Milter.set_flags(Milter.SETSYMLIST)
+    try:
+        Milter.runmilter(name, config.socket, config.timeout, rmsock=True)
+    except Milter.milter.error as error:
+        raise OSError(f"cannot serve on {config.socket}: {error}") from None
