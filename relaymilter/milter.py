@@ -109,6 +109,27 @@ class RelayMilter(Milter.Base):
 
     # ------------------------------------------------------ callbacks ---
 
+    def negotiate(self, opts: list[int]) -> int:
+        """Ask for the no-reply stages and per-stage macros.
+
+        Replaces Milter.Base.negotiate, whose setsymlist() hands bytes to the
+        C module under Python 3 (pymilter 1.0.5): it raises, and the failed
+        negotiation silently falls back to every stage with a reply.
+        """
+        try:
+            self._actions, offered, _, _ = opts
+            if self._actions & Milter.SETSYMLIST:
+                for name, stage in Milter.MACRO_CALLBACKS.items():
+                    macros = getattr(getattr(self, name), "_symlist", None)
+                    if macros:
+                        self._ctx.setsymlist(stage, " ".join(macros))
+            opts[1] = self._protocol = offered & ~self.protocol_mask()
+            opts[2] = opts[3] = 0
+        except Exception:
+            log.exception("milter negotiation failed; using the MTA's defaults")
+            return Milter.ALL_OPTS
+        return Milter.CONTINUE
+
     @Milter.symlist("j", "{daemon_name}")
     @Milter.noreply
     @guarded("connect")
