@@ -176,6 +176,29 @@ def normalise_domain(text: str) -> str:
     return _normalise_mail_domain(text)[0]
 
 
+def transitional_variant(domain: str) -> str | None:
+    """The IDNA 2003 ("transitional") form of a normalised domain, if it differs.
+
+    straße.test is xn--strae-oqa.test under IDNA 2008 but strasse.test under
+    IDNA 2003, which Postfix uses. None when the two agree (almost always).
+    """
+    if "xn--" not in domain:
+        return None
+    try:
+        ulabel = idna.decode(domain)
+        mapped = ulabel.translate(_TRANSITIONAL_DEVIATIONS)
+        if mapped == ulabel:
+            return None
+        return normalise_domain(mapped)
+    except (idna.IDNAError, ValueError):
+        return None
+
+
+# The four UTS-46 deviation characters, as transitional processing maps them
+# (the idna package no longer implements transitional processing).
+_TRANSITIONAL_DEVIATIONS = {0x00DF: "ss", 0x03C2: "\u03c3", 0x200C: None, 0x200D: None}
+
+
 def resolved_domain(address: str) -> tuple[str | None, IPAddress | None]:
     """Domain (or literal) of an MTA-resolved address such as {rcpt_addr}.
 
@@ -183,6 +206,8 @@ def resolved_domain(address: str) -> tuple[str | None, IPAddress | None]:
     "@". Returns (None, None) when the address has no domain part; raises
     ValueError when the domain part is not a valid domain or literal.
     """
+    if any("\ud800" <= char <= "\udfff" for char in address):
+        raise ValueError("not UTF-8")
     address = address.strip().strip("<>")
     at = address.rfind("@")
     if at < 0:

@@ -43,11 +43,12 @@ class _Parser(argparse.ArgumentParser):
 class _PostfixStyleFormatter(logging.Formatter):
     """INFO lines bare, others prefixed "warning: ", "error: " as Postfix does."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The severity goes after "relaymilter[PID]: ", where Postfix puts it.
         if record.levelno >= logging.WARNING:
-            message = f"{record.levelname.lower()}: {message}"
-        return message
+            record = logging.makeLogRecord(record.__dict__)
+            record.message = f"{record.levelname.lower()}: {record.message}"
+        return super().formatMessage(record)
 
 
 def setup_logging(use_syslog: bool, debug: bool) -> None:

@@ -54,7 +54,7 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return check
 
 
-_INET_SOCKET = re.compile(r"(?P<family>inet6?):(?P<port>\d+)@(?P<host>.+)\Z")
+_INET_SOCKET = re.compile(r"(?P<family>inet6?):(?P<port>[0-9]+)@(?P<host>.+)\Z")
 
 
 def check_milter_socket(value: str) -> str:
@@ -215,6 +215,9 @@ def load_config(path: str) -> Config:
         raise ConfigError(path, None, f"cannot read: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(path, None, f"not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(path, None, f"not UTF-8 (byte {error.start}): "
+                                      "save the file as UTF-8") from None
     return parse_config(document, path)
 
 
@@ -284,4 +287,12 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + "".join(_toml_char(char) for char in str(value)) + '"'
+
+
+def _toml_char(char: str) -> str:
+    if char in ('"', "\\"):
+        return "\\" + char
+    if ord(char) < 0x20 or ord(char) == 0x7F:
+        return f"\\u{ord(char):04X}"
+    return char

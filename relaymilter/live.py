@@ -28,6 +28,7 @@ import os
 import threading
 from dataclasses import dataclass, replace
 
+from relaymilter.address import normalise_domain, transitional_variant
 from relaymilter.config import Config, ConfigError, load_config
 from relaymilter.relay import RelayRules
 
@@ -70,11 +71,23 @@ def build_snapshot(config: Config) -> Snapshot:
     domains = list(config.relay.local_domains)
     if config.relay.local_domains_file:
         domains += read_domains_file(config.relay.local_domains_file)
+    _warn_idna_variants(domains)
     rules = RelayRules.build(local_domains=domains,
                              trusted_networks=config.relay.trusted_networks,
                              own_literals=config.relay.local_address_literals,
                              trust_authenticated=config.relay.trust_authenticated)
     return Snapshot(config=config, relay_rules=rules, local_domain_count=len(domains))
+
+
+def _warn_idna_variants(domains: list[str]) -> None:
+    """An MTA using IDNA 2003 reports straße.test as strasse.test: say so."""
+    listed = {normalise_domain(domain.lstrip(".")) for domain in domains}
+    for domain in sorted(listed):
+        variant = transitional_variant(domain)
+        if variant and variant not in listed:
+            log.warning("local domain %s is %s under IDNA 2003, which Postfix and Sendmail "
+                        "use: mail the MTA resolves to %s is refused for untrusted clients "
+                        "unless %s is listed too", domain, variant, variant, variant)
 
 
 def _stamp(path: str | None) -> tuple | None:
@@ -87,12 +100,19 @@ def _stamp(path: str | None) -> tuple | None:
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
+def _watched_paths(config: Config) -> tuple:
+    return (config.path, config.relay.local_domains_file)
+
+
 class LiveConfig:
     """Owns the current Snapshot. Only the watcher thread writes `snapshot`."""
 
     def __init__(self, snapshot: Snapshot):
         self.snapshot = snapshot
-        self._stamps = self._current_stamps(snapshot.config)
+        # The files named by the newest config that parsed, even if it failed
+        # to build: creating a missing domains file must trigger a retry.
+        self._watched = _watched_paths(snapshot.config)
+        self._stamps = tuple(_stamp(path) for path in self._watched)
         self._last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -104,26 +124,38 @@ class LiveConfig:
     def refresh(self) -> bool:
         """Reload if a watched file changed. Returns True when swapped."""
         running = self.snapshot.config
-        stamps = self._current_stamps(running)
+        # Stamps are taken before reading, so a change during the read is
+        # seen on the next pass instead of being lost.
+        stamps = tuple(_stamp(path) for path in self._watched)
         if stamps == self._stamps:
             return False
+        config_stamp = _stamp(running.path)
         try:
             config = load_config(running.path)
+        except ConfigError as error:
+            self._reload_failed(error, self._watched, stamps)
+            return False
+        watched = _watched_paths(config)
+        stamps = (config_stamp,) + tuple(_stamp(path) for path in watched[1:])
+        try:
             config = self._keep_restart_only_keys(running, config)
             snapshot = build_snapshot(config)
         except ConfigError as error:
-            if str(error) != self._last_error:
-                log.error("reload failed, keeping the running configuration: %s", error)
-                self._last_error = str(error)
-            # Do not retry the same broken files every second; retry on change.
-            self._stamps = stamps
+            self._reload_failed(error, watched, stamps)
             return False
-        self._stamps = self._current_stamps(config)
+        self._watched, self._stamps = watched, stamps
         self._last_error = None
         self.snapshot = snapshot
         log.info("configuration reloaded from %s (%d local domains)",
                  config.path, snapshot.local_domain_count)
         return True
+
+    def _reload_failed(self, error: ConfigError, watched: tuple, stamps: tuple) -> None:
+        if str(error) != self._last_error:
+            log.error("reload failed, keeping the running configuration: %s", error)
+            self._last_error = str(error)
+        # Do not retry the same broken files every second; retry on change.
+        self._watched, self._stamps = watched, stamps
 
     def watch(self, interval: float = 1.0) -> None:
         """Start a daemon thread that calls refresh() every interval seconds."""
@@ -138,10 +170,8 @@ class LiveConfig:
 
     def stop(self) -> None:
         self._stop.set()
-
-    @staticmethod
-    def _current_stamps(config: Config) -> tuple:
-        return (_stamp(config.path), _stamp(config.relay.local_domains_file))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
     @staticmethod
     def _keep_restart_only_keys(running: Config, new: Config) -> Config:

@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 EXPECTED_MACROS = {"connect": ("j",), "envrcpt": ("{rcpt_addr}",)}
 
 
+# Stands for a macro value that was not UTF-8; it parses as no address.
+UNDECODABLE = "\udcff"
+
+
 class MacroWarnings:
     """Remembers which missing macros were already reported. Thread-safe."""
 
@@ -88,7 +92,7 @@ def guarded(stage: str) -> Callable:
                 return callback(self, *args)
             except Exception:
                 log.exception("internal error in the %s callback", stage)
-                return self.fault(stage)
+                return self.fault(stage, args)
         return wrapper
     return decorate
 
@@ -152,7 +156,7 @@ class RelayMilter(Milter.Base):
     def envfrom(self, sender: str, *params: str) -> int:
         self._message_fault = False
         self._sender = _text(sender)
-        auth_user = self.getsymval("{auth_authen}") or None
+        auth_user = self._macro("{auth_authen}") or None
         self._client = ClientFacts(self._client.address, self._client.name, self._client.helo,
                                    auth_user)
         return Milter.CONTINUE
@@ -162,23 +166,24 @@ class RelayMilter(Milter.Base):
     def envrcpt(self, recipient: str, *params: str) -> int:
         recipient = _text(recipient)
         snapshot = self._live.snapshot
-        queue_id = self.getsymval("i") or None
+        queue_id = self._macro("i") or None
         if self._session_fault or self._message_fault:
             decision = internal_fault(snapshot.config.milter.on_error)
         else:
-            resolved = self.getsymval("{rcpt_addr}")
+            resolved = self._macro("{rcpt_addr}")
             if resolved is None:
                 self._warnings.missing("RCPT", "{rcpt_addr}")
             facts = RecipientFacts(client=self._client, sender=self._sender or "",
                                    recipient=recipient, resolved_recipient=resolved,
                                    queue_id=queue_id)
-            decision = enforce(decide_recipient(facts, snapshot), snapshot.config.milter.dry_run)
+            decision = decide_recipient(facts, snapshot)
+        decision = enforce(decision, snapshot.config.milter.dry_run)
         log_decision("RCPT", decision, self._client, self._sender, recipient, queue_id)
         return self._answer(decision)
 
     # -------------------------------------------------------- helpers ---
 
-    def fault(self, stage: str) -> int:
+    def fault(self, stage: str, args: tuple = ()) -> int:
         """Answer for an exception in `stage` (called by @guarded)."""
         if stage in ("connect", "helo"):
             self._session_fault = True
@@ -186,9 +191,11 @@ class RelayMilter(Milter.Base):
         if stage == "mail":
             self._message_fault = True
             return Milter.CONTINUE
-        decision = internal_fault(self._live.snapshot.config.milter.on_error)
+        config = self._live.snapshot.config.milter
+        decision = enforce(internal_fault(config.on_error), config.dry_run)
+        recipient = _text(args[0]) if args and isinstance(args[0], (str, bytes)) else None
         try:
-            log_decision("RCPT", decision, self._client, self._sender, None, None)
+            log_decision("RCPT", decision, self._client, self._sender, recipient, None)
             return self._answer(decision)
         except Exception:
             log.exception("could not answer after an internal error; answering TEMPFAIL")
@@ -201,9 +208,22 @@ class RelayMilter(Milter.Base):
         self.setreply(str(decision.code), decision.dsn, escape_reply(decision.text))
         return Milter.REJECT if action is Action.REJECT else Milter.TEMPFAIL
 
+    def _macro(self, name: str) -> str | None:
+        """getsymval(), but a value that is not UTF-8 becomes UNDECODABLE.
+
+        pymilter raises UnicodeDecodeError for such a macro (Postfix with
+        smtputf8_enable = no passes raw 8-bit addresses). The policy then
+        meets a value it cannot parse and answers for bad syntax.
+        """
+        try:
+            return self.getsymval(name)
+        except UnicodeDecodeError:
+            log.debug("macro %s is not UTF-8", name)
+            return UNDECODABLE
+
     def _require_macros(self, stage: str) -> None:
         for macro in EXPECTED_MACROS[stage]:
-            if self.getsymval(macro) is None:
+            if self._macro(macro) is None:
                 self._warnings.missing(stage, macro)
 
 

@@ -149,6 +149,8 @@ def test_authentication_is_ignored_when_not_trusted_by_config():
     ("user@[192.0.2.99]", False, "mta-resolves-remote"),
     ("user@[192.0.2.10]", True, "local-domain"),
     ("user@bad..test", False, "mta-resolves-remote"),
+    ("us\udcffer@local.test", False, "mta-resolves-remote"),   # macro was not UTF-8
+    ("\udcff", False, "mta-resolves-remote"),
 ])
 def test_mta_resolution_must_agree_that_the_recipient_is_local(resolved, allowed, reason):
     result = verdict("<user@local.test>", resolved=resolved)
@@ -181,3 +183,17 @@ def test_bad_domain_patterns_are_refused(bad):
 def test_bad_networks_are_refused(bad):
     with pytest.raises(ValueError, match="not an IP network"):
         RelayRules.build(trusted_networks=bad)
+
+
+def test_idna_2003_resolution_of_a_local_idn_is_refused_unless_listed():
+    # Postfix reports user@straße.test as user@strasse.test (IDNA 2003).
+    assert verdict("<user@straße.test>", resolved="user@strasse.test").allowed is False
+    both = RelayRules.build(local_domains=["straße.test", "strasse.test"])
+    assert verdict("<user@straße.test>", resolved="user@strasse.test", rules=both).allowed
+
+
+def test_transitional_variant_names_the_idna_2003_form():
+    from relaymilter.address import normalise_domain, transitional_variant
+    assert transitional_variant(normalise_domain("straße.test")) == "strasse.test"
+    assert transitional_variant(normalise_domain("bücher.test")) is None
+    assert transitional_variant("local.test") is None

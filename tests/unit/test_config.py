@@ -1,0 +1,245 @@
+"""relaymilter.config: schema, defaults, refusals naming file and key, effective TOML."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from relaymilter.config import SCHEMA, ConfigError, load_config, parse_config
+
+
+def write(tmp_path, text: str | bytes, name: str = "relaymilter.toml") -> str:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def refusal(tmp_path, text: str | bytes) -> tuple[str, ConfigError]:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return path, caught.value
+
+
+# ---------------------------------------------------------------- defaults ---
+
+def test_empty_file_gives_every_default(tmp_path):
+    config = load_config(write(tmp_path, ""))
+    for key in SCHEMA:
+        expected = tuple(key.default) if isinstance(key.default, list) else key.default
+        if key.dotted == "relay.local_domains_file":
+            expected = None
+        assert config.values[key.dotted] == expected, key.dotted
+
+
+def test_missing_relay_section_gives_relay_defaults(tmp_path):
+    config = load_config(write(tmp_path, '[milter]\nsocket = "unix:/run/relaymilter.sock"\n'))
+    assert config.milter.socket == "unix:/run/relaymilter.sock"
+    assert config.relay.local_domains == ()
+    assert config.relay.local_domains_file is None
+    assert config.relay.trusted_networks == ("127.0.0.0/8", "::1/128")
+    assert config.relay.trust_authenticated is True
+    assert config.relay.local_address_literals == ()
+
+
+def test_missing_milter_section_gives_milter_defaults(tmp_path):
+    config = load_config(write(tmp_path, '[relay]\nlocal_domains = ["example.com"]\n'))
+    assert config.relay.local_domains == ("example.com",)
+    assert config.milter.socket == "inet:8894@127.0.0.1"
+    assert config.milter.on_error == "tempfail"
+    assert config.milter.dry_run is False
+    assert config.milter.timeout == 600
+
+
+def test_config_remembers_its_path(tmp_path):
+    path = write(tmp_path, "")
+    assert load_config(path).path == path
+
+
+# ------------------------------------------------ refusals name file and key ---
+
+def test_unknown_section_is_refused_with_file_and_section(tmp_path):
+    path, error = refusal(tmp_path, "[dnsbll]\ntimeout = 2\n")
+    assert str(error).startswith(f"{path}: dnsbll: ")
+    assert "unknown section" in str(error)
+
+
+def test_unknown_key_is_refused_with_file_and_key(tmp_path):
+    path, error = refusal(tmp_path, '[milter]\nsockett = "inet:8894@127.0.0.1"\n')
+    assert str(error) == f"{path}: milter.sockett: unknown key"
+    assert (error.path, error.key) == (path, "milter.sockett")
+
+
+def test_section_that_is_not_a_table_is_refused(tmp_path):
+    path, error = refusal(tmp_path, 'milter = "inet:8894@127.0.0.1"\n')
+    assert str(error).startswith(f"{path}: milter: ")
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[milter]\ndry_run = "yes"\n', "milter.dry_run"),          # string for a bool
+    ("[milter]\ntimeout = true\n", "milter.timeout"),           # bool for an int
+    ("[milter]\ntimeout = 1.5\n", "milter.timeout"),            # float for an int
+    ("[relay]\nlocal_domains = [1, 2]\n", "relay.local_domains"),  # int list members
+    ('[relay]\nlocal_domains = "example.com"\n', "relay.local_domains"),  # str for list
+    ("[relay]\ntrust_authenticated = 1\n", "relay.trust_authenticated"),  # int for bool
+], ids=["str-for-bool", "bool-for-int", "float-for-int", "int-list-members",
+        "str-for-list", "int-for-bool"])
+def test_wrong_type_is_refused_with_file_and_key(tmp_path, text, key):
+    path, error = refusal(tmp_path, text)
+    assert str(error).startswith(f"{path}: {key}: ")
+
+
+@pytest.mark.parametrize("timeout", [0, -1, 86401])
+def test_out_of_range_timeout_is_refused(tmp_path, timeout):
+    path, error = refusal(tmp_path, f"[milter]\ntimeout = {timeout}\n")
+    assert str(error).startswith(f"{path}: milter.timeout: ")
+
+
+@pytest.mark.parametrize("timeout", [1, 86400])
+def test_timeout_bounds_are_inclusive(tmp_path, timeout):
+    config = load_config(write(tmp_path, f"[milter]\ntimeout = {timeout}\n"))
+    assert config.milter.timeout == timeout
+
+
+@pytest.mark.parametrize("socket", [
+    "inet:@127.0.0.1",               # missing port
+    "inet:127.0.0.1",                # no port at all
+    "inet:0@127.0.0.1",              # port 0
+    "inet:70000@127.0.0.1",          # port 70000
+    "unix:run/relaymilter.sock",     # relative unix path
+    "local:relaymilter.sock",        # relative, libmilter's other spelling
+    "unix:",                         # no path
+    "inet6:8894@127.0.0.1",          # inet6 with a non-IPv6 host
+    "inet6:8894@[mail.example]",     # inet6 with a name
+    "inet:8894@bad host",            # space in host
+    "tcp:8894@127.0.0.1",            # unknown family
+], ids=str)
+def test_bad_socket_is_refused_with_file_and_key(tmp_path, socket):
+    path, error = refusal(tmp_path, f'[milter]\nsocket = "{socket}"\n')
+    assert str(error).startswith(f"{path}: milter.socket: ")
+
+
+def test_port_in_non_ascii_digits_is_refused(tmp_path):
+    # BUG: Python's \d and int() accept fullwidth digits; libmilter does not, so
+    # the error would only surface when the socket is opened (exit 69, not 78).
+    path, error = refusal(tmp_path, '[milter]\nsocket = "inet:\uff18\uff18\uff19\uff14@127.0.0.1"\n')
+    assert str(error).startswith(f"{path}: milter.socket: ")
+
+
+@pytest.mark.parametrize("socket", [
+    "inet:8894@127.0.0.1", "inet:1@localhost", "inet:65535@mail.example",
+    "inet6:8894@[::1]", "inet6:8894@::1", "unix:/run/relaymilter/sock",
+    "local:/run/relaymilter/sock",
+], ids=str)
+def test_good_socket_is_accepted(tmp_path, socket):
+    assert load_config(write(tmp_path, f'[milter]\nsocket = "{socket}"\n')).milter.socket == socket
+
+
+def test_unknown_on_error_is_refused(tmp_path):
+    path, error = refusal(tmp_path, '[milter]\non_error = "reject"\n')
+    assert str(error).startswith(f"{path}: milter.on_error: ")
+
+
+@pytest.mark.parametrize("network", ["10.0.0.0/33", "10.0.0.256/24", "example.com",
+                                     "2001:db8::/129", ""])
+def test_bad_cidr_in_trusted_networks_is_refused(tmp_path, network):
+    path, error = refusal(tmp_path, f'[relay]\ntrusted_networks = ["127.0.0.0/8", "{network}"]\n')
+    assert str(error).startswith(f"{path}: relay.trusted_networks: ")
+
+
+@pytest.mark.parametrize("domain", ["exa mple.com", "example..com", "-example.com",
+                                    "example.com/x", "", "."])
+def test_bad_domain_in_local_domains_is_refused(tmp_path, domain):
+    path, error = refusal(tmp_path, f'[relay]\nlocal_domains = ["example.net", "{domain}"]\n')
+    assert str(error).startswith(f"{path}: relay.local_domains: ")
+
+
+def test_bad_address_in_local_address_literals_is_refused(tmp_path):
+    path, error = refusal(tmp_path, '[relay]\nlocal_address_literals = ["192.0.2.300"]\n')
+    assert str(error).startswith(f"{path}: relay.local_address_literals: ")
+
+
+def test_relative_local_domains_file_is_refused(tmp_path):
+    path, error = refusal(tmp_path, '[relay]\nlocal_domains_file = "local-domains"\n')
+    assert str(error).startswith(f"{path}: relay.local_domains_file: ")
+
+
+def test_empty_local_domains_file_means_none(tmp_path):
+    config = load_config(write(tmp_path, '[relay]\nlocal_domains_file = ""\n'))
+    assert config.relay.local_domains_file is None
+
+
+def test_invalid_toml_is_refused_with_file(tmp_path):
+    path, error = refusal(tmp_path, "[milter\nsocket = \n")
+    assert str(error).startswith(f"{path}: not valid TOML")
+
+
+def test_non_utf8_file_is_refused_with_file(tmp_path):
+    # BUG: tomllib raises UnicodeDecodeError, which load_config lets through.
+    path, error = refusal(tmp_path, b'[relay]\nlocal_domains = ["caf\xe9.example"]\n')
+    assert str(error).startswith(f"{path}: ")
+
+
+def test_missing_file_is_refused_with_file(tmp_path):
+    path = str(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: cannot read")
+
+
+def test_parse_config_names_string_origin_by_default():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"milter": {"bogus": 1}})
+    assert str(caught.value) == "<string>: milter.bogus: unknown key"
+
+
+# ----------------------------------------------------------- effective TOML ---
+
+def assert_round_trips(config):
+    again = parse_config(tomllib.loads(config.effective_toml()))
+    assert again.values == config.values
+    assert (again.milter, again.relay) == (config.milter, config.relay)
+
+
+def test_effective_toml_of_defaults_round_trips():
+    assert_round_trips(parse_config({}))
+
+
+def test_effective_toml_of_every_key_set_round_trips():
+    assert_round_trips(parse_config({
+        "milter": {"socket": "unix:/run/relay milter/\"odd\\name\".sock", "on_error": "accept",
+                   "dry_run": True, "timeout": 30},
+        "relay": {"local_domains": ["example.com", ".example.net", "stra\u00dfe.example"],
+                  "local_domains_file": "/etc/relaymilter/local-domains",
+                  "trusted_networks": ["192.0.2.0/24", "2001:db8::/32"],
+                  "trust_authenticated": False,
+                  "local_address_literals": ["192.0.2.1", "2001:db8::1"]},
+    }))
+
+
+def test_effective_toml_round_trips_a_socket_path_with_control_characters():
+    # BUG: _toml_value() does not escape control characters, so the printed
+    # effective configuration is not valid TOML.
+    assert_round_trips(parse_config({"milter": {"socket": "unix:/run/relay\x01milter.sock"}}))
+
+
+def test_effective_toml_names_every_key():
+    document = tomllib.loads(parse_config({}).effective_toml())
+    assert {f"{section}.{name}" for section, body in document.items() for name in body} \
+        == {key.dotted for key in SCHEMA}
+
+
+# ------------------------------------------------------------------- schema ---
+
+@pytest.mark.parametrize("key", SCHEMA, ids=lambda key: key.dotted)
+def test_every_key_has_help_text(key):
+    assert key.help.strip()
+
+
+def test_no_key_is_declared_twice():
+    dotted = [key.dotted for key in SCHEMA]
+    assert len(dotted) == len(set(dotted))
