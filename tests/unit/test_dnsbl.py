@@ -1,0 +1,674 @@
+"""dnsbl.py: query names, codes, classification, weights, deadline, health.
+
+A fake resolver stands in for DNS; fake timers stand in for the clock,
+except where the deadline itself is under test (a 0.2 s real timeout).
+"""
+
+import ipaddress
+import logging
+import threading
+import time
+
+import dns.message
+import dns.rrset
+import pytest
+
+from relaymilter.cache import FetchSource, LookupCache
+from relaymilter.dnsbl import (
+    DEFAULT_CODES, MAX_TXT_LENGTH, TEST_POINTS, DnsAnswer, DnsblChecker, DnsFailure, DnsTimeout,
+    Health, HealthMonitor, RateLimiter, Status, Zone, ZoneAnswer, classify, clean_txt,
+    default_workers, judge_health, negative_ttl, parse_codes, probe_name, query_name,
+    report_lines, reverse_labels, split_nameserver, summarise,
+)
+
+NXDOMAIN = DnsAnswer((), 300, nxdomain=True)
+
+
+class FakeTimer:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class FakeResolver:
+    """Answers from a table; NXDOMAIN for anything else. Thread-safe.
+
+    gates[name] is an Event a query for name waits on (a stuck DNS thread).
+    """
+
+    def __init__(self):
+        self.answers = {}
+        self.gates = {}
+        self.calls = []
+        self._lock = threading.Lock()
+
+    def set(self, client, zone, *addresses, txt=None, ttl=300):
+        name = query_name(client, zone)
+        self.answers[(name, "A")] = DnsAnswer(tuple(addresses), ttl) if addresses else NXDOMAIN
+        if txt is not None:
+            self.answers[(name, "TXT")] = DnsAnswer((txt,), ttl)
+
+    def fail(self, client, zone, error):
+        self.answers[(query_name(client, zone), "A")] = error
+
+    def block(self, client, zone):
+        gate = threading.Event()
+        self.gates[query_name(client, zone)] = gate
+        return gate
+
+    def query(self, name, rdtype, lifetime=None):
+        with self._lock:
+            self.calls.append((name, rdtype))
+        gate = self.gates.get(name)
+        if gate is not None:
+            gate.wait(10)
+        answer = self.answers.get((name, rdtype), NXDOMAIN)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def count(self, name, rdtype="A"):
+        with self._lock:
+            return self.calls.count((name, rdtype))
+
+
+BL = Zone.build("bl.test", weight=1, codes=["127.0.0.2-127.0.0.11"], display_name="bl.test")
+BL2 = Zone.build("bl2.test", weight=1)
+SECRET = Zone.build("KEY123.bl.example.", weight=2, display_name="example-bl")
+WL = Zone.build("wl.test", weight=-2)
+CLIENT = "192.0.2.10"
+
+
+@pytest.fixture
+def resolver():
+    return FakeResolver()
+
+
+@pytest.fixture
+def clock():
+    return FakeTimer()
+
+
+@pytest.fixture
+def make_checker(resolver, clock):
+    checkers = []
+
+    def make(zones=(BL,), threshold=1, timeout=2.0, timer=clock, cache_timer=None, **kwargs):
+        cache = LookupCache(max_entries=1000, min_ttl=60, max_ttl=3600,
+                            timer=cache_timer or FakeTimer())
+        checker = DnsblChecker(list(zones), resolver, cache, timeout=timeout,
+                               threshold=threshold, timer=timer, **kwargs)
+        checkers.append(checker)
+        return checker
+
+    yield make
+    for gate in resolver.gates.values():
+        gate.set()
+    for checker in checkers:
+        checker.close()
+
+
+def statuses(result):
+    return {answer.zone.display_name: answer.status for answer in result.answers}
+
+
+# ------------------------------------------------------------ query names ---
+
+@pytest.mark.parametrize("client, name", [
+    ("192.0.2.1", "1.2.0.192.bl.test"),
+    ("127.0.0.2", "2.0.0.127.bl.test"),
+    ("::ffff:192.0.2.1", "1.2.0.192.bl.test"),          # v4-mapped asks as IPv4
+    ("::FFFF:C000:0201", "1.2.0.192.bl.test"),
+    ("2001:db8:1:2:3:4:567:89ab",                        # RFC 5782 section 2.4
+     "b.a.9.8.7.6.5.0.4.0.0.0.3.0.0.0.2.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.bl.test"),
+    ("2001:db8::1", "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.test"),
+    ("fe80::1%eth0", "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.e.f.bl.test"),
+])
+def test_query_name(client, name):
+    assert query_name(client, "bl.test") == name
+    assert query_name(ipaddress.ip_address(client), "bl.test") == name
+
+
+def test_ipv6_test_point_is_asked_in_nibble_form_not_as_ipv4():
+    point = ipaddress.IPv6Address("::ffff:7f00:2")
+    assert reverse_labels(point) == "2.0.0.0.0.0.f.7.f.f.f.f" + ".0" * 20
+    assert probe_name((point, True), "bl.test") == reverse_labels(point) + ".bl.test"
+
+
+def test_query_name_refuses_what_is_no_address():
+    with pytest.raises(ValueError):
+        query_name("192.0.2.256", "bl.test")
+
+
+# ------------------------------------------------------------------ codes ---
+
+def test_parse_codes_reads_ranges_single_addresses_and_networks():
+    codes = parse_codes(["127.0.0.2-127.0.0.11", "127.0.0.20", "127.0.1.0/24"])
+    zone = Zone("z", "z", 1, codes)
+    listed = ["127.0.0.2", "127.0.0.11", "127.0.0.20", "127.0.1.0", "127.0.1.255"]
+    not_listed = ["127.0.0.1", "127.0.0.12", "127.0.0.19", "127.0.0.21", "127.0.2.0"]
+    assert all(zone.lists(ipaddress.IPv4Address(code)) for code in listed)
+    assert not any(zone.lists(ipaddress.IPv4Address(code)) for code in not_listed)
+    assert [str(code) for code in codes] == ["127.0.0.2-127.0.0.11", "127.0.0.20",
+                                             "127.0.1.0-127.0.1.255"]
+
+
+@pytest.mark.parametrize("entry, reason", [
+    ("127.0.0.11-127.0.0.2", "empty range"),
+    ("10.0.0.1", "outside 127.0.0.0/8"),
+    ("126.255.255.255-127.0.0.5", "outside 127.0.0.0/8"),
+    ("127.255.255.254", "overlaps 127.255.255.0/24"),
+    ("127.255.0.0-127.255.255.0", "overlaps 127.255.255.0/24"),
+    ("127.0.0.0/8", "overlaps 127.255.255.0/24"),
+    ("127.0.0.1/24", "not an IPv4"),
+    ("127.0.0.x", "not an IPv4"),
+    ("::1", "not an IPv4"),
+    ("", "not an IPv4"),
+])
+def test_parse_codes_refuses_codes_that_could_never_list(entry, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_codes([entry])
+
+
+def test_parse_codes_refuses_a_bare_string():
+    with pytest.raises(ValueError, match="list"):
+        parse_codes("127.0.0.2")
+
+
+def test_parse_codes_refuses_an_empty_list():
+    with pytest.raises(ValueError, match="never list"):
+        parse_codes([])
+
+
+def test_default_codes_are_loopback_minus_the_error_range():
+    zone = Zone.build("bl.test")
+    assert zone.codes == DEFAULT_CODES
+    assert zone.lists(ipaddress.IPv4Address("127.0.0.0"))
+    assert zone.lists(ipaddress.IPv4Address("127.255.254.255"))
+    assert not zone.lists(ipaddress.IPv4Address("127.255.255.0"))
+
+
+# ------------------------------------------------------------------ zones ---
+
+def test_zone_build_normalises_the_name_and_defaults_display_name():
+    zone = Zone.build("Zen.Spamhaus.ORG.")
+    assert (zone.name, zone.display_name, zone.weight) == ("zen.spamhaus.org", "zen.spamhaus.org", 1)
+
+
+def test_display_name_hides_a_key_in_the_zone_name():
+    assert (SECRET.name, SECRET.display_name) == ("key123.bl.example", "example-bl")
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(name=""), "empty zone name"),
+    (dict(name="bad..name"), "not a DNS name"),
+    (dict(name="x" * 64 + ".test"), "not a DNS name"),
+    (dict(name=".".join(["abcdefgh"] * 22)), "too long"),
+    (dict(name="bl.test", weight=1.5), "integer"),
+    (dict(name="bl.test", weight=True), "integer"),
+    (dict(name="bl.test", display_name=" "), "display_name"),
+    (dict(name="bl.test", display_name="a\nb"), "display_name"),
+    (dict(name="bl.test", codes=["10.0.0.1"]), "outside"),
+])
+def test_zone_build_refuses_bad_values(kwargs, reason):
+    with pytest.raises(ValueError, match=reason):
+        Zone.build(**kwargs)
+
+
+# --------------------------------------------------------- classification ---
+
+@pytest.mark.parametrize("addresses, status", [
+    ((), Status.NOT_LISTED),
+    (("127.0.0.2",), Status.LISTED),
+    (("127.0.0.11",), Status.LISTED),
+    (("127.0.0.20", "127.0.0.4"), Status.LISTED),
+    (("127.0.0.20",), Status.NOT_LISTED),                # 127/8 but not in codes
+    (("127.0.0.1",), Status.NOT_LISTED),
+    (("127.255.255.254",), Status.ZONE_ERROR),           # Spamhaus: public resolver
+    (("127.255.255.252",), Status.ZONE_ERROR),
+    (("127.255.255.0",), Status.ZONE_ERROR),
+    (("10.0.0.1",), Status.ZONE_ERROR),                  # outside 127/8
+    (("0.0.0.0",), Status.ZONE_ERROR),
+    (("127.0.0.2", "127.255.255.254"), Status.ZONE_ERROR),
+    (("not-an-address",), Status.ZONE_ERROR),
+])
+def test_classify(addresses, status):
+    assert classify(BL, addresses) is status
+
+
+def test_error_codes_are_zone_errors_even_with_default_codes():
+    zone = Zone.build("any.test")
+    assert classify(zone, ["127.255.255.254"]) is Status.ZONE_ERROR
+    assert classify(zone, ["10.0.0.1"]) is Status.ZONE_ERROR
+    assert classify(zone, ["127.255.254.1"]) is Status.LISTED
+
+
+def test_clean_txt_keeps_printable_ascii_and_bounds_the_length():
+    assert clean_txt("Listed\r\n250 fake\x00 ok") == "Listed??250 fake? ok"
+    assert clean_txt("caf\u00e9") == "caf?"
+    assert len(clean_txt("x" * 1000)) == MAX_TXT_LENGTH
+
+
+# --------------------------------------------------------------- resolver ---
+
+@pytest.mark.parametrize("text, expected", [
+    ("192.0.2.1", ("192.0.2.1", 53)),
+    ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+    ("::1", ("::1", 53)),
+    ("[::1]:5353", ("::1", 5353)),
+    ("[2001:db8::53]", ("2001:db8::53", 53)),
+])
+def test_split_nameserver(text, expected):
+    assert split_nameserver(text) == expected
+
+
+@pytest.mark.parametrize("text", ["ns.example", "127.0.0.1:0", "127.0.0.1:65536",
+                                  "127.0.0.1:x", "[::1", "[::1]5353", ""])
+def test_split_nameserver_refuses_bad_entries(text):
+    with pytest.raises(ValueError):
+        split_nameserver(text)
+
+
+def _response_with_soa(ttl, minimum):
+    response = dns.message.make_response(dns.message.make_query("2.0.0.127.bl.test", "A"))
+    response.authority.append(dns.rrset.from_text(
+        "bl.test.", ttl, "IN", "SOA", f"ns.bl.test. hostmaster.bl.test. 1 600 300 86400 {minimum}"))
+    return response
+
+
+@pytest.mark.parametrize("ttl, minimum, expected", [(3600, 900, 900), (120, 900, 120),
+                                                    (0, 900, 0)])
+def test_negative_ttl_is_the_smaller_of_soa_ttl_and_minimum(ttl, minimum, expected):
+    assert negative_ttl(_response_with_soa(ttl, minimum)) == expected
+
+
+def test_negative_ttl_without_soa_is_zero():
+    response = dns.message.make_response(dns.message.make_query("x.bl.test", "A"))
+    assert negative_ttl(response) == 0
+    assert negative_ttl(None) == 0
+
+
+# ---------------------------------------------------------------- weights ---
+
+def answer(zone, status=Status.LISTED, txt=None):
+    return ZoneAnswer(zone, status, ("127.0.0.2",) if status is Status.LISTED else (), 300,
+                      txt=txt)
+
+
+CLIENT_IP = ipaddress.ip_address(CLIENT)
+
+
+def test_one_listing_at_threshold_lists():
+    result = summarise(CLIENT_IP, [answer(BL, txt="see web"), answer(WL, Status.NOT_LISTED)], 1)
+    assert (result.score, result.listed, result.reply_zone, result.txt) == (1, True, "bl.test",
+                                                                            "see web")
+
+
+def test_allowlist_outweighs_a_listing():
+    result = summarise(CLIENT_IP, [answer(BL), answer(WL)], 1)
+    assert (result.score, result.listed, result.reply_zone, result.txt) == (-1, False, None, None)
+
+
+def test_allowlist_does_not_outweigh_enough_listings():
+    result = summarise(CLIENT_IP, [answer(BL), answer(SECRET), answer(BL2), answer(WL)], 1)
+    assert (result.score, result.listed) == (2, True)
+
+
+def test_score_below_threshold_does_not_list():
+    result = summarise(CLIENT_IP, [answer(BL), answer(BL2, Status.NOT_LISTED)], 2)
+    assert (result.score, result.listed) == (1, False)
+    result = summarise(CLIENT_IP, [answer(BL), answer(BL2)], 2)
+    assert (result.score, result.listed) == (2, True)
+
+
+@pytest.mark.parametrize("status", [Status.NOT_LISTED, Status.ZONE_ERROR, Status.TIMEOUT,
+                                    Status.DNS_FAILURE, Status.DISABLED])
+def test_only_listings_contribute(status):
+    result = summarise(CLIENT_IP, [ZoneAnswer(SECRET, status), ZoneAnswer(WL, status)], 1)
+    assert (result.score, result.listed) == (0, False)
+
+
+def test_reply_names_the_heaviest_listing_zone_by_display_name():
+    result = summarise(CLIENT_IP, [answer(BL, txt="bl"), answer(SECRET, txt="secret")], 1)
+    assert (result.reply_zone, result.txt) == ("example-bl", "secret")
+
+
+def test_reply_names_the_first_zone_on_a_tie():
+    result = summarise(CLIENT_IP, [answer(BL2, txt="two"), answer(BL, txt="one")], 1)
+    assert (result.reply_zone, result.txt) == ("bl2.test", "two")
+
+
+# ---------------------------------------------------------------- checker ---
+
+def test_listed_client_is_listed_with_txt(make_checker, resolver):
+    resolver.set(CLIENT, "bl.test", "127.0.0.2", txt="Listed, see http://example.test/")
+    result = make_checker(zones=[BL, WL]).lookup(CLIENT)
+    assert result.listed and result.score == 1
+    assert (result.reply_zone, result.txt) == ("bl.test", "Listed, see http://example.test/")
+    assert statuses(result) == {"bl.test": Status.LISTED, "wl.test": Status.NOT_LISTED}
+
+
+def test_txt_is_asked_only_for_listing_shaped_answers(make_checker, resolver):
+    resolver.set(CLIENT, "bl.test", "127.0.0.2")
+    make_checker(zones=[BL, WL]).lookup(CLIENT)
+    assert resolver.count(query_name(CLIENT, "bl.test"), "TXT") == 1
+    assert resolver.count(query_name(CLIENT, "wl.test"), "TXT") == 0
+
+
+def test_listing_stands_when_txt_fails(make_checker, resolver):
+    resolver.set(CLIENT, "bl.test", "127.0.0.2")
+    resolver.answers[(query_name(CLIENT, "bl.test"), "TXT")] = DnsFailure("SERVFAIL")
+    result = make_checker().lookup(CLIENT)
+    assert result.listed and result.txt is None
+
+
+def test_v4_mapped_client_is_asked_as_ipv4(make_checker, resolver):
+    resolver.set("192.0.2.10", "bl.test", "127.0.0.2")
+    result = make_checker().lookup("::ffff:192.0.2.10")
+    assert result.listed
+    assert str(result.client) == "192.0.2.10"
+    assert resolver.calls[0] == ("10.2.0.192.bl.test", "A")
+
+
+def test_ipv6_client_is_asked_in_nibbles(make_checker, resolver):
+    resolver.set("2001:db8::10", "bl.test", "127.0.0.3")
+    result = make_checker().lookup("2001:db8::10")
+    assert result.listed
+    assert resolver.calls[0][0].startswith("0.1.0.0.0.0")
+
+
+def test_answer_outside_codes_does_not_list(make_checker, resolver):
+    resolver.set(CLIENT, "bl.test", "127.0.0.20")
+    result = make_checker().lookup(CLIENT)
+    assert statuses(result) == {"bl.test": Status.NOT_LISTED} and not result.listed
+
+
+def test_zone_error_does_not_list_and_is_counted(make_checker, resolver):
+    resolver.set(CLIENT, "bl.test", "127.255.255.254")
+    checker = make_checker()
+    result = checker.lookup(CLIENT)
+    assert statuses(result) == {"bl.test": Status.ZONE_ERROR} and not result.listed
+    assert checker.counters() == {("bl.test", "zone-error"): 1}
+
+
+def test_zone_error_is_logged_at_most_once_a_minute_per_zone(make_checker, resolver, clock,
+                                                             caplog):
+    caplog.set_level(logging.WARNING, logger="relaymilter.dnsbl")
+    for number in range(1, 4):
+        resolver.set(f"192.0.2.{number}", "bl.test", "127.255.255.254")
+        resolver.set(f"192.0.2.{number}", "key123.bl.example", "10.0.0.1")
+    checker = make_checker(zones=[BL, SECRET])
+    checker.lookup("192.0.2.1")
+    clock.now += 30
+    checker.lookup("192.0.2.2")
+    errors = [record.getMessage() for record in caplog.records]
+    assert len(errors) == 2                       # one per zone
+    assert any("bl.test" in message and "127.255.255.254" in message for message in errors)
+    assert any("example-bl" in message and "10.0.0.1" in message for message in errors)
+    assert not any("key123" in message for message in errors)
+    clock.now += 30
+    caplog.clear()
+    checker.lookup("192.0.2.3")
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert all("(1 more since last logged)" in message for message in messages)
+    assert checker.counters()[("bl.test", "zone-error")] == 3
+
+
+def test_rate_limiter_counts_what_it_kept_quiet():
+    clock = FakeTimer()
+    limiter = RateLimiter(60, clock)
+    assert limiter.allow("a") == 0
+    assert limiter.allow("a") is None
+    assert limiter.allow("b") == 0
+    clock.now += 59.9
+    assert limiter.allow("a") is None
+    clock.now += 0.1
+    assert limiter.allow("a") == 2
+
+
+def test_dns_failure_fails_open(make_checker, resolver):
+    resolver.fail(CLIENT, "bl.test", DnsFailure("SERVFAIL"))
+    resolver.set(CLIENT, "bl2.test", "127.0.0.2")
+    result = make_checker(zones=[BL, BL2], threshold=2).lookup(CLIENT)
+    assert statuses(result) == {"bl.test": Status.DNS_FAILURE, "bl2.test": Status.LISTED}
+    assert (result.score, result.listed) == (1, False)
+
+
+def test_resolver_timeout_is_a_timeout(make_checker, resolver):
+    resolver.fail(CLIENT, "bl.test", DnsTimeout("slow"))
+    result = make_checker().lookup(CLIENT)
+    assert statuses(result) == {"bl.test": Status.TIMEOUT} and not result.listed
+
+
+def test_failures_are_not_cached(make_checker, resolver):
+    resolver.fail(CLIENT, "bl.test", DnsFailure("SERVFAIL"))
+    checker = make_checker()
+    checker.lookup(CLIENT)
+    resolver.set(CLIENT, "bl.test", "127.0.0.2")
+    assert checker.lookup(CLIENT).listed
+    assert resolver.count(query_name(CLIENT, "bl.test")) == 2
+
+
+def test_answers_are_cached_per_zone_and_address(make_checker, resolver):
+    resolver.set(CLIENT, "bl.test", "127.0.0.2")
+    checker = make_checker(zones=[BL, WL])
+    first = checker.lookup(CLIENT)
+    second = checker.lookup(CLIENT)
+    assert resolver.count(query_name(CLIENT, "bl.test")) == 1
+    assert resolver.count(query_name(CLIENT, "wl.test")) == 1
+    assert resolver.count(query_name(CLIENT, "bl.test"), "TXT") == 1
+    assert [answer.source for answer in first.answers] == [FetchSource.DNS] * 2
+    assert all(answer.from_cache for answer in second.answers)
+    assert second.listed and second.txt == first.txt
+
+
+def test_nxdomain_is_cached_for_its_negative_ttl(make_checker, resolver):
+    cache_clock = FakeTimer()
+    resolver.answers[(query_name(CLIENT, "bl.test"), "A")] = DnsAnswer((), 900, nxdomain=True)
+    checker = make_checker(cache_timer=cache_clock)
+    checker.lookup(CLIENT)
+    cache_clock.now += 899
+    assert checker.lookup(CLIENT).answers[0].from_cache
+    cache_clock.now += 1
+    result = checker.lookup(CLIENT)
+    assert not result.answers[0].from_cache and result.answers[0].nxdomain
+    assert resolver.count(query_name(CLIENT, "bl.test")) == 2
+
+
+def test_concurrent_sessions_for_one_client_share_one_query(make_checker, resolver):
+    gate = resolver.block(CLIENT, "bl.test")
+    resolver.set(CLIENT, "bl.test", "127.0.0.2")
+    checker = make_checker(timeout=5.0, timer=time.monotonic)
+    pending = [checker.start(CLIENT) for _ in range(5)]
+    gate.set()
+    assert all(item.result().listed for item in pending)
+    assert resolver.count(query_name(CLIENT, "bl.test")) == 1
+
+
+def test_result_returns_by_the_deadline_when_a_dns_thread_is_stuck(make_checker, resolver):
+    resolver.block(CLIENT, "bl.test")                  # never answers during the test
+    resolver.set(CLIENT, "bl2.test", "127.0.0.2")
+    checker = make_checker(zones=[BL, BL2], timeout=0.2, timer=time.monotonic)
+    started = time.monotonic()
+    result = checker.start(CLIENT).result()
+    elapsed = time.monotonic() - started
+    assert 0.15 <= elapsed < 0.2 + 0.15
+    assert statuses(result) == {"bl.test": Status.TIMEOUT, "bl2.test": Status.LISTED}
+    assert result.listed
+
+
+def test_deadline_runs_from_start_not_from_result(make_checker, resolver, clock):
+    resolver.block(CLIENT, "bl.test")
+    checker = make_checker(timeout=2.0)
+    pending = checker.start(CLIENT)
+    clock.now += 2.0                # HELO and MAIL FROM took the whole timeout
+    started = time.monotonic()
+    result = pending.result()
+    assert time.monotonic() - started < 0.1
+    assert statuses(result) == {"bl.test": Status.TIMEOUT}
+
+
+def test_result_is_computed_once(make_checker, resolver, caplog):
+    resolver.set(CLIENT, "bl.test", "127.255.255.254")
+    checker = make_checker()
+    pending = checker.start(CLIENT)
+    assert pending.result() is pending.result()
+    assert checker.counters() == {("bl.test", "zone-error"): 1}
+
+
+def test_checker_refuses_a_threshold_that_rejects_everyone(make_checker):
+    with pytest.raises(ValueError, match="threshold"):
+        make_checker(threshold=0)
+
+
+def test_checker_refuses_a_zone_twice(make_checker):
+    with pytest.raises(ValueError, match="twice"):
+        make_checker(zones=[BL, Zone.build("BL.test.")])
+
+
+@pytest.mark.parametrize("zones, workers", [(0, 8), (1, 8), (3, 24), (16, 128), (40, 128)])
+def test_default_workers(zones, workers):
+    assert default_workers(zones) == workers
+
+
+def test_report_shows_every_zone(make_checker, resolver):
+    resolver.set(CLIENT, "bl.test", "127.0.0.2", txt="see http://example.test/", ttl=120)
+    resolver.set(CLIENT, "key123.bl.example", "127.255.255.254")
+    checker = make_checker(zones=[BL, SECRET, WL])
+    checker.lookup(CLIENT)
+    lines = report_lines(checker.lookup(CLIENT))
+    text = "\n".join(lines)
+    assert lines[0] == ("192.0.2.10: LISTED, blocked using bl.test; see http://example.test/ "
+                        "(score 1, threshold 1)")
+    assert "key123" not in text
+    bl, secret, wl = lines[2:]
+    assert bl.split()[:7] == ["bl.test", "1", "listed", "127.0.0.2", "120", "cache",
+                              '"see']
+    assert secret.split() == ["example-bl", "2", "zone-error", "127.255.255.254", "300", "cache"]
+    assert wl.split() == ["wl.test", "-2", "not-listed", "NXDOMAIN", "300", "cache"]
+
+
+# ----------------------------------------------------------------- health ---
+
+def set_test_points(resolver, zone, v4_2=("127.0.0.2",), v4_1=(), v6_2=(), v6_1=()):
+    for (point, _), addresses in zip(TEST_POINTS, (v4_2, v4_1, v6_2, v6_1)):
+        name = probe_name((point, None), zone)
+        resolver.answers[(name, "A")] = DnsAnswer(tuple(addresses), 300) if addresses else NXDOMAIN
+
+
+def test_healthy_zone_stays_enabled(make_checker, resolver):
+    set_test_points(resolver, "bl.test", v6_2=("127.0.0.2",))
+    checker = make_checker()
+    [report] = checker.check_health()
+    assert (report.health, report.enabled) == (Health.HEALTHY, True)
+    assert checker.disabled_zones == frozenset()
+
+
+def test_zone_listing_the_world_is_disabled_and_re_enabled(make_checker, resolver, caplog):
+    caplog.set_level(logging.INFO, logger="relaymilter.dnsbl")
+    set_test_points(resolver, "key123.bl.example", v4_1=("127.0.0.2",))
+    set_test_points(resolver, "bl.test")
+    resolver.set(CLIENT, "key123.bl.example", "127.0.0.2")
+    checker = make_checker(zones=[SECRET, BL])
+    reports = checker.check_health()
+    assert [(r.health, r.enabled) for r in reports] == [(Health.LISTS_THE_WORLD, False),
+                                                        (Health.HEALTHY, True)]
+    assert checker.disabled_zones == {"example-bl"}
+    [error] = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert "example-bl" in error.getMessage() and "lists the world" in error.getMessage()
+    assert "key123" not in caplog.text
+
+    result = checker.lookup(CLIENT)
+    assert statuses(result)["example-bl"] is Status.DISABLED and not result.listed
+    assert resolver.count(query_name(CLIENT, "key123.bl.example")) == 0
+
+    checker.check_health()                             # still broken: logged once only
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+
+    set_test_points(resolver, "key123.bl.example")
+    caplog.clear()
+    [report, _] = checker.check_health()
+    assert (report.health, report.enabled) == (Health.HEALTHY, True)
+    assert checker.disabled_zones == frozenset()
+    assert any(record.levelno == logging.WARNING and "re-enabled" in record.getMessage()
+               for record in caplog.records)
+    assert checker.lookup(CLIENT).listed
+
+
+def test_zone_answering_error_codes_for_the_test_point_is_disabled(make_checker, resolver):
+    set_test_points(resolver, "bl.test", v4_2=("127.255.255.254",), v4_1=("127.255.255.254",))
+    checker = make_checker()
+    [report] = checker.check_health()
+    assert (report.health, report.enabled) == (Health.ERROR_CODES, False)
+
+
+def test_zone_listing_the_ipv6_world_is_disabled(make_checker, resolver):
+    set_test_points(resolver, "bl.test", v6_1=("127.0.0.2",))
+    [report] = make_checker().check_health()
+    assert (report.health, report.enabled) == (Health.LISTS_THE_WORLD, False)
+    assert "::ffff:7f00:1" in report.detail
+
+
+def test_unanswered_test_points_keep_the_zone_as_it_was(make_checker, resolver):
+    set_test_points(resolver, "bl.test", v4_1=("127.0.0.2",))
+    checker = make_checker()
+    checker.check_health()
+    resolver.answers[(probe_name(TEST_POINTS[0], "bl.test"), "A")] = DnsTimeout("slow")
+    resolver.answers[(probe_name(TEST_POINTS[1], "bl.test"), "A")] = DnsTimeout("slow")
+    [report] = checker.check_health()
+    assert (report.health, report.enabled) == (Health.UNKNOWN, False)
+
+
+def test_unanswered_ipv6_test_points_are_ignored(make_checker, resolver):
+    set_test_points(resolver, "bl.test")
+    resolver.answers[(probe_name(TEST_POINTS[2], "bl.test"), "A")] = DnsFailure("SERVFAIL")
+    [report] = make_checker().check_health()
+    assert (report.health, report.enabled) == (Health.HEALTHY, True)
+
+
+def test_zone_not_listing_its_test_point_is_kept_and_warned_about_once(make_checker, resolver,
+                                                                        caplog):
+    caplog.set_level(logging.WARNING, logger="relaymilter.dnsbl")
+    set_test_points(resolver, "bl.test", v4_2=())
+    checker = make_checker()
+    [report] = checker.check_health()
+    checker.check_health()
+    assert (report.health, report.enabled) == (Health.HEALTHY, True)
+    assert len([r for r in caplog.records if "127.0.0.2" in r.getMessage()]) == 1
+
+
+def test_judge_health_is_pure():
+    points = dict.fromkeys(TEST_POINTS, NXDOMAIN)
+    points[TEST_POINTS[0]] = DnsAnswer(("127.0.0.2",), 60)
+    assert judge_health(BL, points) == (Health.HEALTHY, "")
+
+
+class SignallingChecker(DnsblChecker):
+    """Sets `rounds` after each health round, so a test can wait without polling."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rounds = threading.Event()
+
+    def check_health(self):
+        try:
+            return super().check_health()
+        finally:
+            self.rounds.set()
+
+
+def test_health_monitor_runs_a_round_at_start_and_stops(resolver):
+    set_test_points(resolver, "bl.test", v4_1=("127.0.0.2",))
+    checker = SignallingChecker([BL], resolver, LookupCache(timer=FakeTimer()), timeout=2.0)
+    monitor = HealthMonitor(checker, interval=3600)
+    try:
+        monitor.start()
+        assert checker.rounds.wait(5)
+    finally:
+        monitor.stop(timeout=5)
+        checker.close()
+    assert checker.disabled_zones == {"bl.test"}
+    assert not monitor._thread.is_alive()
