@@ -23,6 +23,7 @@ import logging
 import logging.handlers
 import os
 import re
+import signal
 import sys
 
 from relaymilter import __version__
@@ -30,6 +31,7 @@ from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.live import LiveConfig, build_snapshot
 
 EX_OK, EX_SOFTWARE_OTHER, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 64, 69, 78
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 log = logging.getLogger("relaymilter")
 
@@ -108,6 +110,10 @@ def cmd_run(args: argparse.Namespace) -> int:
              ", dry run" if config.milter.dry_run else "")
     for line in attach_lines(config.milter.socket):
         log.info("%s", line)
+    # Every thread we start must inherit these blocked: libmilter collects
+    # them with sigwait() in its own thread; a thread that does not block
+    # them takes the default action and the process dies mid-conversation.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     live.watch(interval=1.0)
     try:
         milter.serve(live)

@@ -1,0 +1,307 @@
+"""The relay gate end to end: SMTP client -> real Postfix -> real relaymilter.
+
+Postfix's own relay restrictions are open (see postfix_instance), so every
+refusal asserted here comes from relaymilter. XCLIENT plays the client:
+untrusted (TEST-NET addresses), trusted (a configured network) and
+authenticated (LOGIN=). Nothing is delivered: every transport discards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from postfix_instance import PostfixInstance
+from relaymilter_process import RelaymilterProcess
+from smtp_dialog import SmtpDialog
+
+UNTRUSTED = "192.0.2.9"
+UNTRUSTED_V6 = "IPV6:2001:db8:99::9"
+TRUSTED = "198.51.100.7"
+TRUSTED_V6 = "IPV6:2001:db8:1::7"
+LOCAL_DOMAINS = ["local.test", ".hosted.test", "bücher.test", "straße.test", "strasse.test"]
+POSTFIX_DOMAINS = ("local.test", "bücher.test", "straße.test")
+RELAY = {
+    "local_domains": LOCAL_DOMAINS,
+    "trusted_networks": ["198.51.100.0/24", "2001:db8:1::/48"],
+    "local_address_literals": ["192.0.2.10"],
+}
+RELAY_DENIED = 554
+
+
+@pytest.fixture(scope="module")
+def public_directory() -> Iterator[Path]:
+    """World-searchable: smtpd (user postfix) must reach the milter socket."""
+    directory = Path(tempfile.mkdtemp(prefix="relaymilter-e2e-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def gate(postfix_installed, public_directory) -> Iterator[tuple[RelaymilterProcess, PostfixInstance]]:
+    """One relaymilter and one Postfix for the read-only cases of this module."""
+    milter = RelaymilterProcess(_fresh(public_directory, "gate"), relay=RELAY)
+    milter.start()
+    postfix = PostfixInstance(milter.socket, local_domains=POSTFIX_DOMAINS)
+    try:
+        postfix.start()
+        yield milter, postfix
+    finally:
+        postfix.stop()
+        milter.kill()
+
+
+def rcpt_reply(port: int, recipient: bytes | str, addr: str | None = UNTRUSTED,
+               login: str | None = None, smtputf8: bool = False):
+    with SmtpDialog(port) as smtp:
+        smtp.ehlo()
+        assert smtp.xclient(addr=addr, login=login).code == 220
+        assert smtp.mail_from("<sender@sender.test>", "SMTPUTF8" if smtputf8 else "").code == 250
+        return smtp.rcpt_to(recipient)
+
+
+# --------------------------------------------------------- untrusted client ---
+
+LOCAL_RECIPIENTS = [
+    "<user@local.test>",
+    "<USER@Local.Test>",
+    "<user@local.test.>",
+    "<postmaster>",
+    "<postmaster@local.test>",
+    '<"john doe"@local.test>',
+]
+
+
+@pytest.mark.parametrize("recipient", LOCAL_RECIPIENTS)
+def test_untrusted_client_reaches_local_recipients(gate, recipient):
+    milter, postfix = gate
+    assert rcpt_reply(postfix.port, recipient).code == 250
+
+
+@pytest.mark.parametrize("recipient", ["<user@bücher.test>", "<user@straße.test>"])
+def test_untrusted_client_reaches_local_international_domains(gate, recipient):
+    # straße.test: Postfix resolves it to strasse.test (IDNA 2003), which is
+    # listed too, so the {rcpt_addr} cross-check agrees.
+    milter, postfix = gate
+    assert rcpt_reply(postfix.port, recipient, smtputf8=True).code == 250
+
+
+RELAY_ATTEMPTS = [
+    ("<user@remote.test>", "remote-domain"),
+    ("<USER@Remote.TEST>", "remote-domain"),
+    ("<user@remote.test.>", "remote-domain"),
+    ("<user@mx.local.test>", "remote-domain"),      # Postfix's $myhostname, not listed here
+    ("<user%remote.test@local.test>", "percent-hack"),
+    ("<remote.test!user@local.test>", "bang-path"),
+    ("<@local.test:user@remote.test>", "source-route"),
+    ("<@local.test,@local.test:user@local.test>", "source-route"),
+    ('<"user@remote.test"@local.test>', "at-in-local-part"),
+    ('<"user%remote.test"@local.test>', "percent-hack"),
+    ("<user@[192.0.2.99]>", "foreign-literal"),
+    ("<user@[IPv6:2001:db8::99]>", "foreign-literal"),
+    ("<postmaster@remote.test>", "remote-domain"),
+]
+
+
+@pytest.mark.parametrize("recipient, reason", RELAY_ATTEMPTS)
+def test_untrusted_relay_attempt_is_refused_by_the_milter(gate, recipient, reason):
+    milter, postfix = gate
+    reply = rcpt_reply(postfix.port, recipient)
+    assert reply.code == RELAY_DENIED, reply
+    assert reply.text.startswith("5.7.1 <") and reply.text.endswith(": Relay access denied")
+    milter.wait_for_log(rf"NOQUEUE: reject: RCPT from unknown\[{UNTRUSTED}\]: 554 5\.7\.1 .*"
+                        rf"to=<{_re(recipient)}> .*reason={reason}$")
+
+
+def test_international_remote_domain_is_refused(gate):
+    milter, postfix = gate
+    assert rcpt_reply(postfix.port, "<user@münchen.test>", smtputf8=True).code == RELAY_DENIED
+
+
+def test_own_address_literal_is_local(gate):
+    milter, postfix = gate
+    # Postfix sends [192.0.2.10] to smtp: it is not its own address, so
+    # {rcpt_addr} shows the literal, which relaymilter knows as its own.
+    assert rcpt_reply(postfix.port, "<user@[192.0.2.10]>").code == 250
+
+
+def test_untrusted_ipv6_client_is_refused_and_trusted_ipv6_client_relays(gate):
+    milter, postfix = gate
+    assert rcpt_reply(postfix.port, "<user@remote.test>", addr=UNTRUSTED_V6).code == RELAY_DENIED
+    assert rcpt_reply(postfix.port, "<user@local.test>", addr=UNTRUSTED_V6).code == 250
+    assert rcpt_reply(postfix.port, "<user@remote.test>", addr=TRUSTED_V6).code == 250
+
+
+def test_relay_attempt_leaves_no_mail_in_postfix(gate):
+    milter, postfix = gate
+    with SmtpDialog(postfix.port) as smtp:
+        smtp.ehlo()
+        smtp.xclient(addr=UNTRUSTED)
+        smtp.mail_from("<sender@sender.test>")
+        assert smtp.rcpt_to("<victim@remote.test>").code == RELAY_DENIED
+        assert smtp.rcpt_to("<user@local.test>").code == 250
+        assert smtp.data().code == 250
+    postfix.wait_for_log(r"to=<user@local\.test>.*status=sent")
+    assert "victim@remote.test" not in _delivery_lines(postfix)
+
+
+# ----------------------------------------------- trusted and authenticated ---
+
+@pytest.mark.parametrize("recipient, reason", RELAY_ATTEMPTS[:8])
+def test_trusted_network_client_may_relay(gate, recipient, reason):
+    milter, postfix = gate
+    assert rcpt_reply(postfix.port, recipient, addr=TRUSTED).code == 250
+
+
+@pytest.mark.parametrize("recipient", ["<user@remote.test>", "<user%remote.test@local.test>"])
+def test_authenticated_client_may_relay(gate, recipient):
+    milter, postfix = gate
+    assert rcpt_reply(postfix.port, recipient, login="alice").code == 250
+
+
+def test_authenticated_relay_is_delivered(gate):
+    milter, postfix = gate
+    with SmtpDialog(postfix.port) as smtp:
+        smtp.ehlo()
+        smtp.xclient(addr=UNTRUSTED, login="alice")
+        smtp.mail_from("<alice@local.test>")
+        assert smtp.rcpt_to("<friend@remote.test>").code == 250
+        assert smtp.data().code == 250
+    postfix.wait_for_log(r"to=<friend@remote\.test>, relay=none, .*status=sent")
+
+
+def test_second_xclient_in_one_session_drops_authentication(gate):
+    milter, postfix = gate
+    with SmtpDialog(postfix.port) as smtp:
+        smtp.ehlo()
+        # 127.0.0.5 may send XCLIENT again; it is not trusted by relaymilter.
+        assert smtp.xclient(addr="127.0.0.5", login="alice").code == 220
+        smtp.mail_from("<sender@sender.test>")
+        assert smtp.rcpt_to("<user@remote.test>").code == 250
+        smtp.rset()
+        assert smtp.xclient(addr=UNTRUSTED, login="[UNAVAILABLE]").code == 220
+        smtp.mail_from("<sender@sender.test>")
+        assert smtp.rcpt_to("<user@remote.test>").code == RELAY_DENIED
+
+
+# ------------------------------------------------------------- bad input ---
+
+@pytest.mark.parametrize("recipient", [
+    b"<user@local.test",                     # unbalanced
+    b"<us\x01er@local.test>",                # control byte
+    b"<" + b"a" * 1000 + b"@local.test>",    # 1000-byte local part (Postfix passes it on)
+    b"<user@local..test>",
+    b"<user@[192.0.2.1>",
+])
+def test_malformed_recipient_gets_a_clear_5xx(gate, recipient):
+    milter, postfix = gate
+    reply = rcpt_reply(postfix.port, recipient)
+    assert 500 <= reply.code < 600, reply
+    assert reply.code in (501, RELAY_DENIED)
+    assert "Bad recipient address syntax" in reply.text or "Relay access denied" in reply.text
+    assert "Traceback" not in milter.log_text()
+
+
+def test_malformed_input_refused_by_postfix_itself_never_reaches_a_250(gate):
+    milter, postfix = gate
+    for recipient in (b"<user@>", b"<us\x00er@local.test>", b"<" + b"a" * 4000 + b"@local.test>"):
+        assert 500 <= rcpt_reply(postfix.port, recipient).code < 600
+
+
+def test_non_utf8_recipient_reaching_the_milter_is_bad_syntax(postfix_factory, public_directory):
+    # With smtputf8_enable = no, Postfix hands raw 8-bit bytes to the milter.
+    milter = RelaymilterProcess(_fresh(public_directory, "non-utf8"), relay=RELAY)
+    with milter:
+        postfix = postfix_factory(milter.socket, extra_main_cf={"smtputf8_enable": "no"})
+        for recipient in (b"<us\xffer@local.test>", b"<user@remote\xe9.test>"):
+            reply = rcpt_reply(postfix.port, recipient)
+            assert (reply.code, reply.text) == (501, "5.1.3 Bad recipient address syntax")
+        assert rcpt_reply(postfix.port, "<user@local.test>").code == 250
+    assert "Traceback" not in milter.log_text()
+
+
+# ------------------------------------------------- dry run, reload, crash ---
+
+def test_dry_run_accepts_and_logs_would_reject(postfix_factory, public_directory):
+    milter = RelaymilterProcess(_fresh(public_directory, "dry"), relay=RELAY,
+                                milter={"dry_run": True})
+    with milter:
+        postfix = postfix_factory(milter.socket)
+        assert rcpt_reply(postfix.port, "<user@remote.test>").code == 250
+        milter.wait_for_log(r"NOQUEUE: would reject: RCPT from unknown\[192\.0\.2\.9\]: "
+                            r"554 5\.7\.1 <user@remote\.test>: Relay access denied;.*"
+                            r"reason=remote-domain$")
+
+
+def test_local_domains_file_change_takes_effect_without_restart(postfix_factory, public_directory):
+    directory = _fresh(public_directory, "reload")
+    domains = directory / "local-domains"
+    domains.write_text("local.test\n", encoding="utf-8")
+    milter = RelaymilterProcess(directory, relay={"local_domains_file": str(domains)})
+    with milter:
+        postfix = postfix_factory(milter.socket)
+        assert rcpt_reply(postfix.port, "<user@new.test>").code == RELAY_DENIED
+        domains.write_text("local.test\nnew.test\n", encoding="utf-8")
+        milter.wait_for_log(r"configuration reloaded .*\(2 local domains\)", timeout=10)
+        assert rcpt_reply(postfix.port, "<user@new.test>").code == 250
+        domains.write_text("local.test\nnot a domain\n", encoding="utf-8")
+        milter.wait_for_log(r"error: reload failed, keeping the running configuration: "
+                            r".*local-domains: line 2", timeout=10)
+        assert rcpt_reply(postfix.port, "<user@new.test>").code == 250
+        assert milter.process.poll() is None
+
+
+def test_killed_milter_means_4xx_and_no_relay_then_restart_restores(postfix_factory,
+                                                                   public_directory):
+    milter = RelaymilterProcess(_fresh(public_directory, "crash"), relay=RELAY)
+    milter.start()
+    try:
+        postfix = postfix_factory(milter.socket, milter_default_action="tempfail")
+        assert rcpt_reply(postfix.port, "<user@remote.test>").code == RELAY_DENIED
+        milter.kill()
+        with SmtpDialog(postfix.port) as smtp:
+            smtp.ehlo()
+            smtp.xclient(addr=UNTRUSTED)
+            replies = [smtp.mail_from("<sender@sender.test>"), smtp.rcpt_to("<user@remote.test>")]
+            assert any(400 <= reply.code < 500 for reply in replies), replies
+            assert all(reply.code != 250 for reply in replies[1:]), replies
+            assert smtp.data().code != 250
+        assert "user@remote.test" not in _delivery_lines(postfix)
+        milter.start()
+        assert rcpt_reply(postfix.port, "<user@remote.test>").code == RELAY_DENIED
+        assert rcpt_reply(postfix.port, "<user@local.test>").code == 250
+    finally:
+        milter.kill()
+
+
+def test_sigterm_stops_the_milter_cleanly(public_directory):
+    milter = RelaymilterProcess(_fresh(public_directory, "term"), relay=RELAY)
+    milter.start()
+    started = time.monotonic()
+    assert milter.stop() == 0, milter.log_text()
+    assert time.monotonic() - started < 10
+    milter.wait_for_log(r"relaymilter stopped")
+
+
+# --------------------------------------------------------------- helpers ---
+
+def _fresh(parent: Path, name: str) -> Path:
+    directory = parent / name
+    directory.mkdir()
+    directory.chmod(0o755)
+    return directory
+
+
+def _delivery_lines(postfix: PostfixInstance) -> str:
+    return "\n".join(line for line in postfix.log_text().splitlines() if "status=" in line)
+
+
+def _re(recipient: str) -> str:
+    import re
+    return re.escape(recipient.strip("<>"))
