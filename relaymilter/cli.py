@@ -19,6 +19,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import logging.handlers
 import os
@@ -28,7 +29,9 @@ import sys
 
 from relaymilter import __version__
 from relaymilter.config import ConfigError, config_path, load_config
-from relaymilter.live import LiveConfig, build_snapshot
+from relaymilter.dnsbl import report_lines
+from relaymilter.live import LiveConfig, build_dnsbl, build_snapshot
+from relaymilter.relay import RelayRules, Trust, client_trust, normalise_ip
 
 EX_OK, EX_SOFTWARE_OTHER, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 64, 69, 78
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -91,11 +94,47 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     config = load_config(path)
     snapshot = build_snapshot(config)
-    sys.stdout.write(f"# {path}: OK ({snapshot.local_domain_count} local domains)\n")
+    if snapshot.dnsbl is not None:
+        snapshot.dnsbl.close()
+    sys.stdout.write(f"# {path}: OK ({snapshot.local_domain_count} local domains, "
+                     f"{len(config.dnsbl.zones)} DNSBL zones)\n")
     sys.stdout.write(config.effective_toml())
     for line in attach_lines(config.milter.socket):
         sys.stdout.write(f"# {line}\n")
     return EX_OK
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    """Ask every configured zone about one address; print the answers and verdict."""
+    try:
+        address = normalise_ip(ipaddress.ip_address(args.address))
+    except ValueError:
+        sys.stderr.write(f"relaymilter: {args.address!r} is not an IP address\n")
+        return EX_USAGE
+    setup_logging(use_syslog=False, debug=False)
+    config = load_config(config_path(args.config))
+    checker = build_dnsbl(config)
+    if checker is None:
+        sys.stdout.write(f"{address}: no DNSBL zones configured in {config.path}\n")
+        return EX_OK
+    with checker:
+        if args.health:
+            for report in checker.check_health():
+                state = "enabled" if report.enabled else "DISABLED"
+                detail = f": {report.detail}" if report.detail else ""
+                sys.stdout.write(f"# health {report.zone.display_name}: {report.health.value}, "
+                                 f"{state}{detail}\n")
+        result = checker.lookup(address)
+        trust = client_trust(address, None, build_snapshot_rules(config))
+    if trust is not Trust.UNTRUSTED:
+        sys.stdout.write(f"# {address} is in trusted_networks: relaymilter does not look it up\n")
+    sys.stdout.write("\n".join(report_lines(result)) + "\n")
+    return EX_OK
+
+
+def build_snapshot_rules(config) -> RelayRules:
+    """Trusted networks only: enough to tell whether an address is looked up."""
+    return RelayRules.build(trusted_networks=config.relay.trusted_networks)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -115,6 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # them takes the default action and the process dies mid-conversation.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     live.watch(interval=1.0)
+    live.check_health()
     try:
         milter.serve(live)
     except OSError as error:
@@ -145,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
     run.add_argument("--debug", action="store_true", help="also log every permit decision")
     verb("check-config", cmd_check_config, "validate the config and print the effective values")
+    lookup = verb("lookup", cmd_lookup,
+                  "ask every DNSBL/DNSWL zone about one address and print the verdict")
+    lookup.add_argument("address", metavar="IP", help="IPv4 or IPv6 address")
+    lookup.add_argument("--health", action="store_true",
+                        help="first run the zones' RFC 5782 health checks")
     return parser
 
 
@@ -156,4 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"relaymilter: fatal: {error}\n")
         return EX_CONFIG
     except KeyboardInterrupt:
+        return EX_OK
+    except BrokenPipeError:     # `relaymilter check-config | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EX_OK

@@ -27,6 +27,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from relaymilter.dnsbl import Zone, split_nameserver
 from relaymilter.relay import parse_network, split_domain_patterns
 
 DEFAULT_CONFIG_PATH = "/etc/relaymilter/relaymilter.toml"
@@ -101,6 +102,48 @@ def _addresses(values: list[str]) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _nameservers(values: list[str]) -> tuple[str, ...]:
+    for text in values:
+        split_nameserver(text)
+    return tuple(values)
+
+
+class SubkeyError(ValueError):
+    """A problem inside a table of an array of tables: names the entry and key."""
+
+    def __init__(self, subkey: str, reason: str):
+        super().__init__(reason)
+        self.subkey = subkey
+
+
+ZONE_FIELDS = {"name": str, "display_name": str, "weight": int, "codes": list}
+
+
+def _zones(tables: list[dict[str, Any]]) -> tuple[Zone, ...]:
+    """[[dnsbl.zone]] tables -> Zones; errors name "[N].key" (N from 1)."""
+    zones: list[Zone] = []
+    for number, table in enumerate(tables, 1):
+        where = f"[{number}]"
+        for name, value in table.items():
+            expected = ZONE_FIELDS.get(name)
+            if expected is None:
+                raise SubkeyError(f"{where}.{name}", "unknown key")
+            if (not isinstance(value, expected) or isinstance(value, bool)
+                    or (expected is list and not all(isinstance(v, str) for v in value))):
+                raise SubkeyError(f"{where}.{name}", f"must be {_TYPE_NAMES[expected]}")
+        if "name" not in table:
+            raise SubkeyError(where, "a zone needs a name")
+        try:
+            zone = Zone.build(table["name"], weight=table.get("weight", 1),
+                              codes=table.get("codes"), display_name=table.get("display_name"))
+        except ValueError as error:
+            raise SubkeyError(where, str(error)) from None
+        if any(other.name == zone.name for other in zones):
+            raise SubkeyError(f"{where}.name", f"zone {zone.name} is configured twice")
+        zones.append(zone)
+    return tuple(zones)
+
+
 def _optional_path(value: str) -> str | None:
     if value == "":
         return None
@@ -117,7 +160,8 @@ class Key:
 
     section: str
     name: str
-    type: type              # the TOML type: str, bool, int, float or list (of str)
+    type: type              # the TOML type: str, bool, int, float, list (of str)
+                            # or dict (an array of tables, [[section.name]])
     default: Any
     help: str
     check: Callable[[Any], Any] | None = None
@@ -155,6 +199,32 @@ SCHEMA: tuple[Key, ...] = (
     Key("relay", "local_address_literals", list, [],
         "IP addresses that recipients may name as a literal, as in user@[192.0.2.1].",
         _addresses),
+    Key("dnsbl", "nameservers", list, [],
+        "DNS servers to ask, \"IP\" or \"IP:PORT\"; [] = the system resolver (/etc/resolv.conf).",
+        _nameservers),
+    Key("dnsbl", "timeout", float, 2.0,
+        "Seconds all zones together may take; a zone that has not answered by then counts "
+        "as not listed.", minimum=0.05, maximum=30),
+    Key("dnsbl", "threshold", int, 1,
+        "Sum of the weights of the listing zones at or above which a client is rejected.",
+        minimum=1, maximum=1000),
+    Key("dnsbl", "reject_stage", str, "rcpt",
+        "rcpt: reject at each recipient, postmaster and trusted clients exempt; "
+        "connect: reject the whole connection.", _one_of("rcpt", "connect")),
+    Key("dnsbl", "health_interval", int, 300,
+        "Seconds between two list health checks (RFC 5782 test points).",
+        minimum=10, maximum=86400),
+    Key("dnsbl", "zone", dict, [],
+        "The lists, as [[dnsbl.zone]] tables: name, display_name, weight "
+        "(negative = allowlist), codes.", _zones),
+    Key("cache", "max_entries", int, 100000,
+        "Most DNS answers kept; the least recently used go first.", minimum=1, maximum=10_000_000),
+    Key("cache", "min_ttl", int, 60,
+        "Shortest time an answer is kept, whatever its TTL says (seconds).",
+        minimum=0, maximum=86400),
+    Key("cache", "max_ttl", int, 3600,
+        "Longest time an answer is kept, whatever its TTL says (seconds).",
+        minimum=0, maximum=604800),
 )
 
 SECTIONS = tuple(dict.fromkeys(key.section for key in SCHEMA))
@@ -180,10 +250,33 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class DnsblConfig:
+    nameservers: tuple[str, ...]
+    timeout: float
+    threshold: int
+    reject_stage: str
+    health_interval: int
+    zone: tuple[Zone, ...]
+
+    @property
+    def zones(self) -> tuple[Zone, ...]:
+        return self.zone
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    max_entries: int
+    min_ttl: int
+    max_ttl: int
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     milter: MilterConfig
     relay: RelayConfig
+    dnsbl: DnsblConfig
+    cache: CacheConfig
     values: dict[str, Any] = field(repr=False, compare=False)  # dotted key -> value
 
     def effective_toml(self) -> str:
@@ -191,14 +284,28 @@ class Config:
         lines: list[str] = []
         for section in SECTIONS:
             lines.append(f"[{section}]")
+            tables = []
             for key in SCHEMA:
-                if key.section == section:
+                if key.section != section:
+                    continue
+                if key.type is dict and self.values[key.dotted]:
+                    tables.append(key)
+                elif key.type is dict:
+                    lines.append(f"{key.name} = []")
+                else:
                     lines.append(f"{key.name} = {_toml_value(self.values[key.dotted])}")
             lines.append("")
+            for key in tables:
+                for zone in self.values[key.dotted]:
+                    lines += [f"[[{key.dotted}]]", f"name = {_toml_value(zone.name)}",
+                              f"display_name = {_toml_value(zone.display_name)}",
+                              f"weight = {zone.weight}",
+                              f"codes = {_toml_value([str(code) for code in zone.codes])}", ""]
         return "\n".join(lines)
 
 
-_SECTION_TYPES = {"milter": MilterConfig, "relay": RelayConfig}
+_SECTION_TYPES = {"milter": MilterConfig, "relay": RelayConfig, "dnsbl": DnsblConfig,
+                  "cache": CacheConfig}
 
 
 def config_path(cli_path: str | None) -> str:
@@ -234,6 +341,9 @@ def parse_config(document: dict[str, Any], path: str = "<string>") -> Config:
             if f"{section}.{name}" not in known:
                 raise ConfigError(path, f"{section}.{name}", "unknown key")
     values = {key.dotted: _read_key(key, document.get(key.section, {}), path) for key in SCHEMA}
+    if values["cache.min_ttl"] > values["cache.max_ttl"]:
+        raise ConfigError(path, "cache.max_ttl", f"{values['cache.max_ttl']} is below "
+                                                 f"cache.min_ttl ({values['cache.min_ttl']})")
     sections = {
         section: cls(**{key.name: values[key.dotted] for key in SCHEMA if key.section == section})
         for section, cls in _SECTION_TYPES.items()
@@ -247,6 +357,8 @@ def _read_key(key: Key, body: dict[str, Any], path: str) -> Any:
     else:
         value = body[key.name]
         _check_type(key, value, path)
+        if key.type is float:
+            value = float(value)
     if key.minimum is not None and value < key.minimum:
         raise ConfigError(path, key.dotted, f"{value} is below the minimum {key.minimum}")
     if key.maximum is not None and value > key.maximum:
@@ -254,6 +366,8 @@ def _read_key(key: Key, body: dict[str, Any], path: str) -> Any:
     if key.check is not None:
         try:
             value = key.check(value)
+        except SubkeyError as error:
+            raise ConfigError(path, key.dotted + error.subkey, str(error)) from None
         except ValueError as error:
             raise ConfigError(path, key.dotted, str(error)) from None
     elif isinstance(value, list):
@@ -267,6 +381,10 @@ def _check_type(key: Key, value: Any, path: str) -> None:
         return
     if expected is int and isinstance(value, bool):
         raise ConfigError(path, key.dotted, "must be an integer, not a boolean")
+    if expected is dict:
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise ConfigError(path, key.dotted, f"must be tables written [[{key.dotted}]]")
+        return
     if not isinstance(value, expected):
         raise ConfigError(path, key.dotted,
                           f"must be {_TYPE_NAMES[expected]}, not {type(value).__name__}")
@@ -275,7 +393,7 @@ def _check_type(key: Key, value: Any, path: str) -> None:
 
 
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer",
-               float: "a number", list: "a list of strings"}
+               float: "a number", list: "a list of strings", dict: "tables"}
 
 
 def _toml_value(value: Any) -> str:

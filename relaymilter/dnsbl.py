@@ -586,6 +586,10 @@ class DnsblChecker:
         self._disabled: frozenset[str] = frozenset()    # swapped, never mutated
         self._warned_test_point: set[str] = set()
 
+    @property
+    def cache(self) -> LookupCache:
+        return self._cache
+
     # -- lookups -----------------------------------------------------------
     def start(self, client: IPAddress | str) -> "PendingListing":
         """Ask every enabled zone about client now; collect with result()."""

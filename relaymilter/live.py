@@ -19,6 +19,12 @@ DESCRIPTION
 
     Keys that only take effect at start (milter.socket, milter.timeout) are
     reported when they change, and keep their running values.
+
+    The DNSBL checker (dnsbl.py) is part of the snapshot. A reload that does
+    not change [dnsbl] or [cache] keeps the same checker, cache and all; one
+    that changes [dnsbl] only keeps the cache (it holds DNS answers, not
+    verdicts). A replaced checker is closed a grace period later, so that
+    sessions that started lookups on it can still collect them.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import threading
 from dataclasses import dataclass, replace
 
 from relaymilter.address import normalise_domain, transitional_variant
+from relaymilter.cache import LookupCache
 from relaymilter.config import Config, ConfigError, load_config
+from relaymilter.dnsbl import DnsblChecker, DnsResolver, HealthMonitor
 from relaymilter.relay import RelayRules
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,7 @@ class Snapshot:
     config: Config
     relay_rules: RelayRules
     local_domain_count: int
+    dnsbl: DnsblChecker | None = None     # None: no zones configured
 
 
 def read_domains_file(path: str) -> list[str]:
@@ -66,7 +75,29 @@ def read_domains_file(path: str) -> list[str]:
     return domains
 
 
-def build_snapshot(config: Config) -> Snapshot:
+def build_dnsbl(config: Config, previous: Snapshot | None = None) -> DnsblChecker | None:
+    """The checker for config, reusing what `previous` has when it may."""
+    settings = config.dnsbl
+    if not settings.zones:
+        return None
+    old = previous.dnsbl if previous is not None else None
+    same_cache = old is not None and previous.config.cache == config.cache
+    if same_cache and previous.config.dnsbl == settings:
+        return old
+    if same_cache:
+        cache = old.cache
+    else:
+        cache = LookupCache(config.cache.max_entries, config.cache.min_ttl, config.cache.max_ttl)
+    try:
+        resolver = DnsResolver(settings.nameservers, settings.timeout)
+    except Exception as error:   # dnspython: no or unreadable /etc/resolv.conf
+        raise ConfigError(config.path, "dnsbl.nameservers",
+                          f"no system resolver to use ({error}); name the nameservers") from None
+    return DnsblChecker(settings.zones, resolver, cache, timeout=settings.timeout,
+                        threshold=settings.threshold)
+
+
+def build_snapshot(config: Config, previous: Snapshot | None = None) -> Snapshot:
     """Config + the files it names -> Snapshot. Raises ConfigError."""
     domains = list(config.relay.local_domains)
     if config.relay.local_domains_file:
@@ -76,7 +107,8 @@ def build_snapshot(config: Config) -> Snapshot:
                              trusted_networks=config.relay.trusted_networks,
                              own_literals=config.relay.local_address_literals,
                              trust_authenticated=config.relay.trust_authenticated)
-    return Snapshot(config=config, relay_rules=rules, local_domain_count=len(domains))
+    return Snapshot(config=config, relay_rules=rules, local_domain_count=len(domains),
+                    dnsbl=build_dnsbl(config, previous))
 
 
 def _warn_idna_variants(domains: list[str]) -> None:
@@ -116,6 +148,8 @@ class LiveConfig:
         self._last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._health: HealthMonitor | None = None
+        self._checking_health = False
 
     @classmethod
     def start(cls, config: Config) -> "LiveConfig":
@@ -139,13 +173,15 @@ class LiveConfig:
         stamps = (config_stamp,) + tuple(_stamp(path) for path in watched[1:])
         try:
             config = self._keep_restart_only_keys(running, config)
-            snapshot = build_snapshot(config)
+            snapshot = build_snapshot(config, self.snapshot)
         except ConfigError as error:
             self._reload_failed(error, watched, stamps)
             return False
         self._watched, self._stamps = watched, stamps
         self._last_error = None
-        self.snapshot = snapshot
+        previous, self.snapshot = self.snapshot, snapshot
+        if previous.dnsbl is not snapshot.dnsbl:
+            self._replace_dnsbl(previous)
         log.info("configuration reloaded from %s (%d local domains)",
                  config.path, snapshot.local_domain_count)
         return True
@@ -168,10 +204,36 @@ class LiveConfig:
         self._thread = threading.Thread(target=loop, name="relaymilter-reload", daemon=True)
         self._thread.start()
 
+    def check_health(self) -> None:
+        """Start the DNSBL health checks (a thread) for this and later checkers."""
+        self._checking_health = True
+        self._start_health(self.snapshot)
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self._health is not None:
+            self._health.stop(timeout=0)
+        if self.snapshot.dnsbl is not None:
+            self.snapshot.dnsbl.close()
+
+    def _start_health(self, snapshot: Snapshot) -> None:
+        if self._checking_health and snapshot.dnsbl is not None:
+            self._health = HealthMonitor(snapshot.dnsbl, snapshot.config.dnsbl.health_interval)
+            self._health.start()
+
+    def _replace_dnsbl(self, previous: Snapshot) -> None:
+        if self._health is not None:
+            self._health.stop(timeout=0)
+            self._health = None
+        self._start_health(self.snapshot)
+        if previous.dnsbl is not None:
+            # Sessions may still collect lookups started on the old checker.
+            grace = previous.config.dnsbl.timeout + 1.0
+            timer = threading.Timer(grace, previous.dnsbl.close)
+            timer.daemon = True
+            timer.start()
 
     @staticmethod
     def _keep_restart_only_keys(running: Config, new: Config) -> Config:

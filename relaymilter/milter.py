@@ -21,6 +21,11 @@ DESCRIPTION
 
     Postfix runs the milter's connect callback again after XCLIENT, in the
     same milter conversation: connect starts a fresh session every time.
+
+    DNSBL: connect starts the lookups of an untrusted client, so that their
+    latency hides behind HELO and MAIL FROM; RCPT collects them. With
+    [dnsbl] reject_stage = "connect", connect is negotiated as a stage with
+    a reply, waits for the verdict and rejects the connection.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import Milter
 from relaymilter.live import LiveConfig
 from relaymilter.logline import log_decision
 from relaymilter.policy import (Action, ClientFacts, Decision, RecipientFacts, answered_action,
-                                decide_recipient, enforce, internal_fault)
+                                decide_listing, decide_recipient, enforce, internal_fault,
+                                lookups_needed)
 from relaymilter.relay import normalise_ip
 
 log = logging.getLogger(__name__)
@@ -101,12 +107,14 @@ class RelayMilter(Milter.Base):
     """One MTA connection. Created by libmilter's thread for that connection."""
 
     def __init__(self, live: LiveConfig, warnings: MacroWarnings):
+        super().__init__()      # libmilter attaches the context itself
         self._live = live
         self._warnings = warnings
         self._start_session(ClientFacts(address=None))
 
     def _start_session(self, client: ClientFacts) -> None:
         self._client = client
+        self._listing = None
         self._sender: str | None = None
         self._session_fault = False
         self._message_fault = False
@@ -127,7 +135,10 @@ class RelayMilter(Milter.Base):
                     macros = getattr(getattr(self, name), "_symlist", None)
                     if macros:
                         self._ctx.setsymlist(stage, " ".join(macros))
-            opts[1] = self._protocol = offered & ~self.protocol_mask()
+            protocol = offered & ~self.protocol_mask()
+            if _rejects_at_connect(self._live.snapshot):
+                protocol &= ~Milter.P_NR_CONN
+            opts[1] = self._protocol = protocol
             opts[2] = opts[3] = 0
         except Exception:
             log.exception("milter negotiation failed; using the MTA's defaults")
@@ -141,6 +152,14 @@ class RelayMilter(Milter.Base):
         name = hostname if hostname and not hostname.startswith("[") else "unknown"
         self._start_session(ClientFacts(address=client_address(family, hostaddr), name=name))
         self._require_macros("connect")
+        snapshot = self._live.snapshot
+        if lookups_needed(self._client, snapshot):
+            self._listing = snapshot.dnsbl.start(self._client.address)
+            if self._protocol & Milter.P_NR_CONN == 0 and _rejects_at_connect(snapshot):
+                decision = enforce(decide_listing(self._listing.result()),
+                                   snapshot.config.milter.dry_run)
+                log_decision("CONNECT", decision, self._client)
+                return self._answer(decision)
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -175,7 +194,7 @@ class RelayMilter(Milter.Base):
                 self._warnings.missing("RCPT", "{rcpt_addr}")
             facts = RecipientFacts(client=self._client, sender=self._sender or "",
                                    recipient=recipient, resolved_recipient=resolved,
-                                   queue_id=queue_id)
+                                   queue_id=queue_id, listing=self._listing)
             decision = decide_recipient(facts, snapshot)
         decision = enforce(decision, snapshot.config.milter.dry_run)
         log_decision("RCPT", decision, self._client, self._sender, recipient, queue_id)
@@ -225,6 +244,10 @@ class RelayMilter(Milter.Base):
         for macro in EXPECTED_MACROS[stage]:
             if self._macro(macro) is None:
                 self._warnings.missing(stage, macro)
+
+
+def _rejects_at_connect(snapshot) -> bool:
+    return snapshot.dnsbl is not None and snapshot.config.dnsbl.reject_stage == "connect"
 
 
 def _text(value: str | bytes) -> str:

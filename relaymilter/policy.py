@@ -13,7 +13,14 @@ DESCRIPTION
     policy of their own. Replies use Postfix's wording so that log parsers
     and fail2ban filters written for Postfix keep working.
 
-    Order at RCPT: recipient syntax -> relay verdict (DESIGN section 2).
+    Order at RCPT: recipient syntax -> relay verdict (DESIGN section 2) ->
+    trusted and authenticated clients permitted -> postmaster of a local
+    domain permitted -> DNSBL verdict. A relay attempt is refused as such,
+    without waiting for DNS; a trusted client's lookups were never started.
+
+    The DNSBL verdict is read only when it matters (listing.result() waits
+    until the lookups' deadline at most): the facts carry the pending lookup,
+    not its result.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+from typing import Protocol
+
 from relaymilter.address import AddressSyntaxError, IPAddress, parse_recipient
+from relaymilter.dnsbl import ListingResult
 from relaymilter.live import Snapshot
-from relaymilter.relay import client_trust, relay_verdict
+from relaymilter.relay import Trust, client_trust, relay_verdict
 
 
 class Action(enum.Enum):
@@ -61,6 +71,12 @@ class ClientFacts:
     auth_user: str | None = None
 
 
+class PendingVerdict(Protocol):
+    """The client's DNSBL lookups, started at connect (dnsbl.PendingListing)."""
+
+    def result(self) -> ListingResult: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RecipientFacts:
     """One RCPT TO, as the MTA reported it.
@@ -74,6 +90,7 @@ class RecipientFacts:
     recipient: str
     resolved_recipient: str | None = None
     queue_id: str | None = None
+    listing: PendingVerdict | None = None   # None: no lookups (no zones, trusted)
 
 
 def permit(reason: str) -> Decision:
@@ -87,6 +104,14 @@ def relay_denied(recipient_path: str, reason: str) -> Decision:
 
 def bad_recipient_syntax(reason: str) -> Decision:
     return Decision(Action.REJECT, reason, 501, "5.1.3", "Bad recipient address syntax")
+
+
+def client_listed(result: ListingResult) -> Decision:
+    text = (f"Service unavailable; Client host [{result.client}] blocked using "
+            f"{printable(result.reply_zone or 'a DNS blocklist')}")
+    if result.txt:
+        text += f"; {printable(result.txt)}"
+    return Decision(Action.REJECT, "dnsbl", 554, "5.7.1", text)
 
 
 def internal_fault(on_error: str) -> Decision:
@@ -108,7 +133,23 @@ def decide_recipient(facts: RecipientFacts, snapshot: Snapshot) -> Decision:
     verdict = relay_verdict(recipient, trust, facts.resolved_recipient, rules)
     if not verdict.allowed:
         return relay_denied(recipient.path, verdict.reason)
-    return permit(verdict.reason)
+    if trust is not Trust.UNTRUSTED or recipient.is_postmaster or facts.listing is None:
+        return permit(verdict.reason)
+    return decide_listing(facts.listing.result(), verdict.reason)
+
+
+def decide_listing(result: ListingResult, permit_reason: str = "not-listed") -> Decision:
+    """The DNSBL half: reject a listed client, else permit with permit_reason."""
+    if result.listed:
+        return client_listed(result)
+    return permit(permit_reason)
+
+
+def lookups_needed(client: ClientFacts, snapshot: Snapshot) -> bool:
+    """Start DNSBL lookups at connect? Not for trusted networks, nor without zones."""
+    if snapshot.dnsbl is None or client.address is None:
+        return False
+    return client_trust(client.address, None, snapshot.relay_rules) is Trust.UNTRUSTED
 
 
 def enforce(decision: Decision, dry_run: bool) -> Decision:

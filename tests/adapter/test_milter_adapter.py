@@ -33,11 +33,18 @@ RELAY_DENIED_REMOTE = ("554", "5.7.1", "<user@remote.test>: Relay access denied"
 TEMPORARY_FAILURE = ("451", "4.3.0", "Temporary policy failure, try again later")
 
 
-def make_live(milter: dict | None = None, relay: dict | None = None) -> LiveConfig:
+def make_live(milter: dict | None = None, relay: dict | None = None,
+              dnsbl: dict | None = None) -> LiveConfig:
     document = {"relay": {"local_domains": ["local.test"], **(relay or {})}}
     if milter:
         document["milter"] = milter
+    if dnsbl:
+        document["dnsbl"] = dnsbl
     return LiveConfig.start(parse_config(document))
+
+
+# Nothing answers on the discard port: lookups fail open at the deadline.
+SILENT_ZONE = {"nameservers": ["127.0.0.1:9"], "timeout": 0.2, "zone": [{"name": "bl.test"}]}
 
 
 @pytest.fixture
@@ -126,6 +133,24 @@ def test_connect_helo_and_mail_are_negotiated_as_no_reply(install):
         assert ctx._protocol & bit, hex(bit)
     for bit in (Milter.P_NOCONNECT, Milter.P_NOHELO, Milter.P_NOMAIL):
         assert not ctx._protocol & bit, hex(bit)
+
+
+def test_reject_stage_connect_makes_connect_a_stage_with_a_reply(install):
+    live = make_live(dnsbl={**SILENT_ZONE, "reject_stage": "connect"})
+    ctx = install(live)
+    assert open_session(ctx) == (Milter.CONTINUE, Milter.NOREPLY)
+    assert not ctx._protocol & Milter.P_NR_CONN
+    live.stop()
+
+
+def test_reject_stage_rcpt_keeps_connect_without_a_reply(install):
+    live = make_live(dnsbl=SILENT_ZONE)
+    ctx = install(live)
+    open_session(ctx)
+    assert ctx._protocol & Milter.P_NR_CONN
+    mail(ctx)
+    assert rcpt(ctx, "<user@local.test>") == Milter.CONTINUE    # DNS silent: fail open
+    live.stop()
 
 
 def test_headers_body_data_and_unknown_are_negotiated_away(install):

@@ -7,11 +7,15 @@ integration test would pass CI while testing nothing.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 from postfix_instance import POSTFIX, POSTFIX_MASTER, PostfixInstance
+from rbldnsd import RBLDNSD
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +46,24 @@ def postfix_factory(postfix_installed: None) -> Iterator[Callable[..., PostfixIn
     yield make
     for instance in instances:
         instance.stop()
+
+
+@pytest.fixture(scope="session")
+def rbldnsd_installed() -> None:
+    """Fail (never skip) when rbldnsd is not installed."""
+    if RBLDNSD is None:
+        pytest.fail("rbldnsd is not installed (need rbldnsd on PATH or in /usr/sbin); "
+                    "run `scripts/install-debian-deps test` or `make test`", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def public_tree() -> Iterator[Path]:
+    """A world-searchable directory for one test module's sockets and configs.
+
+    pytest's tmp_path is 0700 root: smtpd, running as postfix, could not
+    reach a milter socket there.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="relaymilter-it-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

@@ -161,6 +161,14 @@ class RelaymilterProcess:
         self.kill()
 
 
+def public_subdirectory(parent: Path, name: str) -> Path:
+    """parent/name, created world-searchable (smtpd runs as user postfix)."""
+    directory = Path(parent) / name
+    directory.mkdir()
+    directory.chmod(0o755)
+    return directory
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

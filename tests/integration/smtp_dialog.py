@@ -125,3 +125,18 @@ class SmtpDialog:
         except (smtplib.SMTPException, OSError):
             pass
         self.smtp.close()
+
+
+def rcpt_reply(port: int, recipient: bytes | str, addr: str | None = None,
+               login: str | None = None, smtputf8: bool = False) -> Reply:
+    """One session: EHLO, XCLIENT (when addr or login), MAIL FROM, one RCPT TO."""
+    with SmtpDialog(port) as smtp:
+        smtp.ehlo()
+        if addr or login:
+            reply = smtp.xclient(addr=addr, login=login)
+            if reply.code != 220:
+                raise AssertionError(f"XCLIENT refused: {reply}")
+        reply = smtp.mail_from("<sender@sender.test>", "SMTPUTF8" if smtputf8 else "")
+        if reply.code != 250:
+            return reply
+        return smtp.rcpt_to(recipient)

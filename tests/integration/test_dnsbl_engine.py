@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rbldnsd import RBLDNSD, Rbldnsd, RbldnsdZone, free_udp_port
+from rbldnsd import Rbldnsd, RbldnsdZone, free_udp_port
 from relaymilter.cache import FetchSource, LookupCache
 from relaymilter.dnsbl import (
     TEST_POINTS, DnsblChecker, DnsResolver, Health, Status, Zone, probe_name, query_name,
@@ -51,14 +51,6 @@ ZONES = [
 BL = Zone.build("bl.test", weight=1, codes=["127.0.0.2-127.0.0.11"])
 WL = Zone.build("wl.test", weight=-2, display_name="allowlist")
 WORLD = Zone.build("world.test", weight=1)
-
-
-@pytest.fixture(scope="session")
-def rbldnsd_installed():
-    if RBLDNSD is None:
-        pytest.fail("rbldnsd is not installed (need rbldnsd on PATH or in /usr/sbin); "
-                    "run `apt-get install rbldnsd` (see the README's test command)",
-                    pytrace=False)
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ authenticated (LOGIN=). Nothing is delivered: every transport discards.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -17,8 +15,9 @@ from typing import Iterator
 import pytest
 
 from postfix_instance import PostfixInstance
-from relaymilter_process import RelaymilterProcess
+from relaymilter_process import RelaymilterProcess, public_subdirectory
 from smtp_dialog import SmtpDialog
+from smtp_dialog import rcpt_reply as one_rcpt
 
 UNTRUSTED = "192.0.2.9"
 UNTRUSTED_V6 = "IPV6:2001:db8:99::9"
@@ -35,18 +34,9 @@ RELAY_DENIED = 554
 
 
 @pytest.fixture(scope="module")
-def public_directory() -> Iterator[Path]:
-    """World-searchable: smtpd (user postfix) must reach the milter socket."""
-    directory = Path(tempfile.mkdtemp(prefix="relaymilter-e2e-"))
-    directory.chmod(0o755)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def gate(postfix_installed, public_directory) -> Iterator[tuple[RelaymilterProcess, PostfixInstance]]:
+def gate(postfix_installed, public_tree) -> Iterator[tuple[RelaymilterProcess, PostfixInstance]]:
     """One relaymilter and one Postfix for the read-only cases of this module."""
-    milter = RelaymilterProcess(_fresh(public_directory, "gate"), relay=RELAY)
+    milter = RelaymilterProcess(public_subdirectory(public_tree, "gate"), relay=RELAY)
     milter.start()
     postfix = PostfixInstance(milter.socket, local_domains=POSTFIX_DOMAINS)
     try:
@@ -59,11 +49,7 @@ def gate(postfix_installed, public_directory) -> Iterator[tuple[RelaymilterProce
 
 def rcpt_reply(port: int, recipient: bytes | str, addr: str | None = UNTRUSTED,
                login: str | None = None, smtputf8: bool = False):
-    with SmtpDialog(port) as smtp:
-        smtp.ehlo()
-        assert smtp.xclient(addr=addr, login=login).code == 220
-        assert smtp.mail_from("<sender@sender.test>", "SMTPUTF8" if smtputf8 else "").code == 250
-        return smtp.rcpt_to(recipient)
+    return one_rcpt(port, recipient, addr=addr, login=login, smtputf8=smtputf8)
 
 
 # --------------------------------------------------------- untrusted client ---
@@ -214,9 +200,9 @@ def test_malformed_input_refused_by_postfix_itself_never_reaches_a_250(gate):
         assert 500 <= rcpt_reply(postfix.port, recipient).code < 600
 
 
-def test_non_utf8_recipient_reaching_the_milter_is_bad_syntax(postfix_factory, public_directory):
+def test_non_utf8_recipient_reaching_the_milter_is_bad_syntax(postfix_factory, public_tree):
     # With smtputf8_enable = no, Postfix hands raw 8-bit bytes to the milter.
-    milter = RelaymilterProcess(_fresh(public_directory, "non-utf8"), relay=RELAY)
+    milter = RelaymilterProcess(public_subdirectory(public_tree, "non-utf8"), relay=RELAY)
     with milter:
         postfix = postfix_factory(milter.socket, extra_main_cf={"smtputf8_enable": "no"})
         for recipient in (b"<us\xffer@local.test>", b"<user@remote\xe9.test>"):
@@ -228,8 +214,8 @@ def test_non_utf8_recipient_reaching_the_milter_is_bad_syntax(postfix_factory, p
 
 # ------------------------------------------------- dry run, reload, crash ---
 
-def test_dry_run_accepts_and_logs_would_reject(postfix_factory, public_directory):
-    milter = RelaymilterProcess(_fresh(public_directory, "dry"), relay=RELAY,
+def test_dry_run_accepts_and_logs_would_reject(postfix_factory, public_tree):
+    milter = RelaymilterProcess(public_subdirectory(public_tree, "dry"), relay=RELAY,
                                 milter={"dry_run": True})
     with milter:
         postfix = postfix_factory(milter.socket)
@@ -239,8 +225,8 @@ def test_dry_run_accepts_and_logs_would_reject(postfix_factory, public_directory
                             r"reason=remote-domain$")
 
 
-def test_local_domains_file_change_takes_effect_without_restart(postfix_factory, public_directory):
-    directory = _fresh(public_directory, "reload")
+def test_local_domains_file_change_takes_effect_without_restart(postfix_factory, public_tree):
+    directory = public_subdirectory(public_tree, "reload")
     domains = directory / "local-domains"
     domains.write_text("local.test\n", encoding="utf-8")
     milter = RelaymilterProcess(directory, relay={"local_domains_file": str(domains)})
@@ -258,8 +244,8 @@ def test_local_domains_file_change_takes_effect_without_restart(postfix_factory,
 
 
 def test_killed_milter_means_4xx_and_no_relay_then_restart_restores(postfix_factory,
-                                                                   public_directory):
-    milter = RelaymilterProcess(_fresh(public_directory, "crash"), relay=RELAY)
+                                                                   public_tree):
+    milter = RelaymilterProcess(public_subdirectory(public_tree, "crash"), relay=RELAY)
     milter.start()
     try:
         postfix = postfix_factory(milter.socket, milter_default_action="tempfail")
@@ -280,8 +266,8 @@ def test_killed_milter_means_4xx_and_no_relay_then_restart_restores(postfix_fact
         milter.kill()
 
 
-def test_sigterm_stops_the_milter_cleanly(public_directory):
-    milter = RelaymilterProcess(_fresh(public_directory, "term"), relay=RELAY)
+def test_sigterm_stops_the_milter_cleanly(public_tree):
+    milter = RelaymilterProcess(public_subdirectory(public_tree, "term"), relay=RELAY)
     milter.start()
     started = time.monotonic()
     assert milter.stop() == 0, milter.log_text()
@@ -290,13 +276,6 @@ def test_sigterm_stops_the_milter_cleanly(public_directory):
 
 
 # --------------------------------------------------------------- helpers ---
-
-def _fresh(parent: Path, name: str) -> Path:
-    directory = parent / name
-    directory.mkdir()
-    directory.chmod(0o755)
-    return directory
-
 
 def _delivery_lines(postfix: PostfixInstance) -> str:
     return "\n".join(line for line in postfix.log_text().splitlines() if "status=" in line)

@@ -25,7 +25,10 @@ def test_guide_documents_every_key_in_its_section(key):
 
 @pytest.mark.parametrize("key", SCHEMA, ids=lambda key: key.dotted)
 def test_sample_config_mentions_every_key(key):
-    assert re.search(rf"^#? ?{key.name} = ", SAMPLE, re.M), key.dotted
+    if key.type is dict:    # an array of tables
+        assert re.search(rf"^#? ?\[\[{re.escape(key.dotted)}\]\]$", SAMPLE, re.M), key.dotted
+    else:
+        assert re.search(rf"^#? ?{key.name} = ", SAMPLE, re.M), key.dotted
 
 
 def test_sample_config_has_every_section():
