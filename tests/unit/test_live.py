@@ -286,3 +286,52 @@ def test_no_idna_warning_when_both_forms_are_listed(files, caplog):
     with caplog.at_level(logging.WARNING, logger="relaymilter.live"):
         files.start()
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# ------------------------------------------------------------ DNSBL checker ---
+
+DNSBL = '[dnsbl]\nnameservers = ["127.0.0.1:9"]\ntimeout = 0.2\n[[dnsbl.zone]]\nname = "bl.test"\n'
+
+
+def test_reload_without_dnsbl_change_keeps_the_checker(files):
+    files.write_config(extra="", local_domains=("config.test",))
+    files.config.write_text(files.config.read_text() + DNSBL)
+    live = files.start()
+    checker = live.snapshot.dnsbl
+    assert checker is not None
+    files.write_domains("file.test", "more.test")
+    assert live.refresh() is True
+    assert live.snapshot.dnsbl is checker
+    live.stop()
+
+
+def test_reload_with_new_zones_keeps_the_cache_and_closes_the_old_checker_later(files):
+    rewrite(files.config, files.config.read_text() + DNSBL)
+    live = files.start()
+    old = live.snapshot.dnsbl
+    rewrite(files.config, files.config.read_text() + '[[dnsbl.zone]]\nname = "bl2.test"\n')
+    assert live.refresh() is True
+    new = live.snapshot.dnsbl
+    assert new is not old and new.cache is old.cache
+    assert [zone.name for zone in new.zones] == ["bl.test", "bl2.test"]
+    old.start("192.0.2.1").result()      # still usable during the grace period
+    live.stop()
+
+
+def test_reload_with_new_cache_limits_starts_a_new_cache(files):
+    rewrite(files.config, files.config.read_text() + DNSBL)
+    live = files.start()
+    old = live.snapshot.dnsbl
+    rewrite(files.config, files.config.read_text() + "[cache]\nmax_entries = 10\n")
+    assert live.refresh() is True
+    assert live.snapshot.dnsbl.cache is not old.cache
+    live.stop()
+
+
+def test_removing_every_zone_turns_lookups_off(files):
+    rewrite(files.config, files.config.read_text() + DNSBL)
+    live = files.start()
+    files.write_config()
+    assert live.refresh() is True
+    assert live.snapshot.dnsbl is None
+    live.stop()
