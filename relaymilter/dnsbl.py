@@ -39,11 +39,14 @@ DESCRIPTION
     when score >= threshold. The reply names the listing zone with the
     highest positive weight, with its TXT record when it has one.
 
-    TXT. When an A answer looks like a listing (127/8, not an error code),
-    the zone's TXT record is asked in the same lookup with what is left of
-    the lookup's time budget. TXT is decoration: a listing stands without
-    it. It is cleaned to printable ASCII and at most 200 characters, since
-    it goes into an SMTP reply.
+    TXT. When a blocklist's (weight > 0) A answer lists the client, its TXT
+    record is asked at once, as a lookup of its own with its own cache entry
+    (an allowlist's TXT is never shown, so never asked). The verdict does not
+    depend on it: result() waits for TXT only until the same deadline, and a
+    listing stands without it. That costs a listed client one more round
+    trip; a clean client costs no TXT query at all (Postfix does the same).
+    TXT is cleaned to printable ASCII and at most 200 characters, since it
+    goes into an SMTP reply.
 
     Timing. start() asks every enabled zone at once, through the cache
     (cache.py: TTL-clamped, coalesced) and the checker's own thread pool,
@@ -80,6 +83,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import enum
 import functools
 import ipaddress
@@ -111,7 +115,6 @@ MIN_WORKERS = 8
 MAX_WORKERS = 128
 DEFAULT_LOG_INTERVAL = 60.0     # seconds between two logs of one zone's problem
 MAX_TXT_LENGTH = 200            # a reply line is at most 512 octets (RFC 5321)
-MIN_TXT_BUDGET = 0.05           # seconds; less is not worth a TXT query
 
 # The longest reverse name, an IPv6 client's 32 nibbles with their dots,
 # plus the dot before the zone, must still fit a 253-character DNS name.
@@ -262,14 +265,6 @@ PROBLEMS = frozenset({Status.ZONE_ERROR, Status.TIMEOUT, Status.DNS_FAILURE})
 def is_error_code(address: ipaddress.IPv4Address) -> bool:
     """Outside 127.0.0.0/8 or inside 127.255.255.0/24: a zone error."""
     return address not in LOOPBACK_NETWORK or address in ERROR_NETWORK
-
-
-def is_listing_shaped(text: str) -> bool:
-    """An A answer that some zone's codes could call a listing."""
-    try:
-        return not is_error_code(ipaddress.IPv4Address(text))
-    except ValueError:
-        return False
 
 
 def classify(zone: Zone, addresses: Sequence[str]) -> Status:
@@ -424,7 +419,7 @@ def _record_text(rdata: object) -> str:
 
 @dataclass(frozen=True)
 class ZoneLookup:
-    """The DNS side of one zone's answer about one client, as cached.
+    """The DNS side of one zone's A answer about one client, as cached.
 
     It does not depend on the zone's codes, so a reload that changes them
     can keep the cache.
@@ -433,7 +428,14 @@ class ZoneLookup:
     addresses: tuple[str, ...]
     ttl: int
     nxdomain: bool
+
+
+@dataclass(frozen=True)
+class TxtLookup:
+    """A zone's TXT answer about one client, cleaned, as cached."""
+
     txt: str | None
+    ttl: int
 
 
 @dataclass(frozen=True)
@@ -604,6 +606,9 @@ class DnsblChecker:
             fetch = self._cache.fetch((zone.name, str(address)),
                                       functools.partial(self._look_up, query_name(address, zone.name)),
                                       self._executor)
+            if zone.weight > 0 and fetch.source is not FetchSource.CACHE:
+                fetch.future.add_done_callback(
+                    functools.partial(self._txt_when_listed, zone, address))
             lookups.append((zone, fetch))
         return PendingListing(self, address, tuple(lookups), deadline)
 
@@ -612,19 +617,30 @@ class DnsblChecker:
         return self.start(client).result()
 
     def _look_up(self, name: str) -> ZoneLookup:
-        """Runs in the pool: the A query, then TXT for a listing-shaped answer."""
-        started = self._timer()
+        """Runs in the pool: the A query."""
         answer = self._resolver.query(name, "A", self.timeout)
-        txt = None
-        budget = self.timeout - (self._timer() - started)
-        if any(is_listing_shaped(text) for text in answer.records) and budget >= MIN_TXT_BUDGET:
-            try:
-                texts = self._resolver.query(name, "TXT", budget).records
-            except DnsError:
-                texts = ()      # a listing stands without its TXT
-            if texts:
-                txt = clean_txt(" / ".join(dict.fromkeys(texts)))
-        return ZoneLookup(answer.records, answer.ttl, answer.nxdomain, txt)
+        return ZoneLookup(answer.records, answer.ttl, answer.nxdomain)
+
+    def _look_up_txt(self, name: str) -> TxtLookup:
+        """Runs in the pool: the TXT query of a listing."""
+        answer = self._resolver.query(name, "TXT", self.timeout)
+        texts = dict.fromkeys(answer.records)
+        return TxtLookup(clean_txt(" / ".join(texts)) if texts else None, answer.ttl)
+
+    def _fetch_txt(self, zone: Zone, address: IPAddress) -> Fetch:
+        return self._cache.fetch((zone.name, str(address), "TXT"),
+                                 functools.partial(self._look_up_txt, query_name(address, zone.name)),
+                                 self._executor)
+
+    def _txt_when_listed(self, zone: Zone, address: IPAddress, done: concurrent.futures.Future) -> None:
+        """A-answer callback: ask TXT at once when the zone lists the client."""
+        try:
+            if done.cancelled() or done.exception() is not None:
+                return
+            if classify(zone, done.result().addresses) is Status.LISTED:
+                self._fetch_txt(zone, address)
+        except RuntimeError:
+            pass    # the pool is shut down (a reload); result() fetches TXT if still wanted
 
     def _zone_answer(self, zone: Zone, fetch: Fetch | None) -> ZoneAnswer:
         if fetch is None:
@@ -644,7 +660,31 @@ class DnsblChecker:
         found: ZoneLookup = future.result()
         status = classify(zone, found.addresses)
         return ZoneAnswer(zone, status, found.addresses, found.ttl, found.nxdomain,
-                          found.txt if status is Status.LISTED else None, fetch.source)
+                          source=fetch.source)
+
+    def _with_txt(self, address: IPAddress, answers: list[ZoneAnswer],
+                  deadline: float) -> list[ZoneAnswer]:
+        """Add TXT to the blocklists' listings, waiting until the deadline at most."""
+        wanted = {index: answer for index, answer in enumerate(answers)
+                  if answer.status is Status.LISTED and answer.zone.weight > 0}
+        if not wanted:
+            return answers
+        fetches = {}
+        for index, answer in wanted.items():
+            try:
+                fetches[index] = self._fetch_txt(answer.zone, address)
+            except RuntimeError:
+                pass    # the pool is shut down: no TXT
+        remaining = deadline - self._timer()
+        if remaining > 0:
+            concurrent.futures.wait([fetch.future for fetch in fetches.values()],
+                                    timeout=remaining)
+        answers = list(answers)
+        for index, fetch in fetches.items():
+            future = fetch.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                answers[index] = dataclasses.replace(answers[index], txt=future.result().txt)
+        return answers
 
     def _record(self, result: ListingResult) -> None:
         """Count every zone's status; log problems, rate-limited."""
@@ -768,6 +808,7 @@ class PendingListing:
         if futures and remaining > 0:
             concurrent.futures.wait(futures, timeout=remaining)
         answers = [checker._zone_answer(zone, fetch) for zone, fetch in self._lookups]
+        answers = checker._with_txt(self.client, answers, self.deadline)
         result = summarise(self.client, answers, checker.threshold)
         checker._record(result)
         return result

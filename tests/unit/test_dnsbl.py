@@ -53,15 +53,17 @@ class FakeResolver:
     def fail(self, client, zone, error):
         self.answers[(query_name(client, zone), "A")] = error
 
-    def block(self, client, zone):
+    def block(self, client, zone, rdtype=None):
+        """Hold queries for this name (of one type only, when rdtype is given)."""
         gate = threading.Event()
-        self.gates[query_name(client, zone)] = gate
+        name = query_name(client, zone)
+        self.gates[(name, rdtype) if rdtype else name] = gate
         return gate
 
     def query(self, name, rdtype, lifetime=None):
         with self._lock:
             self.calls.append((name, rdtype))
-        gate = self.gates.get(name)
+        gate = self.gates.get(name) or self.gates.get((name, rdtype))
         if gate is not None:
             gate.wait(10)
         answer = self.answers.get((name, rdtype), NXDOMAIN)
@@ -362,6 +364,35 @@ def test_listing_stands_when_txt_fails(make_checker, resolver):
     resolver.answers[(query_name(CLIENT, "bl.test"), "TXT")] = DnsFailure("SERVFAIL")
     result = make_checker().lookup(CLIENT)
     assert result.listed and result.txt is None
+
+
+def test_allowlist_txt_is_never_asked(make_checker, resolver):
+    resolver.set(CLIENT, "bl.test", "127.0.0.2", txt="bl")
+    resolver.set(CLIENT, "wl.test", "127.0.0.2", txt="wl")
+    result = make_checker(zones=[BL, WL]).lookup(CLIENT)
+    assert not result.listed
+    assert resolver.count(query_name(CLIENT, "wl.test"), "TXT") == 0
+
+
+def test_listing_stands_when_txt_is_late_and_the_verdict_keeps_the_deadline(make_checker,
+                                                                          resolver):
+    # The TXT lookup is separate from the A lookup: a TXT answer that misses
+    # the deadline costs the reply its text, never the verdict.
+    resolver.set(CLIENT, "bl.test", "127.0.0.2", txt="late")
+    resolver.block(CLIENT, "bl.test", "TXT")
+    checker = make_checker(timeout=0.3, timer=time.monotonic)
+    started = time.monotonic()
+    result = checker.lookup(CLIENT)
+    assert result.listed and result.txt is None
+    assert time.monotonic() - started < 0.3 + 0.25
+
+
+def test_txt_is_cached_with_the_listing(make_checker, resolver):
+    resolver.set(CLIENT, "bl.test", "127.0.0.2", txt="see web")
+    checker = make_checker()
+    assert checker.lookup(CLIENT).txt == "see web"
+    assert checker.lookup(CLIENT).txt == "see web"
+    assert resolver.count(query_name(CLIENT, "bl.test"), "TXT") == 1
 
 
 def test_v4_mapped_client_is_asked_as_ipv4(make_checker, resolver):
