@@ -6,6 +6,9 @@ NAME
 SYNOPSIS
     relaymilter run [-c FILE] [--syslog] [--debug]
     relaymilter check-config [-c FILE]
+    relaymilter lookup IP [-c FILE] [--health]
+    relaymilter allowlist|relay-client|hold|limit|domain add|remove|list ...
+    relaymilter policy export|import ...        (policycli.py)
     relaymilter --version
 
 DESCRIPTION
@@ -31,6 +34,7 @@ from relaymilter import __version__
 from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.dnsbl import report_lines
 from relaymilter.live import LiveConfig, build_dnsbl, build_snapshot
+from relaymilter.policycli import add_policy_verbs
 from relaymilter.relay import RelayRules, Trust, client_trust, normalise_ip
 
 EX_OK, EX_SOFTWARE_OTHER, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 64, 69, 78
@@ -153,6 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # them with sigwait() in its own thread; a thread that does not block
     # them takes the default action and the process dies mid-conversation.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    live.load_policy()
     live.watch(interval=1.0)
     live.check_health()
     try:
@@ -190,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("address", metavar="IP", help="IPv4 or IPv6 address")
     lookup.add_argument("--health", action="store_true",
                         help="first run the zones' RFC 5782 health checks")
+    add_policy_verbs(verb)
     return parser
 
 

@@ -225,6 +225,15 @@ SCHEMA: tuple[Key, ...] = (
     Key("cache", "max_ttl", int, 3600,
         "Longest time an answer is kept, whatever its TTL says (seconds).",
         minimum=0, maximum=604800),
+    Key("store", "path", str, "/var/lib/relaymilter/policy.sqlite3",
+        "The per-domain policy store (SQLite), created on first use; \"\" = no store.",
+        _optional_path),
+    Key("limits", "window", int, 3600,
+        "Seconds over which an outbound limit (`relaymilter limit`, recipients per hour) "
+        "counts: 3600; other values stretch or shrink that hour.", minimum=1, maximum=86400),
+    Key("limits", "auto_hold_factor", int, 0,
+        "Put a sender on hold when its attempts reach this many times its limit in one "
+        "window; 0 = never.", minimum=0, maximum=1000),
 )
 
 SECTIONS = tuple(dict.fromkeys(key.section for key in SCHEMA))
@@ -271,12 +280,25 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    path: str | None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    window: int
+    auto_hold_factor: int
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     milter: MilterConfig
     relay: RelayConfig
     dnsbl: DnsblConfig
     cache: CacheConfig
+    store: StoreConfig
+    limits: LimitsConfig
     values: dict[str, Any] = field(repr=False, compare=False)  # dotted key -> value
 
     def effective_toml(self) -> str:
@@ -305,7 +327,7 @@ class Config:
 
 
 _SECTION_TYPES = {"milter": MilterConfig, "relay": RelayConfig, "dnsbl": DnsblConfig,
-                  "cache": CacheConfig}
+                  "cache": CacheConfig, "store": StoreConfig, "limits": LimitsConfig}
 
 
 def config_path(cli_path: str | None) -> str:

@@ -20,6 +20,12 @@ DESCRIPTION
     Keys that only take effect at start (milter.socket, milter.timeout) are
     reported when they change, and keep their running values.
 
+    The per-domain policy (store.py) is part of the snapshot too. The same
+    watcher thread owns the store connection (storewatch.py): it polls the
+    store's data_version every interval and swaps in a new snapshot with the
+    new policy, and it writes the automatic holds the milter threads ask
+    for (request_hold), so that one thread owns the connection.
+
     The DNSBL checker (dnsbl.py) is part of the snapshot. A reload that does
     not change [dnsbl] or [cache] keeps the same checker, cache and all; one
     that changes [dnsbl] only keeps the cache (it holds DNS answers, not
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from dataclasses import dataclass, replace
 
@@ -38,7 +45,10 @@ from relaymilter.address import normalise_domain, transitional_variant
 from relaymilter.cache import LookupCache
 from relaymilter.config import Config, ConfigError, load_config
 from relaymilter.dnsbl import DnsblChecker, DnsResolver, HealthMonitor
+from relaymilter.limits import RecipientCounter
 from relaymilter.relay import RelayRules
+from relaymilter.store import EMPTY_POLICY, PolicySnapshot
+from relaymilter.storewatch import StoreWatcher
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,7 @@ class Snapshot:
     relay_rules: RelayRules
     local_domain_count: int
     dnsbl: DnsblChecker | None = None     # None: no zones configured
+    policy: PolicySnapshot = EMPTY_POLICY
 
 
 def read_domains_file(path: str) -> list[str]:
@@ -107,8 +118,10 @@ def build_snapshot(config: Config, previous: Snapshot | None = None) -> Snapshot
                              trusted_networks=config.relay.trusted_networks,
                              own_literals=config.relay.local_address_literals,
                              trust_authenticated=config.relay.trust_authenticated)
+    same_store = previous is not None and previous.config.store == config.store
     return Snapshot(config=config, relay_rules=rules, local_domain_count=len(domains),
-                    dnsbl=build_dnsbl(config, previous))
+                    dnsbl=build_dnsbl(config, previous),
+                    policy=previous.policy if same_store else EMPTY_POLICY)
 
 
 def _warn_idna_variants(domains: list[str]) -> None:
@@ -132,6 +145,11 @@ def _stamp(path: str | None) -> tuple | None:
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
+def _counter(config: Config) -> RecipientCounter:
+    return RecipientCounter(window=config.limits.window,
+                            auto_hold_factor=config.limits.auto_hold_factor)
+
+
 def _watched_paths(config: Config) -> tuple:
     return (config.path, config.relay.local_domains_file)
 
@@ -150,6 +168,9 @@ class LiveConfig:
         self._thread: threading.Thread | None = None
         self._health: HealthMonitor | None = None
         self._checking_health = False
+        self.counter = _counter(snapshot.config)
+        self._holds: queue.SimpleQueue = queue.SimpleQueue()
+        self._store: StoreWatcher | None = None     # the watcher thread's own
 
     @classmethod
     def start(cls, config: Config) -> "LiveConfig":
@@ -182,6 +203,8 @@ class LiveConfig:
         previous, self.snapshot = self.snapshot, snapshot
         if previous.dnsbl is not snapshot.dnsbl:
             self._replace_dnsbl(previous)
+        if previous.config.limits != config.limits:
+            self.counter = _counter(config)
         log.info("configuration reloaded from %s (%d local domains)",
                  config.path, snapshot.local_domain_count)
         return True
@@ -193,16 +216,75 @@ class LiveConfig:
         # Do not retry the same broken files every second; retry on change.
         self._watched, self._stamps = watched, stamps
 
+    def load_policy(self) -> bool:
+        """Read the policy store now, on this thread, with a connection of its own."""
+        path = self.snapshot.config.store.path
+        if path is None:
+            return False
+        watcher = StoreWatcher(path)
+        try:
+            policy = watcher.poll()
+        finally:
+            watcher.close()
+        if policy is None:
+            return False
+        self.snapshot = replace(self.snapshot, policy=policy)
+        return True
+
+    def refresh_policy(self) -> bool:
+        """Follow the store (watcher thread only). Returns True when swapped."""
+        path = self.snapshot.config.store.path
+        if self._store is not None and self._store.path != path:
+            self._store.close()
+            self._store = None
+        if path is None:
+            if self.snapshot.policy is EMPTY_POLICY:
+                return False
+            policy = EMPTY_POLICY
+        else:
+            if self._store is None:
+                self._store = StoreWatcher(path)
+            policy = self._store.poll()
+            if policy is None:
+                return False
+        self.snapshot = replace(self.snapshot, policy=policy)
+        return True
+
+    def request_hold(self, kind: str, value: str, reason: str) -> None:
+        """Ask the watcher thread to write a hold (any thread; never blocks)."""
+        self._holds.put((kind, value, reason))
+
     def watch(self, interval: float = 1.0) -> None:
-        """Start a daemon thread that calls refresh() every interval seconds."""
+        """Start a daemon thread: reloads, store changes and hold writes."""
         def loop() -> None:
-            while not self._stop.wait(interval):
+            while not self._stop.is_set():
                 try:
+                    request = self._holds.get(timeout=interval)
+                except queue.Empty:
+                    request = None
+                if self._stop.is_set():
+                    break
+                try:
+                    if request is not None:
+                        self._write_hold(*request)
                     self.refresh()
+                    self.refresh_policy()
                 except Exception:  # keep watching: a reload bug must not end reloads
                     log.exception("unexpected error while checking for a reload")
+            if self._store is not None:
+                self._store.close()
         self._thread = threading.Thread(target=loop, name="relaymilter-reload", daemon=True)
         self._thread.start()
+
+    def _write_hold(self, kind: str, value: str, reason: str) -> None:
+        path = self.snapshot.config.store.path
+        if path is None:
+            log.warning("%s %s should be put on hold (%s), but there is no [store] path",
+                        kind, value, reason)
+            return
+        if self._store is None:
+            self._store = StoreWatcher(path)
+        self._store.put_on_hold(kind, value, reason)
 
     def check_health(self) -> None:
         """Start the DNSBL health checks (a thread) for this and later checkers."""
@@ -211,6 +293,7 @@ class LiveConfig:
 
     def stop(self) -> None:
         self._stop.set()
+        self._holds.put(None)       # wakes the watcher
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         if self._health is not None:

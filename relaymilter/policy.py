@@ -13,10 +13,23 @@ DESCRIPTION
     policy of their own. Replies use Postfix's wording so that log parsers
     and fail2ban filters written for Postfix keep working.
 
-    Order at RCPT: recipient syntax -> relay verdict (DESIGN section 2) ->
-    trusted and authenticated clients permitted -> postmaster of a local
-    domain permitted -> DNSBL verdict. A relay attempt is refused as such,
-    without waiting for DNS; a trusted client's lookups were never started.
+    Order at RCPT (docs/guide.md, "Decision order"):
+
+    1. recipient syntax                          501 5.1.3
+    2. a recipient in our own domains (the relay verdict for an untrusted
+       client, DESIGN section 2) is inbound mail: postmaster -> permit;
+       per-domain allowlist or DNSBL opt-out -> permit; DNSBL verdict with
+       the domain's threshold, else the global one -> 554 5.7.1 or permit.
+       Trusted, authenticated and relay clients skip the DNSBL.
+    3. any other recipient is relaying: a hold on the client or user ->
+       550 5.7.1; no permission (trusted networks, a relay client entry,
+       SMTP AUTH) -> 554 5.7.1 Relay access denied; a relay client's sender
+       domains, a SASL user's owned domains -> 554 / 553 5.7.1; the
+       outbound limit -> 450 4.7.1.
+
+    A relay attempt is refused as such, without waiting for DNS; a trusted
+    client's lookups were never started. An allowlist entry never opens
+    relaying: it is read for inbound mail only.
 
     The DNSBL verdict is read only when it matters (listing.result() waits
     until the lookups' deadline at most): the facts carry the pending lookup,
@@ -30,10 +43,13 @@ from dataclasses import dataclass, replace
 
 from typing import Protocol
 
-from relaymilter.address import AddressSyntaxError, IPAddress, parse_recipient
-from relaymilter.dnsbl import ListingResult
+from relaymilter.address import (AddressSyntaxError, IPAddress, Recipient, parse_recipient,
+                                 resolved_domain)
+from relaymilter.dnsbl import ListingResult, summarise
+from relaymilter.limits import RecipientCounter
 from relaymilter.live import Snapshot
 from relaymilter.relay import Trust, client_trust, relay_verdict
+from relaymilter.store import Hold
 
 
 class Action(enum.Enum):
@@ -52,6 +68,7 @@ class Decision:
     dsn: str | None = None
     text: str | None = None
     dry_run: bool = False   # the decision was a reject/defer, answered as permit
+    hold_request: tuple[str, str] | None = None   # (kind, value) to put on hold
 
     @property
     def reply(self) -> str:
@@ -106,6 +123,22 @@ def bad_recipient_syntax(reason: str) -> Decision:
     return Decision(Action.REJECT, reason, 501, "5.1.3", "Bad recipient address syntax")
 
 
+def relaying_suspended(hold: Hold) -> Decision:
+    return Decision(Action.REJECT, f"hold-{hold.kind}", 550, "5.7.1",
+                    "Relaying suspended for this sender")
+
+
+def sender_not_owned(sender: str) -> Decision:
+    shown = printable(sender.strip().strip("<>"))
+    return Decision(Action.REJECT, "sender-not-owned", 553, "5.7.1",
+                    f"<{shown}>: Sender address rejected: not owned by user")
+
+
+def rate_limited() -> Decision:
+    return Decision(Action.DEFER, "rate-limit", 450, "4.7.1",
+                    "Sending rate limit exceeded, try again later")
+
+
 def client_listed(result: ListingResult) -> Decision:
     text = (f"Service unavailable; Client host [{result.client}] blocked using "
             f"{printable(result.reply_zone or 'a DNS blocklist')}")
@@ -122,20 +155,85 @@ def internal_fault(on_error: str) -> Decision:
                     "Temporary policy failure, try again later")
 
 
-def decide_recipient(facts: RecipientFacts, snapshot: Snapshot) -> Decision:
-    """The decision for one recipient."""
+def decide_recipient(facts: RecipientFacts, snapshot: Snapshot,
+                     counter: RecipientCounter | None = None) -> Decision:
+    """The decision for one recipient, in the order of the module docstring."""
     try:
         recipient = parse_recipient(facts.recipient)
     except AddressSyntaxError:
         return bad_recipient_syntax("bad-syntax")
-    rules = snapshot.relay_rules
-    trust = client_trust(facts.client.address, facts.client.auth_user, rules)
-    verdict = relay_verdict(recipient, trust, facts.resolved_recipient, rules)
-    if not verdict.allowed:
-        return relay_denied(recipient.path, verdict.reason)
-    if trust is not Trust.UNTRUSTED or recipient.is_postmaster or facts.listing is None:
-        return permit(verdict.reason)
-    return decide_listing(facts.listing.result(), verdict.reason)
+    rules, store = snapshot.relay_rules, snapshot.policy
+    client = facts.client
+    local = relay_verdict(recipient, Trust.UNTRUSTED, facts.resolved_recipient, rules)
+    trust = client_trust(client.address, client.auth_user, rules)
+    relay_client = None
+    if trust is Trust.UNTRUSTED:
+        relay_client = store.relay_client(client.address)
+        if relay_client is not None:
+            trust = Trust.RELAY_CLIENT
+    if local.allowed:
+        return _inbound(facts, recipient, trust, local.reason, snapshot)
+    # The recipient is not ours: relaying.
+    hold = store.held(client.address, client.auth_user)
+    if hold is not None:
+        return relaying_suspended(hold)
+    if trust is Trust.UNTRUSTED:
+        return relay_denied(recipient.path, local.reason)
+    sender_domain = _sender_domain(facts.sender)
+    if trust is Trust.RELAY_CLIENT and relay_client.sender_domains \
+            and sender_domain not in relay_client.sender_domains:
+        return relay_denied(recipient.path, "relay-client-sender")
+    if trust is Trust.AUTHENTICATED:
+        owned = store.owned_domains(client.auth_user)
+        if owned is not None and sender_domain not in owned:
+            return sender_not_owned(facts.sender)
+    return _outbound(facts, trust, snapshot, counter)
+
+
+def _inbound(facts: RecipientFacts, recipient: Recipient, trust: Trust, reason: str,
+             snapshot: Snapshot) -> Decision:
+    """Mail for our own domains: postmaster, allowlists, opt-outs, then DNSBL."""
+    if trust is not Trust.UNTRUSTED:
+        return permit(trust.value)      # our own users and networks: no DNSBL
+    if recipient.is_postmaster or facts.listing is None:
+        return permit(reason)
+    store = snapshot.policy
+    if store.allowlisted(facts.client.address, recipient.domain):
+        return permit("allowlisted")
+    domain = store.domain_dnsbl(recipient.domain)
+    if domain is not None and not domain.enabled:
+        return permit("dnsbl-opt-out")
+    result = facts.listing.result()
+    if domain is not None and domain.threshold is not None:
+        result = summarise(result.client, result.answers, domain.threshold)
+    return decide_listing(result, reason)
+
+
+def _outbound(facts: RecipientFacts, trust: Trust, snapshot: Snapshot,
+              counter: RecipientCounter | None) -> Decision:
+    """Relaying by a trusted sender: the outbound limit of the user or client."""
+    client = facts.client
+    if trust is Trust.AUTHENTICATED:
+        kind, value = "user", client.auth_user
+    else:
+        kind, value = "client", str(client.address)
+    limit = snapshot.policy.limit(kind, value)
+    if limit is None or counter is None:
+        return permit(trust.value)
+    charge = counter.charge((kind, value), limit)
+    hold = (kind, value) if charge.hold_due else None
+    if not charge.allowed:
+        return replace(rate_limited(), hold_request=hold)
+    return replace(permit(trust.value), hold_request=hold)
+
+
+def _sender_domain(sender: str) -> str | None:
+    """The normalised domain of MAIL FROM; None for <> or an unreadable one."""
+    try:
+        domain, _ = resolved_domain(sender)
+    except ValueError:
+        return None
+    return domain
 
 
 def decide_listing(result: ListingResult, permit_reason: str = "not-listed") -> Decision:

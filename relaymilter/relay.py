@@ -46,6 +46,7 @@ class Trust(enum.Enum):
     UNTRUSTED = "untrusted"
     TRUSTED_NETWORK = "trusted-network"
     AUTHENTICATED = "authenticated"
+    RELAY_CLIENT = "relay-client"       # a per-domain policy entry (store.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,12 +153,21 @@ def test_reject_stage_rcpt_keeps_connect_without_a_reply(install):
     live.stop()
 
 
-def test_headers_body_data_and_unknown_are_negotiated_away(install):
+def test_headers_body_and_unknown_are_negotiated_away(install):
     ctx = install(make_live())
     open_session(ctx)
-    for bit in (Milter.P_NOHDRS, Milter.P_NOEOH, Milter.P_NOBODY, Milter.P_NODATA,
-                Milter.P_NOUNKNOWN):
+    for bit in (Milter.P_NOHDRS, Milter.P_NOEOH, Milter.P_NOBODY, Milter.P_NOUNKNOWN):
         assert ctx._protocol & bit, hex(bit)
+
+
+def test_data_waits_for_a_reply_and_accepts_the_message(install):
+    # ACCEPT at DATA: the MTA skips end of message for this milter.
+    ctx = install(make_live())
+    open_session(ctx)
+    assert not ctx._protocol & (Milter.P_NODATA | Milter.P_NR_DATA)
+    mail(ctx)
+    assert rcpt(ctx, "<user@local.test>") == Milter.CONTINUE
+    assert ctx._data() == Milter.ACCEPT
 
 
 def test_rcpt_is_called_and_waits_for_a_reply(install):

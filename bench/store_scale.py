@@ -1,0 +1,368 @@
+"""store_scale - the policy store at hosting-provider scale.
+
+NAME
+    store_scale - import time, snapshot load time, memory and lookup cost of a big store
+
+SYNOPSIS
+    .venv/bin/python bench/store_scale.py [--quick] [--domains N] [--networks N]
+                                          [--probes N] [--repeat N] [--keep PATH]
+
+DESCRIPTION
+    Builds a policy store (relaymilter/store.py) in a temporary directory:
+    --domains hosted domains (default 100,000; 10,000 with --quick), each a
+    domain entry (1 in 10 with DNSBL off, 1 in 10 with a threshold of its
+    own) owned by a SASL user (one user per 10 domains), and --networks
+    allowlist networks (default 1,000,000; 100,000 with --quick), 95 %
+    scoped to one hosted domain, 5 % global, anywhere in 1.0.0.0 -
+    223.255.255.255 and 2000::/3, in this mix of prefix lengths:
+        IPv4 80 %: /32 45, /31 2, /30 2, /29 3, /28 4, /27 2, /26 2, /25 1,
+                   /24 15, /23 1, /22 1, /20 1, /16 1;
+        IPv6 20 %: /128 8, /64 7, /56 1, /48 3, /32 1.
+    Spread out like this, the networks cover as many address blocks as
+    they can, so netindex.py's bitmaps spare fewer lookups than with real
+    allowlists, which cluster in providers' ranges: lookups cost what they
+    would, or more. Around them, the small tables a provider
+    has: 1,000 relay clients (a third restricted to sender domains), 1,000
+    client and 1,000 user holds, a default limit per kind, 1,000 user and
+    100 client overrides. Everything is random with a fixed seed: two runs
+    build the same store. Nothing is sent anywhere.
+
+    1. Import. The whole document goes in through PolicyStore.import_policy
+       (validation of every row, then one transaction): time, database size.
+    2. Load. A fresh Python process (so that the builder's memory does not
+       count) opens the store and calls load_snapshot(): wall time, then
+       resident memory (VmRSS from /proc/self/status) before and after,
+       and the peak (VmHWM). A second load, the old snapshot still held as
+       during a reload: time and RSS. A third under tracemalloc gives the
+       bytes a snapshot keeps and the peak of Python allocations during a
+       load. data_version(), the reload watcher's test, is timed too.
+    3. Lookups. The same process times the snapshot calls a decision makes,
+       on the big snapshot and on EMPTY_POLICY, with two sets of --probes
+       (client address, recipient domain, SASL user) triples: unlisted
+       clients, random addresses from the same ranges (80 % IPv4, 20 %
+       IPv6; almost none in an entry), as most clients are; and listed
+       ones, each in an allowlist entry for that domain or a global one.
+       Addresses are ipaddress objects, as the milter has them. Best of
+       --repeat runs of each.
+         allowlisted    allowlisted(client, domain)
+         held           held(client, user)
+         relay_client   relay_client(client)
+         inbound        what a recipient in a hosted domain from an untrusted
+                        client asks (policy.py): relay_client, allowlisted,
+                        domain_dnsbl
+         outbound       what a relayed recipient asks: relay_client, held,
+                        owned_domains, limit
+       To put the store's share in proportion, "relay path" times what a
+       decision did before the store existed, for the same probes:
+       address.parse_recipient, relay.client_trust and relay.relay_verdict
+       against 1,000 local domains. The per-decision figures are
+       (relay path + store calls) on the big store over the same on the
+       empty one. A decision through the milter costs more than the relay
+       path (pymilter, libmilter, the MTA), so these overstate the share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import ipaddress
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from relaymilter.address import parse_recipient  # noqa: E402
+from relaymilter.relay import RelayRules, client_trust, relay_verdict  # noqa: E402
+from relaymilter.store import EMPTY_POLICY, FORMAT, PolicyStore  # noqa: E402
+
+SEED = 4
+# (percent of the networks, version, prefix length)
+NETWORK_MIX = [
+    (45, 4, 32), (2, 4, 31), (2, 4, 30), (3, 4, 29), (4, 4, 28), (2, 4, 27), (2, 4, 26),
+    (1, 4, 25), (15, 4, 24), (1, 4, 23), (1, 4, 22), (1, 4, 20), (1, 4, 16),
+    (8, 6, 128), (7, 6, 64), (1, 6, 56), (3, 6, 48), (1, 6, 32),
+]
+# Where addresses are drawn from: (first, last + 1) as ints.
+SPACE = {4: (int(ipaddress.IPv4Address("1.0.0.0")), int(ipaddress.IPv4Address("224.0.0.0"))),
+         6: (int(ipaddress.IPv6Address("2000::")), int(ipaddress.IPv6Address("4000::")))}
+GLOBAL_SHARE = 0.05
+
+
+def hosted_domain(number: int) -> str:
+    return f"d{number}.hosting.example"
+
+
+def owner_of(number: int) -> str:
+    return f"user{number // 10}"
+
+
+def make_document(domains: int, networks: int) -> tuple[dict, list[tuple[str, int, str]]]:
+    """The store's content, and (address text, prefix length, domain) per network."""
+    rng = random.Random(SEED)
+    stamp = {"created": 1700000000.0, "added_by": "bench"}
+    document: dict = {"format": FORMAT, "version": 1}
+    document["domains"] = [
+        {"domain": hosted_domain(n), "dnsbl": "off" if n % 10 == 3 else "on",
+         "threshold": 2 if n % 10 == 5 else None, "owners": [owner_of(n)], **stamp}
+        for n in range(domains)]
+    allowlist, placed, seen = [], [], set()
+    for number, (percent, version, prefixlen) in enumerate(NETWORK_MIX):
+        wanted = networks * percent // 100 if number < len(NETWORK_MIX) - 1 else \
+            networks - len(allowlist)
+        host_bits = (32 if version == 4 else 128) - prefixlen
+        first, end = (value >> host_bits for value in SPACE[version])
+        made = 0
+        while made < wanted:
+            index = rng.randrange(first, end)
+            domain_number = -1 if rng.random() < GLOBAL_SHARE else rng.randrange(domains)
+            key = (version, prefixlen, index, domain_number)
+            if key in seen:
+                continue
+            seen.add(key)
+            address = ipaddress.ip_address(index << host_bits)
+            domain = "" if domain_number < 0 else hosted_domain(domain_number)
+            allowlist.append({"network": f"{address}/{prefixlen}", "domain": domain, **stamp})
+            placed.append((str(address), prefixlen, domain))
+            made += 1
+    del seen
+    document["allowlist"] = allowlist
+    document["relay_clients"] = [
+        {"network": f"198.18.{n // 16}.{(n % 16) * 16}/28",
+         "sender_domains": [hosted_domain(n)] if n % 3 == 0 else [], **stamp}
+        for n in range(1000)]
+    document["holds"] = (
+        [{"kind": "client", "value": f"198.19.{n // 256}.{n % 256}", "reason": "bench",
+          **stamp} for n in range(1000)]
+        + [{"kind": "user", "value": f"held{n}", "reason": "bench", **stamp}
+           for n in range(1000)])
+    document["limits"] = (
+        [{"kind": "user", "value": "", "per_hour": 500, **stamp},
+         {"kind": "client", "value": "", "per_hour": 5000, **stamp}]
+        + [{"kind": "user", "value": owner_of(n * 10), "per_hour": 1000 + n, **stamp}
+           for n in range(1000)]
+        + [{"kind": "client", "value": f"198.18.{n // 16}.{(n % 16) * 16}/28",
+            "per_hour": 100 + n, **stamp} for n in range(100)])
+    return document, placed
+
+
+def make_probes(placed: list[tuple[str, int, str]], domains: int, count: int, listed: bool
+                ) -> list[tuple[object, str, str]]:
+    """(client, recipient domain, SASL user): allowlisted for that domain, or
+    a random address (almost never in an entry)."""
+    rng = random.Random(SEED + 1 + listed)    # not the document's sequence
+    probes = []
+    for _ in range(count):
+        domain_number = rng.randrange(domains)
+        domain = hosted_domain(domain_number)
+        if listed:
+            text, prefixlen, scoped = rng.choice(placed)
+            network = ipaddress.ip_network(f"{text}/{prefixlen}")
+            host = rng.randrange(network.num_addresses)
+            client = network.network_address + host
+            domain = scoped or domain
+        else:
+            client = ipaddress.ip_address(rng.randrange(*SPACE[4 if rng.random() < 0.8 else 6]))
+        probes.append((client, domain, owner_of(domain_number)))
+    return probes
+
+
+# ------------------------------------------------------------------ timing ---
+
+def best_time(run, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def store_calls(policy, probes):
+    def allowlisted():
+        for client, domain, _ in probes:
+            policy.allowlisted(client, domain)
+
+    def held():
+        for client, _, user in probes:
+            policy.held(client, user)
+
+    def relay_client():
+        for client, _, _ in probes:
+            policy.relay_client(client)
+
+    def inbound():
+        for client, domain, _ in probes:
+            policy.relay_client(client)
+            policy.allowlisted(client, domain)
+            policy.domain_dnsbl(domain)
+
+    def outbound():
+        for client, _, user in probes:
+            policy.relay_client(client)
+            policy.held(client, user)
+            policy.owned_domains(user)
+            policy.limit("user", user)
+
+    return {"allowlisted": allowlisted, "held": held, "relay_client": relay_client,
+            "inbound": inbound, "outbound": outbound}
+
+
+# (call, probes) timed, in the order shown
+TIMED = [("allowlisted", "unlisted"), ("allowlisted", "listed"), ("held", "unlisted"),
+         ("relay_client", "unlisted"), ("inbound", "unlisted"), ("inbound", "listed"),
+         ("outbound", "unlisted")]
+
+
+def relay_path(probes, domains: int):
+    rules = RelayRules.build(local_domains=[hosted_domain(n) for n in range(min(domains, 1000))],
+                             trusted_networks=["127.0.0.0/8", "::1/128"])
+    recipients = [f"<someone@{domain}>" for _, domain, _ in probes]
+
+    def run():
+        for (client, _, _), recipient in zip(probes, recipients):
+            trust = client_trust(client, None, rules)
+            relay_verdict(parse_recipient(recipient), trust, None, rules)
+
+    return run
+
+
+def proc_status(field: str) -> int:
+    """A /proc/self/status figure in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def measure(path: str, domains: int, probe_count: int, repeat: int) -> dict:
+    """Runs in a fresh process: load, memory, lookups. Returns the figures."""
+    gc.collect()
+    results: dict = {"rss_before": proc_status("VmRSS")}
+    with PolicyStore(path, create=False) as store:
+        started = time.perf_counter()
+        policy = store.load_snapshot()
+        results["load_seconds"] = time.perf_counter() - started
+        results["rss_after"] = proc_status("VmRSS")
+        results["rss_peak"] = proc_status("VmHWM")
+        results["counts"] = policy.counts
+        version_calls = 10000
+        started = time.perf_counter()
+        for _ in range(version_calls):
+            store.data_version()
+        results["data_version_us"] = (time.perf_counter() - started) / version_calls * 1e6
+        # A reload builds the new snapshot while the old one is in force.
+        started = time.perf_counter()
+        second = store.load_snapshot()
+        results["reload_seconds"] = time.perf_counter() - started
+        results["rss_two"] = proc_status("VmRSS")
+        del second
+        gc.collect()
+        tracemalloc.start()
+        third = store.load_snapshot()
+        gc.collect()
+        results["traced_kept"], results["traced_peak"] = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        del third
+        placed = [(row["network"].split("/")[0], int(row["network"].split("/")[1]),
+                   row["domain"]) for row in store.list_allowlist()[::97]]
+    gc.collect()
+    probes = {kind: make_probes(placed, domains, probe_count, kind == "listed")
+              for kind in ("unlisted", "listed")}
+    timings = {}
+    for label, snapshot in (("big", policy), ("empty", EMPTY_POLICY)):
+        for call, kind in TIMED:
+            run = store_calls(snapshot, probes[kind])[call]
+            timings[f"{call}/{kind}/{label}"] = best_time(run, repeat) / probe_count
+    timings["relay_path"] = best_time(relay_path(probes["unlisted"], domains),
+                                      repeat) / probe_count
+    results["per_call_seconds"] = timings
+    results["hits"] = {kind: sum(policy.allowlisted(client, domain)
+                                 for client, domain, _ in probes[kind]) for kind in probes}
+    results["probes"] = probe_count
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("--quick", action="store_true", help="a tenth of the size")
+    parser.add_argument("--domains", type=int)
+    parser.add_argument("--networks", type=int)
+    parser.add_argument("--probes", type=int, default=20000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--keep", metavar="PATH", help="build the store at PATH and keep it")
+    parser.add_argument("--measure", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    domains = args.domains or (10000 if args.quick else 100000)
+    networks = args.networks or (100000 if args.quick else 1000000)
+    if args.measure:
+        json.dump(measure(args.measure, domains, args.probes, args.repeat), sys.stdout)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="store_scale.") as directory:
+        path = args.keep or os.path.join(directory, "policy.sqlite3")
+        print(f"store_scale: {domains:,} hosted domains, {networks:,} allowlist networks")
+        started = time.perf_counter()
+        document, _ = make_document(domains, networks)
+        print(f"  document made in {time.perf_counter() - started:.1f} s")
+        with PolicyStore(path) as store:
+            started = time.perf_counter()
+            counts = store.import_policy(document, replace=True)
+            elapsed = time.perf_counter() - started
+        rows = sum(counts.values())
+        del document
+        size = sum(os.path.getsize(path + suffix) for suffix in ("", "-wal")
+                   if os.path.exists(path + suffix))
+        print(f"1. import: {rows:,} entries in {elapsed:.1f} s ({rows / elapsed:,.0f}/s), "
+              f"one transaction; database {size / 2**20:.0f} MiB")
+        print("   " + ", ".join(f"{count:,} {kind}" for kind, count in counts.items()))
+        output = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--measure", path,
+             "--domains", str(domains), "--probes", str(args.probes),
+             "--repeat", str(args.repeat)],
+            check=True, capture_output=True, text=True).stdout
+        report(json.loads(output))
+        if args.keep:
+            print(f"store kept: {path}")
+
+
+def report(results: dict) -> None:
+    mib = 2**20
+    print(f"2. load_snapshot(): {results['load_seconds']:.2f} s, again "
+          f"{results['reload_seconds']:.2f} s; data_version(): "
+          f"{results['data_version_us']:.1f} us")
+    print(f"   RSS {results['rss_before'] / mib:.0f} MiB before, "
+          f"{results['rss_after'] / mib:.0f} MiB after "
+          f"(+{(results['rss_after'] - results['rss_before']) / mib:.0f} MiB), "
+          f"peak {results['rss_peak'] / mib:.0f} MiB; "
+          f"{results['rss_two'] / mib:.0f} MiB while a reload holds two snapshots")
+    print(f"   tracemalloc: the snapshot keeps {results['traced_kept'] / mib:.1f} MiB; "
+          f"a load peaks at {results['traced_peak'] / mib:.1f} MiB")
+    timings = results["per_call_seconds"]
+    hits = results["hits"]
+    print(f"3. lookups: {results['probes']:,} unlisted clients ({hits['unlisted']:,} "
+          f"allowlisted after all) and {results['probes']:,} listed ones "
+          f"({hits['listed']:,} allowlisted); best per call:")
+    print(f"   {'call':<26}{'big store':>12}{'empty store':>14}{'big/empty':>11}")
+    for call, kind in TIMED:
+        big, empty = timings[f"{call}/{kind}/big"], timings[f"{call}/{kind}/empty"]
+        print(f"   {call + ', ' + kind:<26}{big * 1e6:>9.2f} us{empty * 1e6:>11.2f} us"
+              f"{big / empty:>10.1f}x   ({1 / big:,.0f}/s)")
+    path = timings["relay_path"]
+    print(f"   relay path (parse_recipient, client_trust, relay_verdict): {path * 1e6:.2f} us")
+    for call, kind in TIMED[-3:]:
+        big = path + timings[f"{call}/{kind}/big"]
+        empty = path + timings[f"{call}/{kind}/empty"]
+        print(f"   per {call} decision, {kind} client: relay path + store calls "
+              f"{big * 1e6:.2f} us big, {empty * 1e6:.2f} us empty: "
+              f"{(big / empty - 1) * 100:+.1f} %")
+
+
+if __name__ == "__main__":
+    main()

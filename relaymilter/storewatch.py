@@ -1,0 +1,100 @@
+"""storewatch - follows the policy store for the running milter.
+
+NAME
+    storewatch - change detection and automatic holds for the policy store
+
+SYNOPSIS
+    watcher = StoreWatcher("/var/lib/relaymilter/policy.sqlite3")
+    policy = watcher.poll()          # a new PolicySnapshot, or None: unchanged
+    watcher.put_on_hold("user", "alice", "sent 3 times its limit")
+    watcher.close()
+
+DESCRIPTION
+    Owned by one thread (the reload watcher in live.py): SQLite connections
+    are never shared between threads. poll() is cheap when nothing changed:
+    one `PRAGMA data_version`, which moves when another connection (the
+    CLI, an import, this process's hold writer) commits. When it moved, the
+    whole store is read into a new immutable PolicySnapshot.
+
+    A store that cannot be opened or read (missing directory, permissions,
+    a corrupt file, a schema newer than this program) keeps the last
+    snapshot in force: poll() returns None and logs the reason once per
+    distinct error, and the next poll tries again from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+
+from relaymilter.store import PolicySnapshot, PolicyStore, StoreError
+
+log = logging.getLogger(__name__)
+
+AUTO_HOLD_ACTOR = "relaymilter"
+
+
+class StoreWatcher:
+    """See the module docstring. Not thread-safe by design: one owner thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._store: PolicyStore | None = None
+        self._version: int | None = None
+        self._last_error: str | None = None
+
+    def poll(self) -> PolicySnapshot | None:
+        """The store's content if it changed since the last poll, else None."""
+        try:
+            if self._store is None:
+                self._store = PolicyStore(self.path)
+                self._version = None
+            version = self._store.data_version()
+            if version == self._version:
+                return None
+            started = time.monotonic()
+            policy = self._store.load_snapshot()
+            self._version = version
+        except (sqlite3.Error, StoreError, OSError) as error:
+            self._failed(error)
+            return None
+        if self._last_error is not None:
+            log.warning("policy store %s is readable again", self.path)
+            self._last_error = None
+        log.info("policy store %s loaded in %.3fs: %s", self.path, time.monotonic() - started,
+                 ", ".join(f"{count} {kind}" for kind, count in policy.counts.items()))
+        return policy
+
+    def put_on_hold(self, kind: str, value: str, reason: str) -> None:
+        """Write an automatic hold; the next poll() brings it into force."""
+        try:
+            if self._store is None:
+                self._store = PolicyStore(self.path)
+            self._store.add_hold(kind, value, reason=reason, added_by=AUTO_HOLD_ACTOR)
+            # data_version does not move for this connection's own commits.
+            self._version = None
+        except (sqlite3.Error, StoreError, OSError) as error:
+            log.error("could not put %s %s on hold in %s: %s", kind, value, self.path, error)
+            self._drop()
+            return
+        log.warning("%s %s put on hold: %s", kind, value, reason)
+
+    def close(self) -> None:
+        self._drop()
+
+    def _failed(self, error: Exception) -> None:
+        text = f"{type(error).__name__}: {error}"
+        if text != self._last_error:
+            log.error("policy store %s unreadable, keeping the policy in force: %s",
+                      self.path, text)
+            self._last_error = text
+        self._drop()
+
+    def _drop(self) -> None:
+        store, self._store, self._version = self._store, None, None
+        if store is not None:
+            try:
+                store.close()
+            except sqlite3.Error:
+                pass
