@@ -244,8 +244,11 @@ class Configuration:
         return [line for line in lines if containing in line]
 
 
-def milter_processes(directory: Path) -> dict[tuple[str, str], MilterProcess]:
-    """Start baseline and relaymilter on a unix socket and on TCP."""
+def milter_processes(directory: Path, dnsbl: str = "") -> dict[tuple[str, str], MilterProcess]:
+    """Start baseline and relaymilter on a unix socket and on TCP.
+
+    dnsbl: TOML for relaymilter's [dnsbl] section, "" for none.
+    """
     milters = {}
     for transport in ("unix", "inet"):
         for name in ("baseline", "relaymilter"):
@@ -263,7 +266,9 @@ def milter_processes(directory: Path) -> dict[tuple[str, str], MilterProcess]:
                     "[relay]\n"
                     'local_domains = ["local.test"]\n'
                     '# not 127.0.0.1, where smtp-source connects from\n'
-                    'trusted_networks = ["192.0.2.0/24"]\n')
+                    'trusted_networks = ["192.0.2.0/24"]\n'
+                    "[store]\n"
+                    f'path = "{directory}/policy-{transport}.sqlite3"\n' + dnsbl)
                 command = [sys.executable, "-m", "relaymilter", "run", "-c", str(config)]
             milters[transport, name] = MilterProcess(f"{name}-{transport}", command, where,
                                                      directory)
@@ -275,6 +280,25 @@ def milter_processes(directory: Path) -> dict[tuple[str, str], MilterProcess]:
             milter.stop()
         raise
     return milters
+
+
+def start_dnsbl_zones():
+    """rbldnsd with two zones (a blocklist and an allowlist); returns it and [dnsbl] TOML.
+
+    smtp-source connects from 127.0.0.1, which RFC 5782 says no list lists:
+    every message costs a lookup in both zones, answered NXDOMAIN, cached
+    for the hour the zones' TTL says (the warm-up run fills the cache).
+    """
+    from rbldnsd import Rbldnsd, RbldnsdZone
+    server = Rbldnsd([RbldnsdZone("bl.bench", "ip4set", [":127.0.0.2:Listed", "127.0.0.2"]),
+                      RbldnsdZone("wl.bench", "ip4set", [":127.0.10.2:", "127.0.0.2"])],
+                     ttl=3600)
+    server.start()
+    toml = ("[dnsbl]\n"
+            f'nameservers = ["{server.nameserver}"]\n'
+            '[[dnsbl.zone]]\nname = "bl.bench"\nweight = 1\n'
+            '[[dnsbl.zone]]\nname = "wl.bench"\nweight = -2\n')
+    return server, toml
 
 
 def postfix_version() -> str:
@@ -302,8 +326,12 @@ def run(args: argparse.Namespace) -> None:
     directory.chmod(0o755)  # smtpd, as the postfix user, must reach the unix sockets
     milters: dict[tuple[str, str], MilterProcess] = {}
     configurations: list[Configuration] = []
+    lists = None
     try:
-        milters = milter_processes(directory)
+        dnsbl = ""
+        if args.dnsbl:
+            lists, dnsbl = start_dnsbl_zones()
+        milters = milter_processes(directory, dnsbl)
 
         def add(label: str, name: str, transport: str, milter: MilterProcess | None) -> None:
             postfix = PostfixInstance(milter.postfix_socket if milter else None,
@@ -319,6 +347,8 @@ def run(args: argparse.Namespace) -> None:
             add("c", "relaymilter", transport, milters[transport, "relaymilter"])
 
         print(f"relaymilter at {relaymilter_revision()}, Postfix {postfix_version()}")
+        if args.dnsbl:
+            print("relaymilter with 2 DNSBL zones (bl.bench, wl.bench) on rbldnsd, TTL 1 h")
         print(f"smtp-source -s {args.sessions}, one message per connection, "
               f"{args.messages} messages per run, {args.rounds} rounds")
         for configuration in configurations:
@@ -342,7 +372,7 @@ def run(args: argparse.Namespace) -> None:
                       "warnings, first ones:\n" + "\n".join(configuration.warnings[:5]))
         for milter in milters.values():
             chatter = [line for line in milter.log().splitlines()
-                       if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+                       if ": warning: " in line or ": error: " in line or "Traceback" in line]
             if chatter:
                 print(f"\n{milter.name} logged:\n" + "\n".join(chatter[:10]))
     finally:
@@ -350,6 +380,8 @@ def run(args: argparse.Namespace) -> None:
             configuration.postfix.stop()
         for milter in milters.values():
             milter.stop()
+        if lists is not None:
+            lists.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -397,6 +429,8 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=20,
                         help="parallel SMTP sessions (default 20)")
     parser.add_argument("--quick", action="store_true", help="a short run")
+    parser.add_argument("--dnsbl", action="store_true",
+                        help="relaymilter with two DNSBL zones on rbldnsd, cache warm")
     args = parser.parse_args()
     if args.messages is None:
         args.messages = 300 if args.quick else 2000

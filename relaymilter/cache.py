@@ -115,7 +115,7 @@ class LookupCache:
         with self._lock:
             if key in self._entries:    # `in` checks expiry; [] would not
                 self._hits += 1
-                return Fetch(_completed(self._entries[key]), FetchSource.CACHE)
+                return Fetch(self._entries[key], FetchSource.CACHE)
             running = self._in_flight.get(key)
             if running is not None:
                 self._coalesced += 1
@@ -145,13 +145,9 @@ class LookupCache:
                 del self._in_flight[key]
             if future.cancelled() or future.exception() is not None:
                 return
-            self._entries[key] = future.result()
+            # The completed future itself is kept: every hit hands out the
+            # same one instead of building a new future per hit.
+            self._entries[key] = future
 
-    def _expiry(self, key: Hashable, value: Value, now: float) -> float:
-        return now + self.clamp_ttl(value.ttl)
-
-
-def _completed(value: object) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
+    def _expiry(self, key: Hashable, future: Future, now: float) -> float:
+        return now + self.clamp_ttl(future.result().ttl)

@@ -599,12 +599,15 @@ class DnsblChecker:
         deadline = self._timer() + self.timeout
         disabled = self._disabled     # one read: a health round may swap it
         lookups: list[tuple[Zone, Fetch | None]] = []
+        client_key = str(address)
         for zone in self.zones:
             if zone.name in disabled:
                 lookups.append((zone, None))
                 continue
-            fetch = self._cache.fetch((zone.name, str(address)),
-                                      functools.partial(self._look_up, query_name(address, zone.name)),
+            # The query name is built only for a lookup that runs: a cache hit,
+            # most connections, never needs it.
+            fetch = self._cache.fetch((zone.name, client_key),
+                                      functools.partial(self._look_up_zone, address, zone.name),
                                       self._executor)
             if zone.weight > 0 and fetch.source is not FetchSource.CACHE:
                 fetch.future.add_done_callback(
@@ -615,6 +618,9 @@ class DnsblChecker:
     def lookup(self, client: IPAddress | str) -> ListingResult:
         """start() and result() in one (the `lookup` command)."""
         return self.start(client).result()
+
+    def _look_up_zone(self, address: IPAddress, zone_name: str) -> ZoneLookup:
+        return self._look_up(query_name(address, zone_name))
 
     def _look_up(self, name: str) -> ZoneLookup:
         """Runs in the pool: the A query."""
@@ -804,9 +810,10 @@ class PendingListing:
     def _collect(self) -> ListingResult:
         checker = self._checker
         futures = [fetch.future for _, fetch in self._lookups if fetch is not None]
-        remaining = self.deadline - checker._timer()
-        if futures and remaining > 0:
-            concurrent.futures.wait(futures, timeout=remaining)
+        if not all(future.done() for future in futures):
+            remaining = self.deadline - checker._timer()
+            if remaining > 0:
+                concurrent.futures.wait(futures, timeout=remaining)
         answers = [checker._zone_answer(zone, fetch) for zone, fetch in self._lookups]
         answers = checker._with_txt(self.client, answers, self.deadline)
         result = summarise(self.client, answers, checker.threshold)
