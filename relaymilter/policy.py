@@ -198,14 +198,16 @@ def _inbound(facts: RecipientFacts, recipient: Recipient, trust: Trust, reason: 
     if recipient.is_postmaster or facts.listing is None:
         return permit(reason)
     store = snapshot.policy
-    if store.allowlisted(facts.client.address, recipient.domain):
-        return permit("allowlisted")
     domain = store.domain_dnsbl(recipient.domain)
     if domain is not None and not domain.enabled:
         return permit("dnsbl-opt-out")
     result = facts.listing.result()
     if domain is not None and domain.threshold is not None:
         result = summarise(result.client, result.answers, domain.threshold)
+    # The allowlist only matters for a listed client: most clients are not,
+    # and never cost an allowlist lookup.
+    if result.listed and store.allowlisted(facts.client.address, recipient.domain):
+        return permit("allowlisted")
     return decide_listing(result, reason)
 
 

@@ -163,3 +163,123 @@ def test_lookups_are_started_only_for_untrusted_known_clients(ip, needed):
 def test_no_lookups_without_zones():
     client = ClientFacts(address=LISTED_IP)
     assert lookups_needed(client, snapshot()) is False
+
+
+# ------------------------------------------------- per-domain policy (store) ---
+
+from dataclasses import replace as _replace  # noqa: E402
+
+from relaymilter.limits import RecipientCounter  # noqa: E402
+from relaymilter.store import PolicySnapshot  # noqa: E402
+
+OUR_USER_IP = "192.0.2.60"
+
+
+def with_policy(**sections) -> Snapshot:
+    return _replace(SNAPSHOT, policy=PolicySnapshot.from_document(sections))
+
+
+def relay_facts(sender="<alice@cust.test>", ip=OUR_USER_IP, auth_user="alice",
+                recipient="<friend@remote.test>", pending=None):
+    return RecipientFacts(client=ClientFacts(address=ipaddress.ip_address(ip),
+                                             auth_user=auth_user),
+                          sender=sender, recipient=recipient, listing=pending)
+
+
+def test_held_user_relaying_is_suspended_before_anything_else():
+    snap = with_policy(holds=[{"kind": "user", "value": "alice", "reason": "phished"}])
+    decision = decide_recipient(relay_facts(), snap)
+    assert decision.reply == "550 5.7.1 Relaying suspended for this sender"
+    assert decision.reason == "hold-user"
+
+
+def test_held_client_network_relaying_is_suspended_even_when_trusted():
+    snap = with_policy(holds=[{"kind": "client", "value": "198.51.100.0/28"}])
+    decision = decide_recipient(relay_facts(ip="198.51.100.7", auth_user=None), snap)
+    assert (decision.code, decision.reason) == (550, "hold-client")
+
+
+def test_held_user_still_receives_inbound_mail():
+    snap = with_policy(holds=[{"kind": "user", "value": "alice"}])
+    facts = relay_facts(recipient="<bob@local.test>", pending=Pending(NOT_LISTED))
+    assert decide_recipient(facts, snap).action is Action.PERMIT
+
+
+def test_relay_client_relays_only_with_its_sender_domains():
+    snap = with_policy(relay_clients=[{"network": "192.0.2.50", "sender_domains": ["cust.test"]}])
+    ok = relay_facts(ip="192.0.2.50", auth_user=None, sender="<web@cust.test>")
+    other = relay_facts(ip="192.0.2.50", auth_user=None, sender="<web@other.test>")
+    assert decide_recipient(ok, snap).reason == "relay-client"
+    assert decide_recipient(other, snap).reason == "relay-client-sender"
+    assert decide_recipient(other, snap).code == 554
+
+
+def test_user_owning_domains_must_send_as_one_of_them():
+    snap = with_policy(domains=[{"domain": "cust.test", "owners": ["alice"]}])
+    assert decide_recipient(relay_facts(sender="<alice@CUST.test>"), snap).action is Action.PERMIT
+    decision = decide_recipient(relay_facts(sender="<alice@gmail.test>"), snap)
+    assert decision.reply == ("553 5.7.1 <alice@gmail.test>: Sender address rejected: "
+                              "not owned by user")
+    assert decide_recipient(relay_facts(sender="<>"), snap).code == 553
+
+
+def test_user_owning_nothing_is_unrestricted():
+    snap = with_policy(domains=[{"domain": "cust.test", "owners": ["bob"]}])
+    assert decide_recipient(relay_facts(sender="<alice@any.test>"), snap).action is Action.PERMIT
+
+
+def test_global_and_scoped_allowlist_permit_a_listed_client():
+    snap = with_policy(allowlist=[{"network": "192.0.2.0/24", "domain": "local.test"}])
+    decision = decide_recipient(facts(pending=Pending(LISTED)), snap)
+    assert (decision.action, decision.reason) == (Action.PERMIT, "allowlisted")
+    snap = with_policy(allowlist=[{"network": "192.0.2.0/24", "domain": "other.test"}])
+    assert decide_recipient(facts(pending=Pending(LISTED)), snap).reason == "dnsbl"
+    snap = with_policy(allowlist=[{"network": str(LISTED_IP)}])
+    assert decide_recipient(facts(pending=Pending(LISTED)), snap).reason == "allowlisted"
+
+
+def test_allowlist_never_opens_relaying():
+    snap = with_policy(allowlist=[{"network": str(LISTED_IP)}])
+    assert decide_recipient(facts("<user@remote.test>"), snap).reason == "remote-domain"
+
+
+def test_domain_opt_out_skips_the_dnsbl_without_waiting_for_it():
+    snap = with_policy(domains=[{"domain": "local.test", "dnsbl": "off"}])
+    pending = Pending(LISTED)
+    assert decide_recipient(facts(pending=pending), snap).reason == "dnsbl-opt-out"
+    assert pending.reads == 0
+
+
+@pytest.mark.parametrize("threshold, action", [(3, Action.PERMIT), (2, Action.REJECT),
+                                               (1, Action.REJECT)])
+def test_domain_threshold_replaces_the_global_one(threshold, action):
+    snap = with_policy(domains=[{"domain": "local.test", "threshold": threshold}])
+    assert decide_recipient(facts(pending=Pending(LISTED)), snap).action is action
+
+
+def test_domain_threshold_can_be_stricter_than_the_global_one():
+    half = Zone.build("half.test", weight=1, display_name="HALF")
+    result = listing(ZoneAnswer(half, Status.LISTED, ("127.0.0.2",)), threshold=2)
+    assert not result.listed
+    snap = with_policy(domains=[{"domain": "local.test", "threshold": 1}])
+    decision = decide_recipient(facts(pending=Pending(result)), snap)
+    assert decision.reply.endswith("blocked using HALF")
+
+
+def test_outbound_limit_defers_over_the_count_and_asks_for_a_hold():
+    snap = with_policy(limits=[{"kind": "user", "value": "alice", "per_hour": 2}])
+    counter = RecipientCounter(window=3600, auto_hold_factor=2)
+    decisions = [decide_recipient(relay_facts(), snap, counter) for _ in range(4)]
+    assert [d.code for d in decisions] == [None, None, 450, 450]
+    assert decisions[2].reply == "450 4.7.1 Sending rate limit exceeded, try again later"
+    assert [d.hold_request for d in decisions] == [None, None, None, ("user", "alice")]
+
+
+def test_default_client_limit_covers_trusted_networks_and_not_inbound_mail():
+    snap = with_policy(limits=[{"kind": "client", "value": "", "per_hour": 1}])
+    counter = RecipientCounter(window=3600)
+    trusted = relay_facts(ip="198.51.100.7", auth_user=None)
+    assert decide_recipient(trusted, snap, counter).action is Action.PERMIT
+    assert decide_recipient(trusted, snap, counter).code == 450
+    inbound = relay_facts(ip="198.51.100.7", auth_user=None, recipient="<u@local.test>")
+    assert decide_recipient(inbound, snap, counter).action is Action.PERMIT
