@@ -6,7 +6,7 @@ VENV   ?= .venv
 CONFIG ?= packaging/relaymilter.toml
 PY      = $(VENV)/bin/python
 
-.PHONY: run test unit bench check-config clean
+.PHONY: run test unit bench check-config man clean
 
 run: $(VENV)/.installed
 	@echo "relaymilter: starting with $(CONFIG); stop with Ctrl-C"
@@ -32,6 +32,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+man: $(VENV)/.installed
+	$(PY) docs/man/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -34,3 +34,32 @@ def test_sample_config_mentions_every_key(key):
 def test_sample_config_has_every_section():
     for section in SECTIONS:
         assert f"[{section}]" in SAMPLE
+
+
+MAN = ROOT / "docs" / "man"
+
+
+@pytest.mark.parametrize("key", SCHEMA, ids=lambda key: key.dotted)
+def test_relaymilter_conf_5_documents_every_key_in_its_section(key):
+    page = (MAN / "relaymilter.conf.5").read_text(encoding="utf-8")
+    section = re.search(rf'^\.SH "\[{key.section}\] SECTION"\n(.*?)(?=^\.SH |\Z)', page,
+                        re.S | re.M)
+    assert section, f"relaymilter.conf(5) has no [{key.section}] section"
+    assert re.search(rf"^\\fB{key.name}\\fR \(", section.group(1), re.M), key.dotted
+
+
+def test_man_pages_are_generated_from_the_current_sources():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(MAN / "generate.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_relaymilter_8_names_every_verb():
+    from relaymilter.cli import build_parser
+    page = (MAN / "relaymilter.8").read_text(encoding="utf-8")
+    verbs = next(action for action in build_parser()._actions if hasattr(action, "choices")
+                 and isinstance(action.choices, dict))
+    for verb in verbs.choices:
+        assert f"relaymilter {verb.replace('-', chr(92) + '-')}" in page, verb
