@@ -67,3 +67,14 @@ def public_tree() -> Iterator[Path]:
     directory.chmod(0o755)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sendmail_installed() -> None:
+    """Fail (never skip) when the private Sendmail cannot run (see sendmail_instance)."""
+    from sendmail_instance import sendmail_missing
+
+    missing = sendmail_missing()
+    if missing:
+        pytest.fail(f"{missing}; run `scripts/install-debian-deps test` (which runs "
+                    "scripts/fetch-sendmail) or `make test`", pytrace=False)
