@@ -34,6 +34,7 @@ from relaymilter import __version__
 from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.dnsbl import report_lines
 from relaymilter.live import LiveConfig, build_dnsbl, build_snapshot
+from relaymilter.metrics import MetricsListener, MetricsUnavailable, Recorder, make_recorder
 from relaymilter.policycli import add_policy_verbs
 from relaymilter.relay import RelayRules, Trust, client_trust, normalise_ip
 
@@ -94,9 +95,18 @@ def attach_lines(milter_socket: str) -> list[str]:
     ]
 
 
+def metrics_recorder(config) -> Recorder:
+    """The recorder [metrics] asks for; ConfigError when it cannot be had."""
+    try:
+        return make_recorder(config.metrics)
+    except MetricsUnavailable as error:
+        raise ConfigError(config.path, "metrics.listen", str(error)) from None
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     config = load_config(path)
+    metrics_recorder(config)
     snapshot = build_snapshot(config)
     if snapshot.dnsbl is not None:
         snapshot.dnsbl.close()
@@ -145,7 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.syslog, args.debug)
     path = config_path(args.config)
     config = load_config(path)
-    live = LiveConfig.start(config)
+    recorder = metrics_recorder(config)
+    live = LiveConfig.start(config, metrics=recorder)
     from relaymilter import milter  # pymilter is imported only where it is used
 
     log.info("relaymilter %s starting on %s with %s (%d local domains%s)", __version__,
@@ -160,12 +171,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     live.load_policy()
     live.watch(interval=1.0)
     live.check_health()
+    listener = None
     try:
+        if config.metrics.address is not None:
+            listener = MetricsListener(config.metrics.address, recorder, lambda: live.snapshot)
+            listener.start()
+            log.info("metrics on %s/metrics, health check on %s/healthz",
+                     listener.url, listener.url)
         milter.serve(live)
     except OSError as error:
         log.error("%s", error)
         return EX_UNAVAILABLE
     finally:
+        if listener is not None:
+            listener.stop()
         live.stop()
     log.info("relaymilter stopped")
     return EX_OK

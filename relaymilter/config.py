@@ -144,6 +144,35 @@ def _zones(tables: list[dict[str, Any]]) -> tuple[Zone, ...]:
     return tuple(zones)
 
 
+def split_listen(text: str) -> tuple[str, int]:
+    """"127.0.0.1:9894" / "[::1]:9894" -> (ip, port); ValueError saying why not."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"{text!r} is not [IPv6]:PORT")
+        version, port = 6, rest[1:]
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon or ":" in host:
+            raise ValueError(f"{text!r} is not IPv4:PORT or [IPv6]:PORT")
+        version = 4
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    if address.version != version:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [ADDR]:PORT")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port {port!r} is not 1-65535")
+    return str(address), int(port)
+
+
+def _listen(value: str) -> str:
+    if value:
+        split_listen(value)
+    return value
+
+
 def _optional_path(value: str) -> str | None:
     if value == "":
         return None
@@ -234,6 +263,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits", "auto_hold_factor", int, 0,
         "Put a sender on hold when its attempts reach this many times its limit in one "
         "window; 0 = never.", minimum=0, maximum=1000),
+    Key("metrics", "listen", str, "",
+        "Where Prometheus metrics (/metrics) and the health check (/healthz) are served, "
+        "\"IP:PORT\" or \"[IPv6]:PORT\"; \"\" = off. Needs the prometheus_client package.",
+        _listen),
 )
 
 SECTIONS = tuple(dict.fromkeys(key.section for key in SCHEMA))
@@ -291,6 +324,16 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(ip, port) to listen on; None when metrics are off."""
+        return split_listen(self.listen) if self.listen else None
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     milter: MilterConfig
@@ -299,6 +342,7 @@ class Config:
     cache: CacheConfig
     store: StoreConfig
     limits: LimitsConfig
+    metrics: MetricsConfig
     values: dict[str, Any] = field(repr=False, compare=False)  # dotted key -> value
 
     def effective_toml(self) -> str:
@@ -327,7 +371,8 @@ class Config:
 
 
 _SECTION_TYPES = {"milter": MilterConfig, "relay": RelayConfig, "dnsbl": DnsblConfig,
-                  "cache": CacheConfig, "store": StoreConfig, "limits": LimitsConfig}
+                  "cache": CacheConfig, "store": StoreConfig, "limits": LimitsConfig,
+                  "metrics": MetricsConfig}
 
 
 def config_path(cli_path: str | None) -> str:

@@ -29,7 +29,9 @@ DESCRIPTION
       TIMEOUT, DNS_FAILURE   no answer by the deadline; SERVFAIL, REFUSED or
                    no usable nameserver. Counted as not listed: mail flows.
       DISABLED     the zone failed its last health check and is not asked.
-    Problems are counted per zone and logged at most once per zone and kind
+    Every zone's status is counted (counters(), and the metrics recorder
+    when metrics are on, which also times each A query that is sent).
+    Problems are logged at most once per zone and kind
     per log_interval (60 s), with how many were not logged in between. Logs
     and counters name zones by display_name, never by their real name, which
     may hold an access key; for the same reason query names are never logged.
@@ -97,12 +99,16 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 import dns.exception
 import dns.message
 import dns.name
-import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+try:
+    from dns.nameserver import Do53Nameserver
+except ImportError:         # dnspython < 2.4 (Debian 12 has 2.3): no nameserver objects
+    Do53Nameserver = None
 
 from relaymilter.address import IPAddress
 from relaymilter.cache import Fetch, FetchSource, LookupCache
+from relaymilter.metrics import NO_METRICS, Recorder
 from relaymilter.relay import normalise_ip
 
 log = logging.getLogger(__name__)
@@ -374,8 +380,12 @@ class DnsResolver:
     def __init__(self, nameservers: Sequence[str] = (), timeout: float = 2.0) -> None:
         if nameservers:
             resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(*split_nameserver(text))
-                                    for text in nameservers]
+            servers = [split_nameserver(text) for text in nameservers]
+            if Do53Nameserver is not None:
+                resolver.nameservers = [Do53Nameserver(ip, port) for ip, port in servers]
+            else:                   # dnspython 2.3: addresses, and their ports apart
+                resolver.nameservers = [ip for ip, _ in servers]
+                resolver.nameserver_ports = {ip: port for ip, port in servers}
         else:
             resolver = dns.resolver.Resolver()
         resolver.cache = None
@@ -563,7 +573,8 @@ class DnsblChecker:
     def __init__(self, zones: Sequence[Zone], resolver: Resolver, cache: LookupCache,
                  timeout: float = 2.0, threshold: int = 1, *, max_workers: int | None = None,
                  timer: Callable[[], float] = time.monotonic,
-                 log_interval: float = DEFAULT_LOG_INTERVAL) -> None:
+                 log_interval: float = DEFAULT_LOG_INTERVAL,
+                 metrics: Recorder = NO_METRICS) -> None:
         names = [zone.name for zone in zones]
         if len(set(names)) != len(names):
             raise ValueError("a zone is configured twice")
@@ -578,6 +589,7 @@ class DnsblChecker:
         self._resolver = resolver
         self._cache = cache
         self._timer = timer
+        self._metrics = metrics
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers or default_workers(len(self.zones)),
             thread_name_prefix="dnsbl")
@@ -607,7 +619,7 @@ class DnsblChecker:
             # The query name is built only for a lookup that runs: a cache hit,
             # most connections, never needs it.
             fetch = self._cache.fetch((zone.name, client_key),
-                                      functools.partial(self._look_up_zone, address, zone.name),
+                                      functools.partial(self._look_up_zone, address, zone),
                                       self._executor)
             if zone.weight > 0 and fetch.source is not FetchSource.CACHE:
                 fetch.future.add_done_callback(
@@ -619,8 +631,13 @@ class DnsblChecker:
         """start() and result() in one (the `lookup` command)."""
         return self.start(client).result()
 
-    def _look_up_zone(self, address: IPAddress, zone_name: str) -> ZoneLookup:
-        return self._look_up(query_name(address, zone_name))
+    def _look_up_zone(self, address: IPAddress, zone: Zone) -> ZoneLookup:
+        """Runs in the pool: a zone's A query, timed for the metrics."""
+        started = self._timer()
+        try:
+            return self._look_up(query_name(address, zone.name))
+        finally:
+            self._metrics.dns_query(zone.display_name, self._timer() - started)
 
     def _look_up(self, name: str) -> ZoneLookup:
         """Runs in the pool: the A query."""
@@ -697,6 +714,7 @@ class DnsblChecker:
         with self._counts_lock:
             for answer in result.answers:
                 self._counts[(answer.zone.display_name, answer.status.value)] += 1
+        self._metrics.dnsbl_result(result)
         for answer in result.answers:
             if answer.status in PROBLEMS:
                 self._log_problem(result.client, answer)

@@ -17,8 +17,10 @@ DESCRIPTION
     domains file with a bad line, a file that vanished) keeps the running
     snapshot and logs the file, key and reason once per distinct error.
 
-    Keys that only take effect at start (milter.socket, milter.timeout) are
-    reported when they change, and keep their running values.
+    Keys that only take effect at start (milter.socket, milter.timeout,
+    metrics.listen) are reported when they change, and keep their running
+    values. Loads, failed reloads and store reads are reported to `metrics`
+    (metrics.py), which /healthz reads.
 
     The per-domain policy (store.py) is part of the snapshot too. The same
     watcher thread owns the store connection (storewatch.py): it polls the
@@ -46,13 +48,14 @@ from relaymilter.cache import LookupCache
 from relaymilter.config import Config, ConfigError, load_config
 from relaymilter.dnsbl import DnsblChecker, DnsResolver, HealthMonitor
 from relaymilter.limits import RecipientCounter
+from relaymilter.metrics import NO_METRICS, Recorder
 from relaymilter.relay import RelayRules
 from relaymilter.store import EMPTY_POLICY, PolicySnapshot
 from relaymilter.storewatch import StoreWatcher
 
 log = logging.getLogger(__name__)
 
-RESTART_ONLY_KEYS = ("milter.socket", "milter.timeout")
+RESTART_ONLY_KEYS = ("milter.socket", "milter.timeout", "metrics.listen")
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def read_domains_file(path: str) -> list[str]:
     return domains
 
 
-def build_dnsbl(config: Config, previous: Snapshot | None = None) -> DnsblChecker | None:
+def build_dnsbl(config: Config, previous: Snapshot | None = None,
+                metrics: Recorder = NO_METRICS) -> DnsblChecker | None:
     """The checker for config, reusing what `previous` has when it may."""
     settings = config.dnsbl
     if not settings.zones:
@@ -105,10 +109,11 @@ def build_dnsbl(config: Config, previous: Snapshot | None = None) -> DnsblChecke
         raise ConfigError(config.path, "dnsbl.nameservers",
                           f"no system resolver to use ({error}); name the nameservers") from None
     return DnsblChecker(settings.zones, resolver, cache, timeout=settings.timeout,
-                        threshold=settings.threshold)
+                        threshold=settings.threshold, metrics=metrics)
 
 
-def build_snapshot(config: Config, previous: Snapshot | None = None) -> Snapshot:
+def build_snapshot(config: Config, previous: Snapshot | None = None,
+                   metrics: Recorder = NO_METRICS) -> Snapshot:
     """Config + the files it names -> Snapshot. Raises ConfigError."""
     domains = list(config.relay.local_domains)
     if config.relay.local_domains_file:
@@ -120,7 +125,7 @@ def build_snapshot(config: Config, previous: Snapshot | None = None) -> Snapshot
                              trust_authenticated=config.relay.trust_authenticated)
     same_store = previous is not None and previous.config.store == config.store
     return Snapshot(config=config, relay_rules=rules, local_domain_count=len(domains),
-                    dnsbl=build_dnsbl(config, previous),
+                    dnsbl=build_dnsbl(config, previous, metrics),
                     policy=previous.policy if same_store else EMPTY_POLICY)
 
 
@@ -157,8 +162,9 @@ def _watched_paths(config: Config) -> tuple:
 class LiveConfig:
     """Owns the current Snapshot. Only the watcher thread writes `snapshot`."""
 
-    def __init__(self, snapshot: Snapshot):
+    def __init__(self, snapshot: Snapshot, metrics: Recorder = NO_METRICS):
         self.snapshot = snapshot
+        self.metrics = metrics      # metrics.py; NO_METRICS when off
         # The files named by the newest config that parsed, even if it failed
         # to build: creating a missing domains file must trigger a retry.
         self._watched = _watched_paths(snapshot.config)
@@ -171,10 +177,11 @@ class LiveConfig:
         self.counter = _counter(snapshot.config)
         self._holds: queue.SimpleQueue = queue.SimpleQueue()
         self._store: StoreWatcher | None = None     # the watcher thread's own
+        metrics.config_loaded(snapshot.config.path, reload=False)
 
     @classmethod
-    def start(cls, config: Config) -> "LiveConfig":
-        return cls(build_snapshot(config))
+    def start(cls, config: Config, metrics: Recorder = NO_METRICS) -> "LiveConfig":
+        return cls(build_snapshot(config, metrics=metrics), metrics)
 
     def refresh(self) -> bool:
         """Reload if a watched file changed. Returns True when swapped."""
@@ -194,7 +201,7 @@ class LiveConfig:
         stamps = (config_stamp,) + tuple(_stamp(path) for path in watched[1:])
         try:
             config = self._keep_restart_only_keys(running, config)
-            snapshot = build_snapshot(config, self.snapshot)
+            snapshot = build_snapshot(config, self.snapshot, self.metrics)
         except ConfigError as error:
             self._reload_failed(error, watched, stamps)
             return False
@@ -205,11 +212,13 @@ class LiveConfig:
             self._replace_dnsbl(previous)
         if previous.config.limits != config.limits:
             self.counter = _counter(config)
+        self.metrics.config_loaded(config.path, reload=True)
         log.info("configuration reloaded from %s (%d local domains)",
                  config.path, snapshot.local_domain_count)
         return True
 
     def _reload_failed(self, error: ConfigError, watched: tuple, stamps: tuple) -> None:
+        self.metrics.config_failed(str(error))
         if str(error) != self._last_error:
             log.error("reload failed, keeping the running configuration: %s", error)
             self._last_error = str(error)
@@ -221,7 +230,7 @@ class LiveConfig:
         path = self.snapshot.config.store.path
         if path is None:
             return False
-        watcher = StoreWatcher(path)
+        watcher = StoreWatcher(path, self.metrics)
         try:
             policy = watcher.poll()
         finally:
@@ -243,7 +252,7 @@ class LiveConfig:
             policy = EMPTY_POLICY
         else:
             if self._store is None:
-                self._store = StoreWatcher(path)
+                self._store = StoreWatcher(path, self.metrics)
             policy = self._store.poll()
             if policy is None:
                 return False
@@ -283,7 +292,7 @@ class LiveConfig:
                         kind, value, reason)
             return
         if self._store is None:
-            self._store = StoreWatcher(path)
+            self._store = StoreWatcher(path, self.metrics)
         self._store.put_on_hold(kind, value, reason)
 
     def check_health(self) -> None:
@@ -327,4 +336,4 @@ class LiveConfig:
                     new.path, ", ".join(changed))
         values = {**new.values, **{key: running.values[key] for key in RESTART_ONLY_KEYS}}
         milter = replace(new.milter, socket=running.milter.socket, timeout=running.milter.timeout)
-        return replace(new, milter=milter, values=values)
+        return replace(new, milter=milter, metrics=running.metrics, values=values)

@@ -24,6 +24,9 @@ DESCRIPTION
     stage it is remembered and answered at the next RCPT. Nothing is ever
     permanently rejected because relaymilter failed.
 
+    Metrics: each connect, each decision answered and each exception caught
+    is one call into live.metrics (metrics.py; a no-op when metrics are off).
+
     Postfix runs the milter's connect callback again after XCLIENT, in the
     same milter conversation: connect starts a fresh session every time.
 
@@ -103,6 +106,7 @@ def guarded(stage: str) -> Callable:
                 return callback(self, *args)
             except Exception:
                 log.exception("internal error in the %s callback", stage)
+                self._live.metrics.internal_error(stage)
                 return self.fault(stage, args)
         return wrapper
     return decorate
@@ -152,6 +156,7 @@ class RelayMilter(Milter.Base):
     @Milter.noreply
     @guarded("connect")
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        self._live.metrics.connection()
         name = hostname if hostname and not hostname.startswith("[") else "unknown"
         self._start_session(ClientFacts(address=client_address(family, hostaddr), name=name))
         self._require_macros("connect")
@@ -162,6 +167,7 @@ class RelayMilter(Milter.Base):
                 decision = enforce(decide_listing(self._listing.result()),
                                    snapshot.config.milter.dry_run)
                 log_decision("CONNECT", decision, self._client)
+                self._live.metrics.decision("connect", decision)
                 return self._answer(decision)
         return Milter.CONTINUE
 
@@ -205,6 +211,7 @@ class RelayMilter(Milter.Base):
             self._live.request_hold(kind, value, f"over {snapshot.config.limits.auto_hold_factor}"
                                                  " times its outbound limit")
         log_decision("RCPT", decision, self._client, self._sender, recipient, queue_id)
+        self._live.metrics.decision("rcpt", decision)
         return self._answer(decision)
 
     @guarded("data")
@@ -227,6 +234,7 @@ class RelayMilter(Milter.Base):
         recipient = _text(args[0]) if args and isinstance(args[0], (str, bytes)) else None
         try:
             log_decision("RCPT", decision, self._client, self._sender, recipient, None)
+            self._live.metrics.decision("rcpt", decision)
             return self._answer(decision)
         except Exception:
             log.exception("could not answer after an internal error; answering TEMPFAIL")

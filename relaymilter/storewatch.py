@@ -19,7 +19,8 @@ DESCRIPTION
     A store that cannot be opened or read (missing directory, permissions,
     a corrupt file, a schema newer than this program) keeps the last
     snapshot in force: poll() returns None and logs the reason once per
-    distinct error, and the next poll tries again from scratch.
+    distinct error, and the next poll tries again from scratch. Each read
+    and each failed poll is reported to the metrics recorder.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import sqlite3
 import time
 
+from relaymilter.metrics import NO_METRICS, Recorder
 from relaymilter.store import PolicySnapshot, PolicyStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,9 @@ AUTO_HOLD_ACTOR = "relaymilter"
 class StoreWatcher:
     """See the module docstring. Not thread-safe by design: one owner thread."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, metrics: Recorder = NO_METRICS) -> None:
         self.path = path
+        self._metrics = metrics
         self._store: PolicyStore | None = None
         self._version: int | None = None
         self._last_error: str | None = None
@@ -62,7 +65,9 @@ class StoreWatcher:
         if self._last_error is not None:
             log.warning("policy store %s is readable again", self.path)
             self._last_error = None
-        log.info("policy store %s loaded in %.3fs: %s", self.path, time.monotonic() - started,
+        seconds = time.monotonic() - started
+        self._metrics.store_loaded(seconds)
+        log.info("policy store %s loaded in %.3fs: %s", self.path, seconds,
                  ", ".join(f"{count} {kind}" for kind, count in policy.counts.items()))
         return policy
 
@@ -85,6 +90,7 @@ class StoreWatcher:
 
     def _failed(self, error: Exception) -> None:
         text = f"{type(error).__name__}: {error}"
+        self._metrics.store_failed(text)
         if text != self._last_error:
             log.error("policy store %s unreadable, keeping the policy in force: %s",
                       self.path, text)

@@ -1,0 +1,492 @@
+"""metrics - Prometheus metrics and a health check, on a listener of their own.
+
+NAME
+    metrics - what relaymilter counts, and the HTTP listener that shows it
+
+SYNOPSIS
+    recorder = make_recorder(config.metrics)    # NO_METRICS when listen = ""
+    live = LiveConfig.start(config, metrics=recorder)
+    listener = MetricsListener(config.metrics.address, recorder, lambda: live.snapshot)
+    listener.start()                            # GET /metrics, GET /healthz
+    recorder.decision("rcpt", decision)         # one call per event, any thread
+    listener.stop()
+
+DESCRIPTION
+    Off by default ([metrics] listen = ""). The modules that see an event
+    make one call into a Recorder. With metrics off that is NO_METRICS,
+    whose methods do nothing: the hot path pays one empty method call per
+    event. With metrics on it is a PrometheusRecorder; prometheus_client
+    (the `metrics` extra) is imported only then, and make_recorder() raises
+    MetricsUnavailable when it is missing.
+
+    Labels take values from closed sets only: stage, action, reason (a
+    reason outside REASONS reads "other"), zone display names (from the
+    config, never the zone's real name, which may hold a key), DNSBL
+    statuses, callback names, results. Never a domain, an address or a user.
+
+    Metrics:
+      relaymilter_build_info{version,python}              1
+      relaymilter_connections_total                       milter connects (Postfix
+                                                          repeats connect after XCLIENT)
+      relaymilter_decisions_total{stage,action,reason}    stage connect|rcpt; action
+                                                          permit|reject|defer, or
+                                                          would-reject|would-defer (dry run)
+      relaymilter_internal_errors_total{callback}         exceptions caught at the edge
+      relaymilter_dnsbl_lookups_total{zone,result}        one per zone and client verdict,
+                                                          cached answers included; result
+                                                          is a dnsbl.Status value
+      relaymilter_dnsbl_query_duration_seconds{zone}      histogram of the A queries sent
+                                                          (cache misses only), failures too
+      relaymilter_dnsbl_zone_enabled{zone}                0 while a health check disables it
+      relaymilter_dns_cache_hits_total                    cache.stats(), read at scrape
+      relaymilter_dns_cache_misses_total                  time, summed over the caches a
+      relaymilter_dns_cache_coalesced_total               reload replaced
+      relaymilter_dns_cache_entries, _in_flight
+      relaymilter_config_reloads_total{result}            success|failure
+      relaymilter_config_last_load_timestamp_seconds
+      relaymilter_store_reloads_total{result}             success|failure; a store that
+                                                          cannot be read fails once a poll
+      relaymilter_store_last_load_duration_seconds
+      relaymilter_store_last_load_timestamp_seconds
+      process_*                                           prometheus_client's own
+    /metrics answers in Prometheus' text format, or in OpenMetrics when the
+    scraper's Accept header asks for it.
+
+    Health. GET /healthz answers JSON, status 200 when every part is ok and
+    503 otherwise, so that monitoring never has to probe the milter port:
+      {"ok": true,
+       "config": {"ok": true, "path": "/etc/...", "loaded": "2024-05-01T12:00:00Z",
+                  "error": null},
+       "store": {"ok": true, "path": "/var/...", "loaded": "...", "error": null},
+       "dnsbl": {"ok": true, "zones": {"zen": "enabled", "world": "disabled"}}}
+    config is not ok while its last reload failed (the previous one stays
+    in force); store is not ok while its last read failed; dnsbl is not ok
+    while a health check has disabled a zone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.server
+import json
+import logging
+import platform
+import socket
+import socketserver
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from relaymilter import __version__
+from relaymilter.address import Trick
+from relaymilter.relay import Trust
+
+if TYPE_CHECKING:
+    from relaymilter.cache import LookupCache
+    from relaymilter.config import MetricsConfig
+    from relaymilter.dnsbl import ListingResult
+    from relaymilter.live import Snapshot
+    from relaymilter.policy import Decision
+
+log = logging.getLogger(__name__)
+
+# The reason vocabulary of Decision.reason (docs/guide.md, "Reading the log").
+REASONS = frozenset(
+    {trick.value for trick in Trick}
+    | {trust.value for trust in Trust if trust is not Trust.UNTRUSTED}
+    | {"remote-domain", "foreign-literal", "mta-resolves-remote", "local-domain", "postmaster",
+       "own-literal", "bad-syntax", "dnsbl", "not-listed", "allowlisted", "dnsbl-opt-out",
+       "hold-client", "hold-user", "relay-client-sender", "sender-not-owned", "rate-limit",
+       "internal-error"})
+OTHER_REASON = "other"
+CALLBACKS = ("connect", "helo", "mail", "rcpt", "data")
+
+# Seconds; a query ends within [dnsbl] timeout (at most 30 s).
+QUERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class MetricsUnavailable(Exception):
+    """Metrics are configured, but prometheus_client cannot be imported."""
+
+
+def reason_label(reason: str) -> str:
+    """The reason itself when it is in the vocabulary, else "other"."""
+    return reason if reason in REASONS else OTHER_REASON
+
+
+def action_label(decision: "Decision") -> str:
+    """permit, reject, defer; would-reject, would-defer under dry run."""
+    action = decision.action.value
+    return f"would-{action}" if decision.dry_run else action
+
+
+class Recorder:
+    """The events relaymilter counts. This base records nothing: metrics off."""
+
+    enabled = False
+
+    def connection(self) -> None:
+        """The milter's connect callback ran."""
+
+    def decision(self, stage: str, decision: "Decision") -> None:
+        """A decision was answered at stage "connect" or "rcpt"."""
+
+    def internal_error(self, callback: str) -> None:
+        """A callback raised; the error boundary answered for it."""
+
+    def dnsbl_result(self, result: "ListingResult") -> None:
+        """A client's verdict was collected: one status per zone."""
+
+    def dns_query(self, zone: str, seconds: float) -> None:
+        """A zone's A query ended (answer or error) after seconds."""
+
+    def config_loaded(self, path: str, reload: bool) -> None:
+        """The config in force was loaded (at start, or by a reload)."""
+
+    def config_failed(self, error: str) -> None:
+        """A reload failed; the running config stays."""
+
+    def store_loaded(self, seconds: float) -> None:
+        """The policy store was read into a new snapshot."""
+
+    def store_failed(self, error: str) -> None:
+        """The policy store could not be read; the policy in force stays."""
+
+
+NO_METRICS = Recorder()
+
+
+def make_recorder(settings: "MetricsConfig") -> Recorder:
+    """NO_METRICS when metrics are off, else a PrometheusRecorder.
+
+    Raises MetricsUnavailable when prometheus_client is not installed.
+    """
+    if not settings.listen:
+        return NO_METRICS
+    return PrometheusRecorder()
+
+
+def _import_prometheus() -> Any:
+    try:
+        import prometheus_client
+        import prometheus_client.core   # the metric families of SnapshotCollector
+        import prometheus_client.exposition
+    except ImportError:
+        raise MetricsUnavailable(
+            "metrics need the prometheus_client package, which is not installed: "
+            "pip install 'relaymilter[metrics]' (Debian: apt install python3-prometheus-client), "
+            "or set listen = \"\" to turn metrics off") from None
+    return prometheus_client
+
+
+class HealthState:
+    """What the recorder last heard about the config and the store. Thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.config_path: str | None = None
+        self.config_loaded: float | None = None
+        self.config_error: str | None = None
+        self.store_loaded: float | None = None
+        self.store_error: str | None = None
+
+
+class PrometheusRecorder(Recorder):
+    """Counts into a registry of its own (unit tests make as many as they like)."""
+
+    enabled = True
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        prometheus = _import_prometheus()
+        self.prometheus = prometheus   # the module, imported only when metrics are on
+        self.registry = registry = prometheus.CollectorRegistry()
+        self.health_state = HealthState()
+        self._clock = clock
+        counter, gauge = prometheus.Counter, prometheus.Gauge
+        prometheus.Info("relaymilter_build", "relaymilter's version and Python's",
+                        registry=registry).info({"version": __version__,
+                                                 "python": platform.python_version()})
+        self._connections = counter(
+            "relaymilter_connections", "Milter connect callbacks (Postfix repeats connect "
+            "after XCLIENT).", registry=registry)
+        self._decisions = counter(
+            "relaymilter_decisions", "Decisions answered, by stage (connect, rcpt), action "
+            "and reason.", ("stage", "action", "reason"), registry=registry)
+        self._internal_errors = counter(
+            "relaymilter_internal_errors", "Exceptions caught at the milter's error boundary, "
+            "by callback.", ("callback",), registry=registry)
+        self._dnsbl = counter(
+            "relaymilter_dnsbl_lookups", "Zone answers about clients, cached ones included, "
+            "by zone display name and result.", ("zone", "result"), registry=registry)
+        self._query_seconds = prometheus.Histogram(
+            "relaymilter_dnsbl_query_duration_seconds", "Time DNS A queries to a zone took "
+            "(cache misses only; failures included).", ("zone",), buckets=QUERY_BUCKETS,
+            registry=registry)
+        self._config_reloads = counter(
+            "relaymilter_config_reloads", "Config reloads, by result.", ("result",),
+            registry=registry)
+        self._config_loaded = gauge(
+            "relaymilter_config_last_load_timestamp_seconds",
+            "When the config in force was loaded (Unix time).", registry=registry)
+        self._store_reloads = counter(
+            "relaymilter_store_reloads", "Reads of the policy store into a new snapshot, by "
+            "result; an unreadable store fails once per poll.", ("result",), registry=registry)
+        self._store_seconds = gauge(
+            "relaymilter_store_last_load_duration_seconds",
+            "How long the last successful read of the policy store took.", registry=registry)
+        self._store_loaded = gauge(
+            "relaymilter_store_last_load_timestamp_seconds",
+            "When the policy store was last read successfully (Unix time).", registry=registry)
+        for callback in CALLBACKS:
+            self._internal_errors.labels(callback)
+        for result in ("success", "failure"):
+            self._config_reloads.labels(result)
+            self._store_reloads.labels(result)
+        prometheus.ProcessCollector(registry=registry)
+        self._snapshot_collector: SnapshotCollector | None = None
+
+    def watch(self, snapshot: Callable[[], "Snapshot | None"]) -> None:
+        """Read the cache and zone health from snapshot() at every scrape."""
+        if self._snapshot_collector is None:
+            self._snapshot_collector = SnapshotCollector(self.prometheus, snapshot)
+            self.registry.register(self._snapshot_collector)
+
+    # -- events ------------------------------------------------------------
+    def connection(self) -> None:
+        self._connections.inc()
+
+    def decision(self, stage: str, decision: "Decision") -> None:
+        self._decisions.labels(stage, action_label(decision), reason_label(decision.reason)).inc()
+
+    def internal_error(self, callback: str) -> None:
+        self._internal_errors.labels(callback).inc()
+
+    def dnsbl_result(self, result: "ListingResult") -> None:
+        for answer in result.answers:
+            self._dnsbl.labels(answer.zone.display_name, answer.status.value).inc()
+
+    def dns_query(self, zone: str, seconds: float) -> None:
+        self._query_seconds.labels(zone).observe(seconds)
+
+    def config_loaded(self, path: str, reload: bool) -> None:
+        now = self._clock()
+        if reload:
+            self._config_reloads.labels("success").inc()
+        self._config_loaded.set(now)
+        state = self.health_state
+        with state.lock:
+            state.config_path, state.config_loaded, state.config_error = path, now, None
+
+    def config_failed(self, error: str) -> None:
+        self._config_reloads.labels("failure").inc()
+        with self.health_state.lock:
+            self.health_state.config_error = error
+
+    def store_loaded(self, seconds: float) -> None:
+        now = self._clock()
+        self._store_reloads.labels("success").inc()
+        self._store_seconds.set(seconds)
+        self._store_loaded.set(now)
+        with self.health_state.lock:
+            self.health_state.store_loaded, self.health_state.store_error = now, None
+
+    def store_failed(self, error: str) -> None:
+        self._store_reloads.labels("failure").inc()
+        with self.health_state.lock:
+            self.health_state.store_error = error
+
+    # -- reading -------------------------------------------------------------
+    def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """(the registry, its content type): the text format, or OpenMetrics if accepted."""
+        encoder, content_type = self.prometheus.exposition.choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    def health(self, snapshot: "Snapshot | None") -> tuple[bool, dict[str, Any]]:
+        """(all ok, the /healthz document) for the snapshot in force."""
+        return health_report(self.health_state, snapshot)
+
+
+def health_report(state: HealthState, snapshot: "Snapshot | None") -> tuple[bool, dict[str, Any]]:
+    """See "Health" in the module docstring."""
+    with state.lock:
+        config = {"ok": state.config_error is None, "path": state.config_path,
+                  "loaded": _iso(state.config_loaded), "error": state.config_error}
+        store_path = snapshot.config.store.path if snapshot is not None else None
+        if store_path is None:
+            store = {"ok": True, "path": None, "loaded": None, "error": None}
+        else:
+            store = {"ok": state.store_error is None, "path": store_path,
+                     "loaded": _iso(state.store_loaded), "error": state.store_error}
+    checker = snapshot.dnsbl if snapshot is not None else None
+    zones: dict[str, str] = {}
+    if checker is not None:
+        disabled = checker.disabled_zones
+        zones = {zone.display_name: "disabled" if zone.display_name in disabled else "enabled"
+                 for zone in checker.zones}
+    dnsbl = {"ok": "disabled" not in zones.values(), "zones": zones}
+    ok = config["ok"] and store["ok"] and dnsbl["ok"]
+    return ok, {"ok": ok, "config": config, "store": store, "dnsbl": dnsbl}
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class SnapshotCollector:
+    """Cache statistics and zone health, read from the snapshot at scrape time.
+
+    Cache counters stay monotonic when a reload replaces the cache: the old
+    cache's last counts are carried into the totals when the new one is
+    first seen.
+    """
+
+    def __init__(self, prometheus: Any, snapshot: Callable[[], "Snapshot | None"]) -> None:
+        self._families = prometheus.core
+        self._snapshot = snapshot
+        self._lock = threading.Lock()
+        self._cache: "LookupCache | None" = None
+        self._retired = (0, 0, 0)
+
+    def describe(self) -> Iterator[Any]:
+        return iter(self._build((0, 0, 0, 0, 0), {}))
+
+    def collect(self) -> Iterator[Any]:
+        snapshot = self._snapshot()
+        checker = snapshot.dnsbl if snapshot is not None else None
+        zones: dict[str, bool] = {}
+        if checker is not None:
+            disabled = checker.disabled_zones
+            zones = {zone.display_name: zone.display_name not in disabled
+                     for zone in checker.zones}
+        return iter(self._build(self._cache_totals(checker.cache if checker else None), zones))
+
+    def _cache_totals(self, cache: "LookupCache | None") -> tuple[int, int, int, int, int]:
+        with self._lock:
+            if cache is not self._cache:
+                if self._cache is not None:
+                    old = self._cache.stats()
+                    hits, misses, coalesced = self._retired
+                    self._retired = (hits + old.hits, misses + old.misses,
+                                     coalesced + old.coalesced)
+                self._cache = cache
+            hits, misses, coalesced = self._retired
+            if cache is None:
+                return hits, misses, coalesced, 0, 0
+            stats = cache.stats()
+            return (hits + stats.hits, misses + stats.misses, coalesced + stats.coalesced,
+                    stats.entries, stats.in_flight)
+
+    def _build(self, cache: tuple[int, int, int, int, int], zones: dict[str, bool]) -> list[Any]:
+        counter, gauge = self._families.CounterMetricFamily, self._families.GaugeMetricFamily
+        hits, misses, coalesced, entries, in_flight = cache
+        families = [
+            counter("relaymilter_dns_cache_hits", "DNS answers served from the cache.",
+                    value=hits),
+            counter("relaymilter_dns_cache_misses", "Cache misses: lookups sent to DNS.",
+                    value=misses),
+            counter("relaymilter_dns_cache_coalesced",
+                    "Lookups that joined an identical lookup in flight.", value=coalesced),
+            gauge("relaymilter_dns_cache_entries", "DNS answers in the cache.", value=entries),
+            gauge("relaymilter_dns_cache_in_flight", "DNS lookups running.", value=in_flight),
+        ]
+        enabled = gauge("relaymilter_dnsbl_zone_enabled",
+                        "1 when the zone is asked, 0 while a health check disables it.",
+                        labels=("zone",))
+        for zone, on in zones.items():
+            enabled.add_metric((zone,), 1 if on else 0)
+        families.append(enabled)
+        return families
+
+
+# --------------------------------------------------------------- listener ---
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """GET /metrics and GET /healthz; everything else is 404."""
+
+    server: "_Server"
+    timeout = 10            # seconds a client may take to send its request
+    server_version = f"relaymilter/{__version__}"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        try:
+            status, body, content_type = self._page(path)
+        except Exception:   # the listener's edge: one bad scrape must not end it
+            log.exception("metrics: could not answer GET %s", path)
+            status, body, content_type = 500, b"internal error\n", "text/plain; charset=utf-8"
+        try:
+            self._send(status, body, content_type)
+        except OSError:     # the client went away
+            pass
+
+    def _page(self, path: str) -> tuple[int, bytes, str]:
+        recorder = self.server.recorder
+        if path == "/metrics":
+            body, content_type = recorder.exposition(self.headers.get("Accept"))
+            return 200, body, content_type
+        if path == "/healthz":
+            ok, report = recorder.health(self.server.snapshot())
+            body = json.dumps(report, indent=1).encode() + b"\n"
+            return (200 if ok else 503), body, "application/json"
+        return 404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8"
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("metrics: %s %s", self.address_string(), format % args)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], recorder: PrometheusRecorder,
+                 snapshot: Callable[[], "Snapshot | None"]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.recorder = recorder
+        self.snapshot = snapshot
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer's own asks DNS for the name of the address (getfqdn).
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class MetricsListener:
+    """The HTTP listener: binds at construction, serves on a daemon thread.
+
+    Threads inherit the signal mask of the thread that starts them: start()
+    it after the milter's stop signals are blocked (cli.cmd_run).
+    """
+
+    def __init__(self, address: tuple[str, int], recorder: PrometheusRecorder,
+                 snapshot: Callable[[], "Snapshot | None"]) -> None:
+        host, port = address
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self._server = _Server(address, recorder, snapshot)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {shown}: {error.strerror or error}") from None
+        recorder.watch(snapshot)
+        self.port = self._server.server_address[1]
+        self.url = f"http://{shown}"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()
