@@ -175,7 +175,7 @@ def command_page() -> str:
     lines += [".SH STARTING AND STOPPING"] + markdown_block(guide_part("Starting and stopping"))
     lines += [".SH EXIT STATUS",
               "0 success; 1 other failure (a bad policy entry: the store is unchanged); "
-              "64 usage; 69 the milter socket is unavailable; 78 bad configuration.",
+              "64 usage; 69 the milter socket or the metrics listener is unavailable; 78 bad configuration.",
               ".SH ENVIRONMENT", "\\fBRELAYMILTER_CONFIG\\fR: the config file when "
               "\\fB\\-c\\fR is not given.",
               ".SH FILES", "/etc/relaymilter/relaymilter.toml", ".br",
