@@ -152,22 +152,33 @@ def build_snapshot_rules(config) -> RelayRules:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """The milter."""
+    return _serve(args, "milter")
+
+
+def cmd_policyd(args: argparse.Namespace) -> int:
+    """The same policy as a Postfix policy service."""
+    return _serve(args, "policyd")
+
+
+def _serve(args: argparse.Namespace, front_end: str) -> int:
     setup_logging(args.syslog, args.debug)
     path = config_path(args.config)
     config = load_config(path)
     recorder = metrics_recorder(config)
     live = LiveConfig.start(config, metrics=recorder)
-    from relaymilter import milter  # pymilter is imported only where it is used
-
-    log.info("relaymilter %s starting on %s with %s (%d local domains%s)", __version__,
-             config.milter.socket, path, live.snapshot.local_domain_count,
+    socket_text = config.milter.socket if front_end == "milter" else config.policyd.socket
+    log.info("relaymilter %s %s starting on %s with %s (%d local domains%s)", __version__,
+             front_end, socket_text, path, live.snapshot.local_domain_count,
              ", dry run" if config.milter.dry_run else "")
-    for line in attach_lines(config.milter.socket):
+    lines = attach_lines(socket_text) if front_end == "milter" else policyd_lines(socket_text)
+    for line in lines:
         log.info("%s", line)
-    # Every thread we start must inherit these blocked: libmilter collects
-    # them with sigwait() in its own thread; a thread that does not block
-    # them takes the default action and the process dies mid-conversation.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    if front_end == "milter":
+        # Every thread we start must inherit these blocked: libmilter collects
+        # them with sigwait() in its own thread; a thread that does not block
+        # them takes the default action and the process dies mid-conversation.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     live.load_policy()
     live.watch(interval=1.0)
     live.check_health()
@@ -178,7 +189,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             listener.start()
             log.info("metrics on %s/metrics, health check on %s/healthz",
                      listener.url, listener.url)
-        milter.serve(live)
+        if front_end == "milter":
+            from relaymilter import milter  # pymilter is imported only where it is used
+            milter.serve(live)
+        else:
+            from relaymilter import policyd
+            policyd.serve(live)
     except OSError as error:
         log.error("%s", error)
         return EX_UNAVAILABLE
@@ -188,6 +204,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         live.stop()
     log.info("relaymilter stopped")
     return EX_OK
+
+
+def policyd_lines(policyd_socket: str) -> list[str]:
+    """The main.cf lines that put the policy service in front of relaying."""
+    match = re.fullmatch(r"inet6?:(\d+)@(.+)", policyd_socket)
+    if match:
+        port, host = match.groups()
+        where = f"inet:{host}:{port}"
+    else:
+        where = "unix:" + policyd_socket.split(":", 1)[1]
+    return [f"Postfix main.cf:  smtpd_relay_restrictions = check_policy_service {where},",
+            "                      reject_unauth_destination",
+            "                  smtpd_policy_service_default_action = 451 4.3.5 "
+            "Policy service unavailable"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = verb("run", cmd_run, "run the milter in the foreground")
     run.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
     run.add_argument("--debug", action="store_true", help="also log every permit decision")
+    policyd = verb("policyd", cmd_policyd,
+                   "the same policy as a Postfix policy service (check_policy_service)")
+    policyd.add_argument("--syslog", action="store_true", help="log to syslog, facility mail")
+    policyd.add_argument("--debug", action="store_true", help="also log every permit decision")
     verb("check-config", cmd_check_config, "validate the config and print the effective values")
     lookup = verb("lookup", cmd_lookup,
                   "ask every DNSBL/DNSWL zone about one address and print the verdict")

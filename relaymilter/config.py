@@ -173,6 +173,16 @@ def _listen(value: str) -> str:
     return value
 
 
+def _octal_mode(value: str) -> str:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an octal mode such as \"0660\"") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{value!r} is not a permission mode (0000-0777)")
+    return value
+
+
 def _optional_path(value: str) -> str | None:
     if value == "":
         return None
@@ -263,6 +273,12 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits", "auto_hold_factor", int, 0,
         "Put a sender on hold when its attempts reach this many times its limit in one "
         "window; 0 = never.", minimum=0, maximum=1000),
+    Key("policyd", "socket", str, "inet:8895@127.0.0.1",
+        "Where `relaymilter policyd`, the Postfix policy service, listens: "
+        "inet:PORT@HOST, inet6:PORT@[ADDR] or unix:/PATH.", check_milter_socket),
+    Key("policyd", "socket_mode", str, "0660",
+        "Permissions of a unix policyd socket, in octal (smtpd connects as user postfix).",
+        _octal_mode),
     Key("metrics", "listen", str, "",
         "Where Prometheus metrics (/metrics) and the health check (/healthz) are served, "
         "\"IP:PORT\" or \"[IPv6]:PORT\"; \"\" = off. Needs the prometheus_client package.",
@@ -334,6 +350,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class PolicydConfig:
+    socket: str
+    socket_mode: str        # octal text, as written
+
+    @property
+    def mode(self) -> int:
+        return int(self.socket_mode, 8)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     milter: MilterConfig
@@ -343,6 +369,7 @@ class Config:
     store: StoreConfig
     limits: LimitsConfig
     metrics: MetricsConfig
+    policyd: PolicydConfig
     values: dict[str, Any] = field(repr=False, compare=False)  # dotted key -> value
 
     def effective_toml(self) -> str:
@@ -372,7 +399,7 @@ class Config:
 
 _SECTION_TYPES = {"milter": MilterConfig, "relay": RelayConfig, "dnsbl": DnsblConfig,
                   "cache": CacheConfig, "store": StoreConfig, "limits": LimitsConfig,
-                  "metrics": MetricsConfig}
+                  "metrics": MetricsConfig, "policyd": PolicydConfig}
 
 
 def config_path(cli_path: str | None) -> str:

@@ -55,7 +55,8 @@ from relaymilter.storewatch import StoreWatcher
 
 log = logging.getLogger(__name__)
 
-RESTART_ONLY_KEYS = ("milter.socket", "milter.timeout", "metrics.listen")
+RESTART_ONLY_KEYS = ("milter.socket", "milter.timeout", "metrics.listen", "policyd.socket",
+                     "policyd.socket_mode")
 
 
 @dataclass(frozen=True)
@@ -336,4 +337,5 @@ class LiveConfig:
                     new.path, ", ".join(changed))
         values = {**new.values, **{key: running.values[key] for key in RESTART_ONLY_KEYS}}
         milter = replace(new.milter, socket=running.milter.socket, timeout=running.milter.timeout)
-        return replace(new, milter=milter, metrics=running.metrics, values=values)
+        return replace(new, milter=milter, metrics=running.metrics, policyd=running.policyd,
+                       values=values)

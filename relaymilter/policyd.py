@@ -1,0 +1,273 @@
+"""policyd - the Postfix policy service front end: requests -> facts -> Decision -> action.
+
+NAME
+    policyd - Postfix SMTPD access policy delegation server (check_policy_service)
+
+SYNOPSIS
+    server = PolicyServer(live, "unix:/var/spool/postfix/private/relaymilter", 0o660)
+    server.serve_forever()          # until server.shutdown() from another thread
+
+DESCRIPTION
+    Postfix's policy protocol: a request is "name=value" lines and an empty
+    line; the answer is one "action=..." line and an empty line; the
+    connection stays open for the next request. Postfix keeps a few such
+    connections and reuses them across SMTP sessions, so a recipient costs
+    one round trip on an open connection, where the milter protocol costs a
+    new connection and several round trips per session.
+
+    Each request becomes the same frozen facts the milter builds
+    (client_address, client_name, helo_name, sasl_username, sender,
+    recipient, queue_id) and goes to the same policy.decide_recipient().
+    Only requests with protocol_state RCPT are decided; others answer DUNNO.
+    The Decision becomes:
+      permit to relay        action=OK (trusted network, SMTP AUTH, relay
+                             client: Postfix's reject_unauth_destination
+                             after us must not undo it)
+      other permit           action=DUNNO (the next restriction decides)
+      reject                 action=554 5.7.1 text   (Postfix's own reply text)
+      defer (limit, fault)   action=450 4.7.1 text / action=451 4.3.0 text
+    A DNSBL lookup is started at the first request of a message and reused
+    for its further recipients; it is bounded by [dnsbl] timeout, so
+    Postfix's policy_time_limit never fires for it.
+
+    There is no MTA resolution to cross-check ({rcpt_addr}): Postfix hands
+    the recipient as it parsed it, source routes already removed (a route
+    to a local mailbox is then simply local mail).
+
+    Bad input: a line without "=", a line over MAX_LINE bytes, a request
+    over MAX_ATTRIBUTES lines is answered "action=DEFER_IF_PERMIT Malformed
+    policy request", logged, and the connection is closed (the stream can
+    no longer be trusted). Bytes that are not UTF-8 are kept as surrogate
+    escapes and refused by the address parser (501 5.1.3). An exception
+    while deciding is logged with its traceback and answered per
+    [milter] on_error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import socketserver
+import threading
+from typing import BinaryIO
+
+from relaymilter.live import LiveConfig
+from relaymilter.logline import log_decision
+from relaymilter.policy import (Action, ClientFacts, Decision, RecipientFacts, answered_action,
+                                decide_recipient, enforce, internal_fault, lookups_needed)
+from relaymilter.relay import normalise_ip
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 8192             # bytes, newline included
+MAX_ATTRIBUTES = 256        # lines in one request
+MALFORMED = "DEFER_IF_PERMIT Malformed policy request"
+
+
+class MalformedRequest(Exception):
+    """The request breaks the protocol; the text says how."""
+
+
+def read_request(stream: BinaryIO) -> dict[str, str] | None:
+    """The next request's attributes; None at end of stream.
+
+    Raises MalformedRequest. Values are decoded as UTF-8 with surrogate
+    escapes, so no byte is lost and none crashes a decoder.
+    """
+    attributes: dict[str, str] = {}
+    for _ in range(MAX_ATTRIBUTES + 1):
+        line = stream.readline(MAX_LINE + 1)
+        if not line:
+            return None                  # closed, possibly mid-request: nothing to answer
+        if len(line) > MAX_LINE or not line.endswith(b"\n"):
+            if len(line) > MAX_LINE:
+                raise MalformedRequest(f"a line longer than {MAX_LINE} bytes")
+            return None                  # the last line was cut by end of stream
+        text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+        if not text:
+            if not attributes:
+                continue                 # stray empty lines between requests
+            return attributes
+        name, equals, value = text.partition("=")
+        if not equals or not name:
+            raise MalformedRequest(f"a line that is not name=value: {text[:60]!r}")
+        attributes[name] = value
+    raise MalformedRequest(f"more than {MAX_ATTRIBUTES} attributes")
+
+
+def client_facts(attributes: dict[str, str]) -> ClientFacts:
+    """The client as Postfix describes it in the request."""
+    try:
+        address = normalise_ip(ipaddress.ip_address(attributes.get("client_address", "")))
+    except ValueError:
+        address = None                   # "unknown", or nonsense: never trusted
+    name = attributes.get("client_name") or "unknown"
+    return ClientFacts(address=address, name=name,
+                       helo=attributes.get("helo_name", ""),
+                       auth_user=attributes.get("sasl_username") or None)
+
+
+# Permits that grant relaying: Postfix must not refuse them afterwards
+# (reject_unauth_destination), so they answer OK; every other permit answers
+# DUNNO and leaves the recipient to Postfix's own restrictions.
+RELAY_PERMITS = frozenset({"trusted-network", "authenticated", "relay-client"})
+
+
+def action_for(decision: Decision) -> str:
+    """The answer line for a decision, without "action="."""
+    if answered_action(decision) is Action.PERMIT:
+        return "OK" if decision.action is Action.PERMIT and decision.reason in RELAY_PERMITS \
+            else "DUNNO"
+    return f"{decision.code} {decision.dsn} {decision.text}"
+
+
+class PolicyConnection(socketserver.StreamRequestHandler):
+    """One Postfix connection, many requests; runs in a thread of its own."""
+
+    server: "PolicyServer"
+
+    def setup(self) -> None:
+        super().setup()
+        self._message: tuple[str, str] | None = None    # (instance, client address)
+        self._listing = None
+
+    def handle(self) -> None:
+        while True:
+            try:
+                attributes = read_request(self.rfile)
+            except MalformedRequest as error:
+                log.warning("policy request refused: %s; closing the connection", error)
+                self._send(MALFORMED)
+                return
+            except OSError:
+                return
+            if attributes is None:
+                return
+            if not self._send(self._answer(attributes)):
+                return
+
+    def _answer(self, attributes: dict[str, str]) -> str:
+        live = self.server.live
+        try:
+            if attributes.get("request") != "smtpd_access_policy" \
+                    or attributes.get("protocol_state", "").upper() != "RCPT":
+                return "DUNNO"
+            snapshot = live.snapshot
+            client = client_facts(attributes)
+            facts = RecipientFacts(client=client, sender=_path(attributes.get("sender", "")),
+                                   recipient=_path(attributes.get("recipient", "")),
+                                   queue_id=attributes.get("queue_id") or None,
+                                   listing=self._pending_listing(attributes, client, snapshot))
+            decision = enforce(decide_recipient(facts, snapshot, live.counter),
+                               snapshot.config.milter.dry_run)
+            if decision.hold_request is not None and not decision.dry_run:
+                kind, value = decision.hold_request
+                live.request_hold(kind, value, f"over {snapshot.config.limits.auto_hold_factor}"
+                                               " times its outbound limit")
+            log_decision("RCPT", decision, client, facts.sender, facts.recipient,
+                         facts.queue_id)
+            live.metrics.decision("rcpt", decision)
+            return action_for(decision)
+        except Exception:               # the edge: one traceback, then on_error
+            log.exception("internal error while deciding a policy request")
+            live.metrics.internal_error("policyd")
+            config = live.snapshot.config.milter
+            return action_for(enforce(internal_fault(config.on_error), config.dry_run))
+
+    def _pending_listing(self, attributes: dict[str, str], client: ClientFacts, snapshot):
+        """One DNSBL lookup per message, shared by its recipients."""
+        if not lookups_needed(client, snapshot):
+            return None
+        message = (attributes.get("instance", ""), str(client.address))
+        if message != self._message or self._listing is None or not message[0]:
+            self._message = message
+            self._listing = snapshot.dnsbl.start(client.address)
+        return self._listing
+
+    def _send(self, action: str) -> bool:
+        try:
+            self.wfile.write(f"action={action}\n\n".encode("utf-8", "surrogateescape"))
+            self.wfile.flush()
+        except OSError:
+            return False
+        return True
+
+
+def _path(address: str) -> str:
+    """Postfix gives addresses without angle brackets; the facts carry them."""
+    return f"<{address}>"
+
+
+class _Server(socketserver.ThreadingMixIn):
+    daemon_threads = True           # a stuck Postfix connection must not block the exit
+    allow_reuse_address = True
+
+
+class PolicyServer:
+    """The listening socket and its threads; see the module docstring."""
+
+    def __init__(self, live: LiveConfig, where: str, socket_mode: int = 0o660) -> None:
+        self.live = live
+        self.where = where
+        self._server = _listen(where, socket_mode)
+        self._server.live = live
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever(poll_interval=0.5)
+
+    def shutdown(self) -> None:
+        """Stop serving (from another thread than serve_forever's) and close."""
+        self._server.shutdown()
+        self._server.server_close()
+        if self.where.startswith(("unix:", "local:")):
+            try:
+                os.unlink(self.where.split(":", 1)[1])
+            except OSError:
+                pass
+
+    @property
+    def address(self):
+        return self._server.server_address
+
+
+def _listen(where: str, socket_mode: int) -> socketserver.BaseServer:
+    """A bound, listening threaded server for "unix:/path" or "inet[6]:PORT@HOST"."""
+    if where.startswith(("unix:", "local:")):
+        path = where.split(":", 1)[1]
+        if os.path.exists(path):
+            os.unlink(path)         # a stale socket from a killed process
+
+        class UnixServer(_Server, socketserver.UnixStreamServer):
+            pass
+        server: socketserver.BaseServer = UnixServer(path, PolicyConnection)
+        os.chmod(path, socket_mode)
+        return server
+    family_text, rest = where.split(":", 1)
+    port, host = rest.split("@", 1)
+    family = socket.AF_INET6 if family_text == "inet6" else socket.AF_INET
+
+    class InetServer(_Server, socketserver.TCPServer):
+        address_family = family
+    return InetServer((host.strip("[]"), int(port)), PolicyConnection)
+
+
+def serve(live: LiveConfig) -> None:
+    """Serve until SIGTERM or SIGINT. Raises OSError when the socket cannot be opened."""
+    import signal
+
+    settings = live.snapshot.config.policyd
+    server = PolicyServer(live, settings.socket, settings.mode)
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            # shutdown() waits for serve_forever(), which runs on this thread.
+            threading.Thread(target=server.shutdown, name="policyd-stop").start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("policy service listening on %s", settings.socket)
+    server.serve_forever()

@@ -1,0 +1,101 @@
+"""policyd.PolicyServer on a unix socket: many requests per connection, bad input."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from relaymilter.config import parse_config
+from relaymilter.live import LiveConfig
+from relaymilter.policyd import PolicyServer
+
+
+@pytest.fixture
+def server(tmp_path):
+    config = parse_config({"relay": {"local_domains": ["local.test"],
+                                     "trusted_networks": ["198.51.100.0/24"]},
+                           "store": {"path": ""}})
+    live = LiveConfig.start(config)
+    policy_server = PolicyServer(live, f"unix:{tmp_path}/policyd.sock", 0o600)
+    thread = threading.Thread(target=policy_server.serve_forever, daemon=True)
+    thread.start()
+    yield policy_server
+    policy_server.shutdown()
+    thread.join(5)
+    live.stop()
+
+
+class Client:
+    def __init__(self, path):
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socket.connect(path)
+        self.stream = self.socket.makefile("rwb")
+
+    def ask(self, raw: bytes) -> list[bytes]:
+        self.stream.write(raw)
+        self.stream.flush()
+        lines = []
+        while True:
+            line = self.stream.readline()
+            if line in (b"\n", b""):
+                return lines
+            lines.append(line.rstrip(b"\n"))
+
+
+def rcpt(recipient: str, client: str = "192.0.2.9", **more: str) -> bytes:
+    attributes = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+                  "client_address": client, "sender": "s@sender.test",
+                  "recipient": recipient, **more}
+    return "".join(f"{key}={value}\n" for key, value in attributes.items()).encode() + b"\n"
+
+
+def test_one_connection_answers_many_requests(server):
+    client = Client(server.address)
+    assert client.ask(rcpt("user@local.test")) == [b"action=DUNNO"]
+    assert client.ask(rcpt("user@remote.test")) == \
+        [b"action=554 5.7.1 <user@remote.test>: Relay access denied"]
+    assert client.ask(rcpt("user@remote.test", client="198.51.100.7")) == [b"action=OK"]
+    assert client.ask(rcpt("user@remote.test", sasl_username="alice")) == [b"action=OK"]
+
+
+def test_non_utf8_recipient_is_bad_syntax(server):
+    client = Client(server.address)
+    raw = rcpt("PLACEHOLDER").replace(b"PLACEHOLDER", b"us\xffer@local.test")
+    assert client.ask(raw) == [b"action=501 5.1.3 Bad recipient address syntax"]
+
+
+def test_other_protocol_states_are_not_decided(server):
+    client = Client(server.address)
+    assert client.ask(rcpt("user@remote.test", protocol_state="DATA")) == [b"action=DUNNO"]
+    assert client.ask(b"request=other\n\n") == [b"action=DUNNO"]
+
+
+def test_malformed_request_is_deferred_and_the_connection_closed(server):
+    client = Client(server.address)
+    assert client.ask(b"garbage\n\n") == [b"action=DEFER_IF_PERMIT Malformed policy request"]
+    assert client.stream.readline() == b""          # closed by the server
+    assert Client(server.address).ask(rcpt("user@local.test")) == [b"action=DUNNO"]
+
+
+def test_concurrent_connections_each_get_their_answers(server):
+    answers = []
+
+    def work(number: int) -> None:
+        client = Client(server.address)
+        got = [client.ask(rcpt(f"u{number}@remote.test")) for _ in range(20)]
+        answers.append(all(line[0].startswith(b"action=554") for line in got))
+
+    threads = [threading.Thread(target=work, args=(number,)) for number in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert answers == [True] * 20
+
+
+def test_socket_mode_is_applied(server):
+    assert stat.S_IMODE(os.stat(server.address).st_mode) == 0o600

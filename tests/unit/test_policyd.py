@@ -1,0 +1,95 @@
+"""policyd.py: the policy protocol, request by request (no sockets)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from relaymilter.policy import Action, Decision, bad_recipient_syntax, internal_fault, permit
+from relaymilter.policyd import (MAX_ATTRIBUTES, MAX_LINE, MalformedRequest, action_for,
+                                 client_facts, read_request)
+
+
+def stream(text: bytes) -> io.BufferedReader:
+    return io.BufferedReader(io.BytesIO(text))
+
+
+# ------------------------------------------------------------- requests ---
+
+def test_reads_one_request_up_to_the_empty_line():
+    source = stream(b"request=smtpd_access_policy\nrecipient=u@x.test\n\nnext=1\n\n")
+    assert read_request(source) == {"request": "smtpd_access_policy", "recipient": "u@x.test"}
+    assert read_request(source) == {"next": "1"}
+    assert read_request(source) is None
+
+
+def test_value_may_hold_equals_signs_and_be_empty():
+    assert read_request(stream(b"sender=\nccert=a=b=c\n\n")) == {"sender": "", "ccert": "a=b=c"}
+
+
+def test_stray_empty_lines_between_requests_are_skipped():
+    assert read_request(stream(b"\n\nname=v\n\n")) == {"name": "v"}
+
+
+def test_request_cut_by_end_of_stream_is_dropped_not_answered():
+    assert read_request(stream(b"name=v\nother=w\n")) is None
+    assert read_request(stream(b"name=v\nother=w")) is None
+
+
+def test_line_without_equals_is_malformed():
+    with pytest.raises(MalformedRequest, match="not name=value"):
+        read_request(stream(b"garbage\n\n"))
+
+
+def test_huge_attribute_is_malformed():
+    with pytest.raises(MalformedRequest, match="longer than"):
+        read_request(stream(b"recipient=" + b"a" * MAX_LINE + b"\n\n"))
+
+
+def test_too_many_attributes_is_malformed():
+    lines = b"".join(b"n%d=v\n" % number for number in range(MAX_ATTRIBUTES + 1))
+    with pytest.raises(MalformedRequest, match="attributes"):
+        read_request(stream(lines + b"\n"))
+
+
+def test_non_utf8_bytes_survive_as_surrogate_escapes():
+    attributes = read_request(stream(b"recipient=us\xffer@x.test\n\n"))
+    assert attributes["recipient"] == "us\udcffer@x.test"
+
+
+def test_client_facts_from_attributes():
+    client = client_facts({"client_address": "::ffff:192.0.2.7", "client_name": "mx.example",
+                           "helo_name": "helo.example", "sasl_username": "alice"})
+    assert (str(client.address), client.name, client.helo, client.auth_user) == \
+        ("192.0.2.7", "mx.example", "helo.example", "alice")
+
+
+@pytest.mark.parametrize("address", ["unknown", "", "999.1.1.1"])
+def test_unknown_client_address_is_no_address(address):
+    assert client_facts({"client_address": address}).address is None
+
+
+def test_empty_sasl_username_is_no_authentication():
+    assert client_facts({"sasl_username": ""}).auth_user is None
+
+
+# -------------------------------------------------------------- answers ---
+
+@pytest.mark.parametrize("decision, action", [
+    (permit("local-domain"), "DUNNO"),
+    (permit("postmaster"), "DUNNO"),
+    (permit("trusted-network"), "OK"),
+    (permit("authenticated"), "OK"),
+    (permit("relay-client"), "OK"),
+    (bad_recipient_syntax("bad-syntax"), "501 5.1.3 Bad recipient address syntax"),
+    (internal_fault("tempfail"), "451 4.3.0 Temporary policy failure, try again later"),
+    (internal_fault("accept"), "DUNNO"),
+])
+def test_decision_becomes_a_postfix_action(decision, action):
+    assert action_for(decision) == action
+
+
+def test_dry_run_reject_is_dunno():
+    decision = Decision(Action.REJECT, "remote-domain", 554, "5.7.1", "x", dry_run=True)
+    assert action_for(decision) == "DUNNO"
