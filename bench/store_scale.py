@@ -5,7 +5,8 @@ NAME
 
 SYNOPSIS
     .venv/bin/python bench/store_scale.py [--quick] [--domains N] [--networks N]
-                                          [--probes N] [--repeat N] [--keep PATH]
+                                          [--probes N] [--repeat N] [--batch N]
+                                          [--rounds N] [--keep PATH]
 
 DESCRIPTION
     Builds a policy store (relaymilter/store.py) in a temporary directory:
@@ -47,28 +48,51 @@ DESCRIPTION
          allowlisted    allowlisted(client, domain)
          held           held(client, user)
          relay_client   relay_client(client)
-         inbound        what a recipient in a hosted domain from an untrusted
-                        client asks (policy.py): relay_client, allowlisted,
-                        domain_dnsbl
-         outbound       what a relayed recipient asks: relay_client, held,
-                        owned_domains, limit
-       To put the store's share in proportion, "relay path" times what a
-       decision did before the store existed, for the same probes:
-       address.parse_recipient, relay.client_trust and relay.relay_verdict
-       against 1,000 local domains. The per-decision figures are
-       (relay path + store calls) on the big store over the same on the
-       empty one. A decision through the milter costs more than the relay
-       path (pymilter, libmilter, the MTA), so these overstate the share.
+         limit user     limit("user", user)
+         limit client   limit("client", str(client)), as policy._outbound asks
+    4. Decisions. Whole decisions, policy.decide_recipient(facts, snapshot,
+       counter), per second, on one live.Snapshot (build_snapshot() of a
+       config whose local domains are the hosted ones and whose trusted
+       networks add 10.0.0.0/8) with the big policy and with EMPTY_POLICY:
+       the same facts for both (--probes of each case), in five cases:
+         inbound unlisted   untrusted client, not on the DNSBL, recipient in
+                            a hosted domain
+         inbound allowed    listed client (a weight-2 zone: listed at the
+                            domains' own threshold too) in a scoped
+                            allowlist entry of the recipient's domain:
+                            "allowlisted" on the big store, rejected
+                            ("dnsbl") on the empty one
+         inbound rejected   listed client in no allowlist entry: rejected
+         outbound user      SMTP AUTH as the owner of the sender domain,
+                            remote recipient: held(), owned_domains(),
+                            limit() and a RecipientCounter
+         outbound trusted   a client in 10.0.0.0/8, remote recipient
+       Inbound recipients are in domains with the DNSBL on (one in ten has
+       it off, which on the big store would skip the verdict and flatter
+       it). The DNSBL verdict is given (an object whose result() returns a
+       dnsbl.ListingResult): no DNS. The empty store has no limits, so its
+       outbound decisions never charge the counter; the big one's limits
+       (500 per hour and up) are never reached, as the check afterwards
+       (every decision the expected one) shows. After a warm-up pass over
+       all facts, each of --rounds rounds times, for every case, a pass of
+       --batch decisions (the next slice of the facts) on both stores, in
+       alternating order: short passes, paired, so that what else the
+       machine does (2 cores, shared) hits both alike, timed in CPU time
+       of the thread (time.thread_time). Printed: median decisions per
+       second of each store, the median of the per-round differences of
+       the rate (big over empty), and their interquartile range.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import ipaddress
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,8 +101,11 @@ import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from relaymilter.address import parse_recipient  # noqa: E402
-from relaymilter.relay import RelayRules, client_trust, relay_verdict  # noqa: E402
+from relaymilter.config import parse_config  # noqa: E402
+from relaymilter.dnsbl import Status, Zone, ZoneAnswer, summarise  # noqa: E402
+from relaymilter.limits import RecipientCounter  # noqa: E402
+from relaymilter.live import build_snapshot  # noqa: E402
+from relaymilter.policy import ClientFacts, RecipientFacts, decide_recipient  # noqa: E402
 from relaymilter.store import EMPTY_POLICY, FORMAT, PolicyStore  # noqa: E402
 
 SEED = 4
@@ -196,40 +223,175 @@ def store_calls(policy, probes):
         for client, _, _ in probes:
             policy.relay_client(client)
 
-    def inbound():
-        for client, domain, _ in probes:
-            policy.relay_client(client)
-            policy.allowlisted(client, domain)
-            policy.domain_dnsbl(domain)
-
-    def outbound():
-        for client, _, user in probes:
-            policy.relay_client(client)
-            policy.held(client, user)
-            policy.owned_domains(user)
+    def limit_user():
+        for _, _, user in probes:
             policy.limit("user", user)
 
+    def limit_client():
+        for client, _, _ in probes:
+            policy.limit("client", str(client))
+
     return {"allowlisted": allowlisted, "held": held, "relay_client": relay_client,
-            "inbound": inbound, "outbound": outbound}
+            "limit user": limit_user, "limit client": limit_client}
 
 
 # (call, probes) timed, in the order shown
 TIMED = [("allowlisted", "unlisted"), ("allowlisted", "listed"), ("held", "unlisted"),
-         ("relay_client", "unlisted"), ("inbound", "unlisted"), ("inbound", "listed"),
-         ("outbound", "unlisted")]
+         ("relay_client", "unlisted"), ("limit user", "unlisted"),
+         ("limit client", "unlisted")]
+
+# ---------------------------------------------------------------- decisions ---
+
+BL = Zone.build("bl.test", weight=2, display_name="BL")
+TRUSTED = "10.0.0.0/8"
+TRUSTED_NETWORKS = ["127.0.0.0/8", "::1/128", TRUSTED]
+# case -> the decision's reason on the big store, on the empty one
+CASES = {
+    "inbound unlisted": ("local-domain", "local-domain"),
+    "inbound allowed": ("allowlisted", "dnsbl"),
+    "inbound rejected": ("dnsbl", "dnsbl"),
+    "outbound user": ("authenticated", "authenticated"),
+    "outbound trusted": ("trusted-network", "trusted-network"),
+}
 
 
-def relay_path(probes, domains: int):
-    rules = RelayRules.build(local_domains=[hosted_domain(n) for n in range(min(domains, 1000))],
-                             trusted_networks=["127.0.0.0/8", "::1/128"])
-    recipients = [f"<someone@{domain}>" for _, domain, _ in probes]
+class Given:
+    """Stands for dnsbl.PendingListing: the verdict is already there."""
 
-    def run():
-        for (client, _, _), recipient in zip(probes, recipients):
-            trust = client_trust(client, None, rules)
-            relay_verdict(parse_recipient(recipient), trust, None, rules)
+    __slots__ = ("_result",)
 
-    return run
+    def __init__(self, result) -> None:
+        self._result = result
+
+    def result(self):
+        return self._result
+
+
+def domain_number(domain: str) -> int:
+    return int(domain.split(".", 1)[0][1:])
+
+
+def dnsbl_on(number: int) -> bool:
+    return number % 10 != 3     # make_document(): 1 in 10 has the DNSBL off
+
+
+def decision_facts(policy, placed, domains: int, count: int) -> dict[str, list]:
+    """The facts of every case (see the module docstring), count of each."""
+    rng = random.Random(SEED + 3)
+
+    def listing(client, listed: bool) -> Given:
+        answer = ZoneAnswer(BL, Status.LISTED, ("127.0.0.2",), txt="bench") if listed \
+            else ZoneAnswer(BL, Status.NOT_LISTED)
+        return Given(summarise(client, (answer,), 1))
+
+    def random_client():
+        return ipaddress.ip_address(rng.randrange(*SPACE[4 if rng.random() < 0.8 else 6]))
+
+    def hosted_on() -> int:
+        while True:
+            number = rng.randrange(domains)
+            if dnsbl_on(number):
+                return number
+
+    trusted_networks = [ipaddress.ip_network(text) for text in TRUSTED_NETWORKS]
+
+    def untrusted(client) -> bool:
+        return not any(client in network for network in trusted_networks)
+
+    def untouched(client) -> bool:
+        """Untrusted, in no global allowlist, relay client or hold entry."""
+        return (untrusted(client) and not policy.allowlisted(client, "")
+                and policy.relay_client(client) is None and policy.held(client, None) is None)
+
+    def inbound(client, number: int, listed: bool) -> RecipientFacts:
+        return RecipientFacts(client=ClientFacts(client, "client.example", "client.example"),
+                              sender=f"<s{rng.randrange(10**6)}@sender.example>",
+                              recipient=f"<u{rng.randrange(1000)}@{hosted_domain(number)}>",
+                              listing=listing(client, listed))
+
+    def outbound(client, number: int, user: str | None) -> RecipientFacts:
+        return RecipientFacts(client=ClientFacts(client, "client.example", "client.example",
+                                                 auth_user=user),
+                              sender=f"<s{rng.randrange(1000)}@{hosted_domain(number)}>",
+                              recipient=f"<r{rng.randrange(1000)}@remote"
+                                        f"{rng.randrange(1000)}.example>")
+
+    scoped = [(ipaddress.ip_network(f"{text}/{prefixlen}"), domain_number(domain))
+              for text, prefixlen, domain in placed if domain
+              and dnsbl_on(domain_number(domain))]
+    cases: dict[str, list] = {case: [] for case in CASES}
+    while len(cases["inbound unlisted"]) < count:
+        client = random_client()
+        if untouched(client):
+            cases["inbound unlisted"].append(inbound(client, hosted_on(), False))
+    while len(cases["inbound allowed"]) < count:
+        network, number = rng.choice(scoped)
+        client = network.network_address + rng.randrange(network.num_addresses)
+        if untrusted(client) and policy.relay_client(client) is None:
+            cases["inbound allowed"].append(inbound(client, number, True))
+    while len(cases["inbound rejected"]) < count:
+        client, number = random_client(), hosted_on()
+        if untouched(client) and not policy.allowlisted(client, hosted_domain(number)):
+            cases["inbound rejected"].append(inbound(client, number, True))
+    while len(cases["outbound user"]) < count:
+        client, number = random_client(), rng.randrange(domains)
+        if untouched(client):
+            cases["outbound user"].append(outbound(client, number, owner_of(number)))
+    trusted = ipaddress.ip_network(TRUSTED)
+    for _ in range(count):
+        client = trusted.network_address + rng.randrange(trusted.num_addresses)
+        cases["outbound trusted"].append(outbound(client, rng.randrange(domains), None))
+    return cases
+
+
+def decide_all(facts: list, snapshot, counter) -> float:
+    """One pass: the CPU seconds it took (of this thread: not the time it
+    waited for a core)."""
+    started = time.thread_time()
+    for one in facts:
+        decide_recipient(one, snapshot, counter)
+    return time.thread_time() - started
+
+
+def time_decisions(policy, placed, domains: int, count: int, batch: int, rounds: int) -> dict:
+    config = parse_config({"relay": {
+        "local_domains": [hosted_domain(n) for n in range(domains)],
+        "trusted_networks": TRUSTED_NETWORKS}})
+    base = build_snapshot(config)
+    snapshots = {"big": dataclasses.replace(base, policy=policy),
+                 "empty": dataclasses.replace(base, policy=EMPTY_POLICY)}
+    cases = decision_facts(policy, placed, domains, count)
+    counters = {(case, label): RecipientCounter() for case in CASES for label in snapshots}
+    seconds: dict = {(case, label): [] for case in CASES for label in snapshots}
+    for case, facts in cases.items():           # warm-up
+        for label, snapshot in snapshots.items():
+            decide_all(facts, snapshot, counters[case, label])
+    gc.collect()
+    for number in range(rounds):
+        start = number * batch % count
+        for case, facts in cases.items():
+            chunk = facts[start:start + batch]
+            order = ("big", "empty") if number % 2 == 0 else ("empty", "big")
+            for label in order:
+                seconds[case, label].append(
+                    decide_all(chunk, snapshots[label], counters[case, label]))
+    results = {}
+    for case, facts in cases.items():
+        reasons = {}
+        for label, snapshot in snapshots.items():
+            # After the rounds: a limit reached would show here.
+            seen = {decide_recipient(one, snapshot, counters[case, label]).reason
+                    for one in facts}
+            expected = CASES[case][label == "empty"]
+            if seen != {expected}:
+                raise SystemExit(f"{case}, {label} store: {sorted(seen)}, not {expected}")
+            reasons[label] = expected
+        big, empty = seconds[case, "big"], seconds[case, "empty"]
+        results[case] = {
+            "big": batch / statistics.median(big), "empty": batch / statistics.median(empty),
+            "paired": [(e / b - 1) * 100 for b, e in zip(big, empty)],
+            "reasons": reasons}
+    return results
 
 
 def proc_status(field: str) -> int:
@@ -241,7 +403,8 @@ def proc_status(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(path: str, domains: int, probe_count: int, repeat: int) -> dict:
+def measure(path: str, domains: int, probe_count: int, repeat: int, batch: int,
+            rounds: int) -> dict:
     """Runs in a fresh process: load, memory, lookups. Returns the figures."""
     gc.collect()
     results: dict = {"rss_before": proc_status("VmRSS")}
@@ -280,9 +443,10 @@ def measure(path: str, domains: int, probe_count: int, repeat: int) -> dict:
         for call, kind in TIMED:
             run = store_calls(snapshot, probes[kind])[call]
             timings[f"{call}/{kind}/{label}"] = best_time(run, repeat) / probe_count
-    timings["relay_path"] = best_time(relay_path(probes["unlisted"], domains),
-                                      repeat) / probe_count
     results["per_call_seconds"] = timings
+    batch = min(batch, probe_count)
+    results["decisions"] = time_decisions(policy, placed, domains, probe_count, batch, rounds)
+    results["decisions_per_pass"] = batch
     results["hits"] = {kind: sum(policy.allowlisted(client, domain)
                                  for client, domain, _ in probes[kind]) for kind in probes}
     results["probes"] = probe_count
@@ -295,14 +459,18 @@ def main() -> None:
     parser.add_argument("--domains", type=int)
     parser.add_argument("--networks", type=int)
     parser.add_argument("--probes", type=int, default=20000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="runs per lookup timing")
+    parser.add_argument("--batch", type=int, default=2000, help="decisions a timed pass")
+    parser.add_argument("--rounds", type=int, default=60, help="rounds of decision timing")
     parser.add_argument("--keep", metavar="PATH", help="build the store at PATH and keep it")
     parser.add_argument("--measure", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     domains = args.domains or (10000 if args.quick else 100000)
     networks = args.networks or (100000 if args.quick else 1000000)
     if args.measure:
-        json.dump(measure(args.measure, domains, args.probes, args.repeat), sys.stdout)
+        json.dump(measure(args.measure, domains, args.probes, args.repeat, args.batch,
+                          args.rounds),
+                  sys.stdout)
         return
 
     with tempfile.TemporaryDirectory(prefix="store_scale.") as directory:
@@ -325,7 +493,8 @@ def main() -> None:
         output = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--measure", path,
              "--domains", str(domains), "--probes", str(args.probes),
-             "--repeat", str(args.repeat)],
+             "--repeat", str(args.repeat), "--batch", str(args.batch),
+             "--rounds", str(args.rounds)],
             check=True, capture_output=True, text=True).stdout
         report(json.loads(output))
         if args.keep:
@@ -354,14 +523,17 @@ def report(results: dict) -> None:
         big, empty = timings[f"{call}/{kind}/big"], timings[f"{call}/{kind}/empty"]
         print(f"   {call + ', ' + kind:<26}{big * 1e6:>9.2f} us{empty * 1e6:>11.2f} us"
               f"{big / empty:>10.1f}x   ({1 / big:,.0f}/s)")
-    path = timings["relay_path"]
-    print(f"   relay path (parse_recipient, client_trust, relay_verdict): {path * 1e6:.2f} us")
-    for call, kind in TIMED[-3:]:
-        big = path + timings[f"{call}/{kind}/big"]
-        empty = path + timings[f"{call}/{kind}/empty"]
-        print(f"   per {call} decision, {kind} client: relay path + store calls "
-              f"{big * 1e6:.2f} us big, {empty * 1e6:.2f} us empty: "
-              f"{(big / empty - 1) * 100:+.1f} %")
+    decisions = results["decisions"]
+    rounds = len(next(iter(decisions.values()))["paired"])
+    print(f"4. decide_recipient(): {results['decisions_per_pass']:,} decisions a pass, "
+          f"{rounds} rounds; decisions per second (CPU), medians:")
+    print(f"   {'case':<18}{'big store':>12}{'empty store':>13}{'big vs empty':>14}"
+          f"{'IQR':>19}   reason (big / empty)")
+    for case, figures in decisions.items():
+        low, median, high = statistics.quantiles(figures["paired"], n=4)
+        print(f"   {case:<18}{figures['big']:>10,.0f}/s{figures['empty']:>11,.0f}/s"
+              f"{median:>+12.1f} %   {low:+6.1f} .. {high:+5.1f} %   "
+              f"{figures['reasons']['big']} / {figures['reasons']['empty']}")
 
 
 if __name__ == "__main__":

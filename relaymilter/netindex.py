@@ -35,7 +35,10 @@ DESCRIPTION
     a level of few networks, so that a bitmap costs at most 2 MiB and 64
     bytes per network. An address whose block has no bit set skips the
     level's groups: most clients, being in no allowlist, cost a bit test
-    per level, a listed one its level's groups up to the one that holds it.
+    per level. In a level of several groups, each group has a bitmap of
+    its own too, of at most 8 bytes per network (blocks no shorter than
+    its prefix): an address that passes the level's bitmap costs a bit
+    test per group, and a bisect only in the groups likely to hold it.
 
     Building. from_blocks() takes networks as SQLite can hand them over in
     bulk (store.py): per family and prefix length, one byte string of
@@ -59,7 +62,7 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterable
-from itertools import chain, groupby, islice, repeat
+from itertools import chain, islice, repeat
 
 from relaymilter.address import IPAddress
 from relaymilter.relay import IPNetwork
@@ -71,6 +74,7 @@ ENTRIES_PER_BUCKET = 16     # aimed at: a bisect of 4 or 5 steps
 LEVELS = {4: (24, 16), 6: (48, 32)}     # the shortest prefix length of each level
 MAX_BITMAP_BITS = 24        # a level's bitmap of blocks: at most 2 MiB,
 BITMAP_BITS_PER_ENTRY = 512     # and 64 bytes per network
+GROUP_BITMAP_BITS_PER_ENTRY = 64    # a group's own bitmap: at most 8 bytes per network
 _HALF_MASK = 2**64 - 1
 _V4_MAPPED = 0xFFFF         # ::ffff:0:0/96, shifted right by 32
 _SWAP = sys.byteorder == "little"   # records and arrays meet in big-endian order
@@ -193,8 +197,10 @@ def _ipv6_group(prefixlen: int, data: bytes) -> tuple:
 
 
 def _levels(version: int, groups: list[tuple]) -> tuple:
-    """Groups (longest prefix first) -> ((bitmap, shift, groups), ...): the
-    block of an address is int(address) >> shift."""
+    """Groups (longest prefix first) -> ((bitmap, shift, members), ...): the
+    block of an address is int(address) >> shift. A member is (bitmap,
+    shift, group): the group's own bitmap when the level has several groups,
+    else (None, 0, group)."""
     bits = 32 if version == 4 else 128
     levels = []
     for level in (*LEVELS[version], 0):
@@ -203,25 +209,48 @@ def _levels(version: int, groups: list[tuple]) -> tuple:
         if not members:
             continue
         entries = sum(len(member[_KEYS]) for member in members)
-        block_bits = min(MAX_BITMAP_BITS, (entries * BITMAP_BITS_PER_ENTRY).bit_length() - 1)
-        bitmap = bytearray(1 << block_bits >> 3)
-        for member in members:
-            # A group's keys are its addresses shifted right by member[2]: a
-            # further shift gives the (first) block of each, sorted as the keys.
-            firsts = map(operator.rshift, member[_KEYS], repeat(bits - block_bits - member[2]))
-            if member[1] >= block_bits:
-                _set_bits(bitmap, firsts)
-            else:
-                _set_ranges(bitmap, firsts, 1 << (block_bits - member[1]))
-        levels.append((bitmap, bits - block_bits, tuple(members)))
+        bitmap, shift = _bitmap(bits, members, entries * BITMAP_BITS_PER_ENTRY, MAX_BITMAP_BITS)
+        if len(members) == 1:
+            own = ((None, 0, members[0]),)
+        else:
+            # Most addresses that pass the level's bitmap are in at most one
+            # of its groups: a bit test each spares the others' bisects.
+            own = tuple(_bitmap(bits, [member], len(member[_KEYS]) * GROUP_BITMAP_BITS_PER_ENTRY,
+                                max(3, min(MAX_BITMAP_BITS, member[1]))) + (member,)
+                        for member in members)
+        levels.append((bitmap, shift, own))
     return tuple(levels)
 
 
-def _set_bits(bitmap: bytearray, sorted_blocks: Iterable[int]) -> None:
-    """Bit k set for every block k: the one loop in Python over (distinct)
-    entries of a load, worth it, as it saves most lookups every bisect."""
-    for block in map(_FIRST, groupby(sorted_blocks)):
-        bitmap[block >> 3] |= 1 << (block & 7)
+def _bitmap(bits: int, members: list[tuple], wanted_bits: int, max_bits: int
+            ) -> tuple[bytearray, int]:
+    """A bitmap of the blocks the members' networks cover, of about
+    wanted_bits bits (a power of 2, 2**3 to 2**max_bits), and the shift that
+    makes an address its block."""
+    block_bits = max(3, min(max_bits, wanted_bits.bit_length() - 1))
+    bitmap = bytearray(1 << block_bits >> 3)
+    for member in members:
+        # A group's keys are its addresses shifted right by member[2]: a
+        # further shift gives the (first) block of each.
+        shift = bits - block_bits - member[2]
+        if member[1] >= block_bits:
+            _set_bits(bitmap, member[_KEYS], shift)
+        else:
+            _set_ranges(bitmap, map(operator.rshift, member[_KEYS], repeat(shift)),
+                        1 << (block_bits - member[1]))
+    return bitmap, bits - block_bits
+
+
+def _set_bits(bitmap: bytearray, keys: Iterable[int], shift: int) -> None:
+    """Bit k set for the block k = key >> shift of every key: the one loop
+    in Python over the entries of a load (twice: level and group bitmaps),
+    worth it, as it saves most lookups every bisect. Bytes and bits are
+    worked out by map() in C: the loop only ORs."""
+    bytes_ = map(operator.rshift, keys, repeat(shift + 3))
+    bits = map(_BIT.__getitem__, map(operator.and_, map(operator.rshift, keys, repeat(shift)),
+                                     repeat(7)))
+    for byte, bit in zip(bytes_, bits):
+        bitmap[byte] |= bit
 
 
 def _set_ranges(bitmap: bytearray, firsts: Iterable[int], count: int) -> None:
@@ -235,7 +264,7 @@ def _set_ranges(bitmap: bytearray, firsts: Iterable[int], count: int) -> None:
             bitmap[first >> 3] |= ((1 << count) - 1) << (first & 7)
 
 
-_FIRST = operator.itemgetter(0)
+_BIT = [1 << bit for bit in range(8)]
 
 
 class NetworkIndex:
@@ -316,9 +345,9 @@ class NetworkIndex:
     # ------------------------------------------------------------- lookups ---
 
     def _candidates(self, address: IPAddress) -> tuple[int, list[tuple]]:
-        """The address as an int, and the groups that may hold it, longest
-        prefix first: those of each level whose bitmap has the address's
-        block."""
+        """The address as an int, and the members (bitmap, shift, group) that
+        may hold it, longest prefix first: those of each level whose bitmap
+        has the address's block."""
         # relay.normalise_ip without making an object: ::ffff:0:0/96 is IPv4.
         value = int(address)
         if isinstance(address, ipaddress.IPv4Address):
@@ -342,7 +371,11 @@ class NetworkIndex:
             return ()
         value, candidates = self._candidates(address)
         found: list[int] = []
-        for group in candidates:
+        for bitmap, shift, group in candidates:
+            if bitmap is not None:
+                block = value >> shift
+                if not bitmap[block >> 3] >> (block & 7) & 1:
+                    continue
             start, end = group[0](group, value)
             found.extend(group[_TAGS][start:end])
         return tuple(found)
@@ -362,7 +395,8 @@ class NetworkIndex:
 
     def _first(self, address: IPAddress, wanted: Collection[int] | None) -> int | None:
         """The first tag found, longest prefix first: any (wanted None) or a
-        wanted one. _candidates() written out, as this is the hot path."""
+        wanted one. _candidates() and _narrow_span() written out, as this is
+        the hot path."""
         value = int(address)
         if isinstance(address, ipaddress.IPv4Address):
             levels = self._families[4]
@@ -371,17 +405,40 @@ class NetworkIndex:
             levels = self._families[4]
         else:
             levels = self._families[6]
-        for bitmap, shift, groups in levels:
+        for bitmap, shift, members in levels:
             block = value >> shift
             if not bitmap[block >> 3] >> (block & 7) & 1:
                 continue
-            for group in groups:
-                start, end = group[0](group, value)
-                if start == end:
-                    continue
-                tags = group[_TAGS]
-                if wanted is None:
-                    return tags[start]
+            for bitmap, shift, group in members:
+                if bitmap is not None:
+                    block = value >> shift
+                    if not bitmap[block >> 3] >> (block & 7) & 1:
+                        continue
+                (span, _, shift, mask, low_bits, common, bucket_shift, bucket_mask, offsets,
+                 keys, tags, low, _) = group
+                if low is None:
+                    key = (value >> shift) & mask
+                    if key >> low_bits != common:
+                        continue
+                    bucket = (key >> bucket_shift) & bucket_mask
+                    end = offsets[bucket + 1]
+                    start = bisect_left(keys, key, offsets[bucket], end)
+                    if start == end or keys[start] != key:
+                        continue
+                    if wanted is None:
+                        return tags[start]
+                    if start + 1 == end or keys[start + 1] != key:
+                        # One tag, as most networks have.
+                        if tags[start] in wanted:
+                            return tags[start]
+                        continue
+                    end = bisect_right(keys, key, start + 1, end)
+                else:
+                    start, end = span(group, value)
+                    if start == end:
+                        continue
+                    if wanted is None:
+                        return tags[start]
                 for tag in wanted:
                     position = bisect_left(tags, tag, start, end)
                     if position < end and tags[position] == tag:

@@ -134,9 +134,7 @@ def sender_not_owned(sender: str) -> Decision:
                     f"<{shown}>: Sender address rejected: not owned by user")
 
 
-def rate_limited() -> Decision:
-    return Decision(Action.DEFER, "rate-limit", 450, "4.7.1",
-                    "Sending rate limit exceeded, try again later")
+RATE_LIMIT_TEXT = "Sending rate limit exceeded, try again later"
 
 
 def client_listed(result: ListingResult) -> Decision:
@@ -166,19 +164,18 @@ def decide_recipient(facts: RecipientFacts, snapshot: Snapshot,
     client = facts.client
     local = relay_verdict(recipient, Trust.UNTRUSTED, facts.resolved_recipient, rules)
     trust = client_trust(client.address, client.auth_user, rules)
-    relay_client = None
-    if trust is Trust.UNTRUSTED:
-        relay_client = store.relay_client(client.address)
-        if relay_client is not None:
-            trust = Trust.RELAY_CLIENT
     if local.allowed:
         return _inbound(facts, recipient, trust, local.reason, snapshot)
     # The recipient is not ours: relaying.
     hold = store.held(client.address, client.auth_user)
     if hold is not None:
         return relaying_suspended(hold)
+    relay_client = None
     if trust is Trust.UNTRUSTED:
-        return relay_denied(recipient.path, local.reason)
+        relay_client = store.relay_client(client.address)
+        if relay_client is None:
+            return relay_denied(recipient.path, local.reason)
+        trust = Trust.RELAY_CLIENT
     sender_domain = _sender_domain(facts.sender)
     if trust is Trust.RELAY_CLIENT and relay_client.sender_domains \
             and sender_domain not in relay_client.sender_domains:
@@ -204,10 +201,13 @@ def _inbound(facts: RecipientFacts, recipient: Recipient, trust: Trust, reason: 
     result = facts.listing.result()
     if domain is not None and domain.threshold is not None:
         result = summarise(result.client, result.answers, domain.threshold)
-    # The allowlist only matters for a listed client: most clients are not,
-    # and never cost an allowlist lookup.
-    if result.listed and store.allowlisted(facts.client.address, recipient.domain):
-        return permit("allowlisted")
+    # Relay clients and the allowlist only matter for a listed client: most
+    # clients are not, and never cost these lookups.
+    if result.listed:
+        if store.relay_client(facts.client.address) is not None:
+            return permit(Trust.RELAY_CLIENT.value)
+        if store.allowlisted(facts.client.address, recipient.domain):
+            return permit("allowlisted")
     return decide_listing(result, reason)
 
 
@@ -218,15 +218,16 @@ def _outbound(facts: RecipientFacts, trust: Trust, snapshot: Snapshot,
     if trust is Trust.AUTHENTICATED:
         kind, value = "user", client.auth_user
     else:
-        kind, value = "client", str(client.address)
+        kind, value = "client", client.address
     limit = snapshot.policy.limit(kind, value)
     if limit is None or counter is None:
         return permit(trust.value)
     charge = counter.charge((kind, value), limit)
-    hold = (kind, value) if charge.hold_due else None
+    hold = (kind, str(value)) if charge.hold_due else None
     if not charge.allowed:
-        return replace(rate_limited(), hold_request=hold)
-    return replace(permit(trust.value), hold_request=hold)
+        return Decision(Action.DEFER, "rate-limit", 450, "4.7.1", RATE_LIMIT_TEXT,
+                        hold_request=hold)
+    return Decision(Action.PERMIT, trust.value, hold_request=hold)
 
 
 def _sender_domain(sender: str) -> str | None:
