@@ -137,6 +137,11 @@ def sender_not_owned(sender: str) -> Decision:
 RATE_LIMIT_TEXT = "Sending rate limit exceeded, try again later"
 
 
+def rate_limited(hold_request: tuple[str, str] | None = None) -> Decision:
+    return Decision(Action.DEFER, "rate-limit", 450, "4.7.1", RATE_LIMIT_TEXT,
+                    hold_request=hold_request)
+
+
 def client_listed(result: ListingResult) -> Decision:
     text = (f"Service unavailable; Client host [{result.client}] blocked using "
             f"{printable(result.reply_zone or 'a DNS blocklist')}")
@@ -225,8 +230,7 @@ def _outbound(facts: RecipientFacts, trust: Trust, snapshot: Snapshot,
     charge = counter.charge((kind, value), limit)
     hold = (kind, str(value)) if charge.hold_due else None
     if not charge.allowed:
-        return Decision(Action.DEFER, "rate-limit", 450, "4.7.1", RATE_LIMIT_TEXT,
-                        hold_request=hold)
+        return rate_limited(hold)
     return Decision(Action.PERMIT, trust.value, hold_request=hold)
 
 
