@@ -52,7 +52,7 @@ MAX_PATH_OCTETS = 512
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # RFC 5322 atext: the characters a dot-string may hold unquoted.
-_ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                    "0123456789!#$%&'*+-/=?^_`{|}~")
 _LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 
@@ -322,7 +322,7 @@ def _decode_local_part(text: str) -> tuple[str, bool]:
             escaped = True
             index += 2
             continue
-        if not (char in _ATEXT or char == "." or char == "@" or ord(char) > 0x7F):
+        if not (char in ATEXT or char == "." or char == "@" or ord(char) > 0x7F):
             raise AddressSyntaxError(f"character {char!r} not allowed in local part")
         decoded.append(char)
         index += 1

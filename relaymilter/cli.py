@@ -174,6 +174,9 @@ def _serve(args: argparse.Namespace, front_end: str) -> int:
     lines = attach_lines(socket_text) if front_end == "milter" else policyd_lines(socket_text)
     for line in lines:
         log.info("%s", line)
+    if front_end == "policyd" and config.dnsbl.zones and config.dnsbl.reject_stage == "connect":
+        log.warning("%s: dnsbl.reject_stage = \"connect\" has no effect on the policy "
+                    "service: it decides at RCPT, postmaster exempt", path)
     if front_end == "milter":
         # Every thread we start must inherit these blocked: libmilter collects
         # them with sigwait() in its own thread; a thread that does not block

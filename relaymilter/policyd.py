@@ -53,6 +53,7 @@ import socketserver
 import threading
 from typing import BinaryIO
 
+from relaymilter.address import ATEXT
 from relaymilter.live import LiveConfig
 from relaymilter.logline import log_decision
 from relaymilter.policy import (Action, ClientFacts, Decision, RecipientFacts, answered_action,
@@ -169,7 +170,7 @@ class PolicyConnection(socketserver.StreamRequestHandler):
             log_decision("RCPT", decision, client, facts.sender, facts.recipient,
                          facts.queue_id)
             live.metrics.decision("rcpt", decision)
-            return action_for(decision)
+            return _without_recipient(action_for(decision))
         except Exception:               # the edge: one traceback, then on_error
             log.exception("internal error while deciding a policy request")
             live.metrics.internal_error("policyd")
@@ -196,8 +197,36 @@ class PolicyConnection(socketserver.StreamRequestHandler):
 
 
 def _path(address: str) -> str:
-    """Postfix gives addresses without angle brackets; the facts carry them."""
-    return f"<{address}>"
+    """Postfix's internal form -> an RFC 5321 path, as the facts carry it.
+
+    Postfix hands addresses with quoting removed: `"john doe"@example.com`
+    arrives as `john doe@example.com`. A local part that is not a dot-atom
+    is quoted again, so that it parses as the client meant it (and
+    `user@remote@local` becomes `"user@remote"@local`, which it was).
+    """
+    if not address:
+        return "<>"
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    if local and not _is_dot_atom(local):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"<{local}{at}{domain}>"
+
+
+def _is_dot_atom(text: str) -> bool:
+    return all(part and all(char in ATEXT or ord(char) > 0x7F for char in part)
+               for part in text.split("."))
+
+
+def _without_recipient(action: str) -> str:
+    """Postfix prefixes a policy refusal with "<rcpt>: Recipient address
+    rejected: "; "<rcpt>: Relay access denied" would name it twice."""
+    code, _, text = action.partition(" ")
+    dsn, _, rest = text.partition(" ")
+    if rest.startswith("<") and rest.endswith(">: Relay access denied"):
+        return f"{code} {dsn} Relay access denied"
+    return action
 
 
 class _Server(socketserver.ThreadingMixIn):

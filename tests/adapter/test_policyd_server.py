@@ -56,8 +56,7 @@ def rcpt(recipient: str, client: str = "192.0.2.9", **more: str) -> bytes:
 def test_one_connection_answers_many_requests(server):
     client = Client(server.address)
     assert client.ask(rcpt("user@local.test")) == [b"action=DUNNO"]
-    assert client.ask(rcpt("user@remote.test")) == \
-        [b"action=554 5.7.1 <user@remote.test>: Relay access denied"]
+    assert client.ask(rcpt("user@remote.test")) == [b"action=554 5.7.1 Relay access denied"]
     assert client.ask(rcpt("user@remote.test", client="198.51.100.7")) == [b"action=OK"]
     assert client.ask(rcpt("user@remote.test", sasl_username="alice")) == [b"action=OK"]
 

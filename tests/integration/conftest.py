@@ -16,6 +16,7 @@ import pytest
 
 from postfix_instance import POSTFIX, POSTFIX_MASTER, PostfixInstance
 from rbldnsd import RBLDNSD
+from relaymilter_process import FRONT_ENDS
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +47,19 @@ def postfix_factory(postfix_installed: None) -> Iterator[Callable[..., PostfixIn
     yield make
     for instance in instances:
         instance.stop()
+
+
+@pytest.fixture(scope="module", params=FRONT_ENDS, ids=FRONT_ENDS)
+def front_end(request: pytest.FixtureRequest) -> str:
+    """"milter" or "policyd": a test that takes it runs once with each front end.
+
+    One table of scenarios, two ways for Postfix to ask relaymilter
+    (smtpd_milters, check_policy_service), the same SMTP outcome expected.
+    Module scope: pytest runs a module's tests for one front end, then for
+    the other, so module fixtures built on it (one relaymilter, one Postfix)
+    are made twice, not once per test.
+    """
+    return request.param
 
 
 @pytest.fixture(scope="session")

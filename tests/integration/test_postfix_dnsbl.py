@@ -6,6 +6,11 @@ milter's resolver is pointed at rbldnsd only: nothing leaves the machine.
 
 Weights (threshold 2): BL lists alone (2); HALF1 and HALF2 list only
 together (1 + 1); WL is an allowlist (-2); ERR answers an error code.
+
+Each scenario that takes the front_end fixture (conftest) runs with
+relaymilter as Postfix's milter and as its policy service, expecting the
+same SMTP codes. The milter starts the lookups at connect, the policy
+service at the first RCPT; both reuse them for the message's recipients.
 """
 
 from __future__ import annotations
@@ -72,33 +77,35 @@ def rbldnsd(rbldnsd_installed) -> Iterator[Rbldnsd]:
 
 
 @pytest.fixture(scope="module")
-def gate(postfix_installed, rbldnsd, public_tree):
+def gate(postfix_installed, rbldnsd, public_tree, front_end):
     """relaymilter (5 zones on rbldnsd, threshold 2) behind one Postfix."""
-    milter = RelaymilterProcess(public_subdirectory(public_tree, "gate"), relay=RELAY,
-                                dnsbl=dnsbl_section(rbldnsd.nameserver),
-                                cache={"min_ttl": 0, "max_ttl": 3600})
-    milter.start()
-    postfix = PostfixInstance(milter.socket)
+    service = RelaymilterProcess(public_subdirectory(public_tree, f"gate-{front_end}"),
+                                 front_end=front_end, relay=RELAY,
+                                 dnsbl=dnsbl_section(rbldnsd.nameserver),
+                                 cache={"min_ttl": 0, "max_ttl": 3600})
+    service.start()
+    postfix = PostfixInstance(**service.postfix_kwargs())
     try:
         postfix.start()
-        yield milter, postfix
+        yield service, postfix
     finally:
         postfix.stop()
-        milter.kill()
+        service.kill()
 
 
 def test_listed_ipv4_client_gets_554_naming_the_list_and_its_txt(gate):
-    milter, postfix = gate
+    service, postfix = gate
     reply = rcpt_reply(postfix.port, "<user@local.test>", addr=LISTED)
     assert reply.code == 554
-    assert reply.text == (f"5.7.1 Service unavailable; Client host [{LISTED}] blocked using BL; "
-                          f"Listed for spam, see http://bl.test/{LISTED}")
-    milter.wait_for_log(rf"NOQUEUE: reject: RCPT from unknown\[{LISTED}\]: 554 5\.7\.1 "
+    assert reply.text == service.reply_text(
+        f"5.7.1 Service unavailable; Client host [{LISTED}] blocked using BL; "
+        f"Listed for spam, see http://bl.test/{LISTED}", "<user@local.test>")
+    service.wait_for_log(rf"NOQUEUE: reject: RCPT from unknown\[{LISTED}\]: 554 5\.7\.1 "
                         r"Service unavailable; .* reason=dnsbl$")
 
 
 def test_listed_ipv6_client_gets_554(gate):
-    milter, postfix = gate
+    service, postfix = gate
     reply = rcpt_reply(postfix.port, "<user@local.test>", addr=f"IPV6:{LISTED_V6}")
     assert reply.code == 554
     assert f"Client host [{LISTED_V6}] blocked using BL; Listed6" in reply.text
@@ -106,23 +113,23 @@ def test_listed_ipv6_client_gets_554(gate):
 
 @pytest.mark.parametrize("client", [CLEAN, f"IPV6:{CLEAN_V6}"])
 def test_unlisted_client_passes(gate, client):
-    milter, postfix = gate
+    service, postfix = gate
     assert rcpt_reply(postfix.port, "<user@local.test>", addr=client).code == 250
 
 
 def test_allowlist_outweighs_a_listing(gate):
-    milter, postfix = gate
+    service, postfix = gate
     assert rcpt_reply(postfix.port, "<user@local.test>", addr=ALLOWED).code == 250
 
 
 def test_error_code_answer_does_not_reject_and_is_logged(gate):
-    milter, postfix = gate
+    service, postfix = gate
     assert rcpt_reply(postfix.port, "<user@local.test>", addr=ERROR_CODE).code == 250
-    milter.wait_for_log(r"dnsbl ERR: .*127\.255\.255\.254")
+    service.wait_for_log(r"dnsbl ERR: .*127\.255\.255\.254")
 
 
 def test_threshold_needs_both_half_weight_lists(gate):
-    milter, postfix = gate
+    service, postfix = gate
     assert rcpt_reply(postfix.port, "<user@local.test>", addr=HALF_LISTED).code == 250
     reply = rcpt_reply(postfix.port, "<user@local.test>", addr=DOUBLY_LISTED)
     assert reply.code == 554 and "blocked using HALF1" in reply.text
@@ -130,24 +137,24 @@ def test_threshold_needs_both_half_weight_lists(gate):
 
 @pytest.mark.parametrize("recipient", ["<postmaster>", "<postmaster@local.test>"])
 def test_postmaster_stays_reachable_for_a_listed_client(gate, recipient):
-    milter, postfix = gate
+    service, postfix = gate
     assert rcpt_reply(postfix.port, recipient, addr=LISTED).code == 250
 
 
 def test_trusted_and_authenticated_clients_are_not_refused_for_a_listing(gate):
-    milter, postfix = gate
+    service, postfix = gate
     assert rcpt_reply(postfix.port, "<user@local.test>", addr=TRUSTED).code == 250
     assert rcpt_reply(postfix.port, "<user@remote.test>", addr=LISTED, login="alice").code == 250
 
 
 def test_listed_client_relay_attempt_is_refused_as_relay(gate):
-    milter, postfix = gate
+    service, postfix = gate
     reply = rcpt_reply(postfix.port, "<user@remote.test>", addr=LISTED)
     assert reply.code == 554 and reply.text.endswith("Relay access denied")
 
 
 def test_one_listed_session_refuses_every_local_recipient(gate):
-    milter, postfix = gate
+    service, postfix = gate
     with SmtpDialog(postfix.port) as smtp:
         smtp.ehlo()
         smtp.xclient(addr=LISTED)
@@ -157,9 +164,10 @@ def test_one_listed_session_refuses_every_local_recipient(gate):
 
 
 def test_twenty_connections_from_one_address_cost_one_query_per_zone(gate, rbldnsd):
-    milter, postfix = gate
-    client = "192.0.2.77"
-    names = [f"77.2.0.192.{zone['name']}" for zone in ZONE_CONFIG]
+    service, postfix = gate
+    # One address per front end: the other front end's module run asked too.
+    client = "192.0.2.77" if service.front_end == "milter" else "192.0.2.78"
+    names = [f"{client.split('.')[3]}.2.0.192.{zone['name']}" for zone in ZONE_CONFIG]
     before = {name: rbldnsd.query_count(name=name, qtype="A") for name in names}
     assert before == {name: 0 for name in names}
     for _ in range(20):
@@ -174,7 +182,7 @@ def test_twenty_connections_from_one_address_cost_one_query_per_zone(gate, rbldn
 
 
 def test_hundred_concurrent_connections_from_hundred_addresses(gate):
-    milter, postfix = gate
+    service, postfix = gate
 
     def verdict(address: str) -> tuple[str, int]:
         return address, rcpt_reply(postfix.port, "<user@local.test>", addr=address).code
@@ -183,12 +191,12 @@ def test_hundred_concurrent_connections_from_hundred_addresses(gate):
         results = dict(pool.map(verdict, CROWD))
     expected = {address: 554 if index % 2 else 250 for index, address in enumerate(CROWD)}
     assert results == expected
-    assert "Traceback" not in milter.log_text()
+    assert "Traceback" not in service.log_text()
 
 
 def test_lookup_command_prints_each_zone_and_the_verdict(gate):
-    milter, postfix = gate
-    output = subprocess.run([RELAYMILTER, "lookup", LISTED, "-c", str(milter.config_path)],
+    service, postfix = gate
+    output = subprocess.run([RELAYMILTER, "lookup", LISTED, "-c", str(service.config_path)],
                             capture_output=True, text=True, timeout=30)
     assert output.returncode == 0, output.stderr
     lines = output.stdout.splitlines()
@@ -214,7 +222,8 @@ def _timed_rcpt(port: int, address: str) -> tuple[int, float]:
 
 
 @pytest.mark.parametrize("fault", ["nameserver-down", "answers-late", "servfail"])
-def test_dns_fault_lets_mail_through_within_the_timeout(postfix_factory, public_tree, fault):
+def test_dns_fault_lets_mail_through_within_the_timeout(postfix_factory, public_tree, fault,
+                                                        front_end):
     timeout = 1.0
     if fault == "nameserver-down":
         server, nameserver = None, "127.0.0.1:9"     # discard port: nothing answers
@@ -224,40 +233,43 @@ def test_dns_fault_lets_mail_through_within_the_timeout(postfix_factory, public_
         server.start()
         nameserver = server.nameserver
     try:
-        milter = RelaymilterProcess(
-            public_subdirectory(public_tree, f"fault-{fault}"), relay=RELAY,
+        service = RelaymilterProcess(
+            public_subdirectory(public_tree, f"fault-{fault}-{front_end}"),
+            front_end=front_end, relay=RELAY,
             dnsbl={"nameservers": [nameserver], "timeout": timeout,
                    "zone": [{"name": "bl.test", "display_name": "BL"}]})
-        with milter:
-            postfix = postfix_factory(milter.socket)
+        with service:
+            postfix = postfix_factory(**service.postfix_kwargs())
             code, seconds = _timed_rcpt(postfix.port, "192.0.2.55")
             assert code == 250
             assert seconds < timeout + 0.5
-            milter.wait_for_log(r"dnsbl BL: .*counted as not listed")
+            service.wait_for_log(r"dnsbl BL: .*counted as not listed")
     finally:
         if server is not None:
             server.stop()
 
 
 def test_zone_that_lists_the_world_is_disabled_by_the_health_check(postfix_factory, public_tree,
-                                                                   rbldnsd_installed):
+                                                                   rbldnsd_installed, front_end):
     world = Rbldnsd([RbldnsdZone("world.test", "ip4trie", ["0.0.0.0/0"])], ttl=TTL)
     with world:
-        milter = RelaymilterProcess(
-            public_subdirectory(public_tree, "world"), relay=RELAY,
-            dnsbl={"nameservers": [world.nameserver],
-                   "zone": [{"name": "world.test", "display_name": "WORLD"}]})
-        with milter:
-            milter.wait_for_log(r"error: dnsbl WORLD: .*disabled", timeout=10)
-            postfix = postfix_factory(milter.socket)
+        service = RelaymilterProcess(
+            public_subdirectory(public_tree, f"world-{front_end}"), front_end=front_end,
+            relay=RELAY, dnsbl={"nameservers": [world.nameserver],
+                                "zone": [{"name": "world.test", "display_name": "WORLD"}]})
+        with service:
+            service.wait_for_log(r"error: dnsbl WORLD: .*disabled", timeout=10)
+            postfix = postfix_factory(**service.postfix_kwargs())
             assert rcpt_reply(postfix.port, "<user@local.test>", addr=CLEAN).code == 250
 
 
+# Milter only: Postfix asks a policy service at RCPT, never at connect (policyd
+# ignores reject_stage = "connect": it refuses at RCPT, postmaster exempt).
 def test_reject_stage_connect_refuses_the_whole_connection(postfix_factory, public_tree, rbldnsd):
     milter = RelaymilterProcess(public_subdirectory(public_tree, "connect-stage"), relay=RELAY,
                                 dnsbl=dnsbl_section(rbldnsd.nameserver, reject_stage="connect"))
     with milter:
-        postfix = postfix_factory(milter.socket)
+        postfix = postfix_factory(**milter.postfix_kwargs())
         with SmtpDialog(postfix.port) as smtp:
             smtp.ehlo()
             smtp.xclient(addr=LISTED)
@@ -269,11 +281,13 @@ def test_reject_stage_connect_refuses_the_whole_connection(postfix_factory, publ
         assert rcpt_reply(postfix.port, "<user@local.test>", addr=CLEAN).code == 250
 
 
-def test_dry_run_logs_would_reject_for_a_listed_client(postfix_factory, public_tree, rbldnsd):
-    milter = RelaymilterProcess(public_subdirectory(public_tree, "dry"), relay=RELAY,
-                                milter={"dry_run": True}, dnsbl=dnsbl_section(rbldnsd.nameserver))
-    with milter:
-        postfix = postfix_factory(milter.socket)
+def test_dry_run_logs_would_reject_for_a_listed_client(postfix_factory, public_tree, rbldnsd,
+                                                      front_end):
+    service = RelaymilterProcess(public_subdirectory(public_tree, f"dry-{front_end}"),
+                                 front_end=front_end, relay=RELAY, milter={"dry_run": True},
+                                 dnsbl=dnsbl_section(rbldnsd.nameserver))
+    with service:
+        postfix = postfix_factory(**service.postfix_kwargs())
         assert rcpt_reply(postfix.port, "<user@local.test>", addr=LISTED).code == 250
-        milter.wait_for_log(rf"NOQUEUE: would reject: RCPT from unknown\[{LISTED}\]: "
-                            r"554 5\.7\.1 Service unavailable; .*reason=dnsbl$")
+        service.wait_for_log(rf"NOQUEUE: would reject: RCPT from unknown\[{LISTED}\]: "
+                             r"554 5\.7\.1 Service unavailable; .*reason=dnsbl$")

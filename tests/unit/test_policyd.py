@@ -93,3 +93,28 @@ def test_decision_becomes_a_postfix_action(decision, action):
 def test_dry_run_reject_is_dunno():
     decision = Decision(Action.REJECT, "remote-domain", 554, "5.7.1", "x", dry_run=True)
     assert action_for(decision) == "DUNNO"
+
+
+@pytest.mark.parametrize("internal, path", [
+    ("user@local.test", "<user@local.test>"),
+    ("john doe@local.test", '<"john doe"@local.test>'),
+    ('a"b@local.test', '<"a\\"b"@local.test>'),
+    ("user@remote.test@local.test", '<"user@remote.test"@local.test>'),
+    ("user%remote.test@local.test", "<user%remote.test@local.test>"),
+    ("remote.test!user@local.test", "<remote.test!user@local.test>"),
+    ("müller@local.test", "<müller@local.test>"),
+    ("postmaster", "<postmaster>"),
+    ("", "<>"),
+])
+def test_postfix_internal_form_becomes_a_path_again(internal, path):
+    from relaymilter.policyd import _path
+    assert _path(internal) == path
+
+
+def test_relay_refusal_does_not_name_the_recipient_twice():
+    from relaymilter.policyd import _without_recipient
+    assert _without_recipient("554 5.7.1 <u@r.test>: Relay access denied") == \
+        "554 5.7.1 Relay access denied"
+    assert _without_recipient("553 5.7.1 <s@x.test>: Sender address rejected: not owned by user") \
+        == "553 5.7.1 <s@x.test>: Sender address rejected: not owned by user"
+    assert _without_recipient("DUNNO") == "DUNNO"
