@@ -1,10 +1,12 @@
-"""postfix_throughput - messages per second through a real Postfix, with and without a milter.
+"""postfix_throughput - messages per second through a real Postfix, with and without relaymilter.
 
 NAME
-    postfix_throughput - what relaymilter costs Postfix, next to a do-nothing milter
+    postfix_throughput - what relaymilter costs Postfix, as a milter and as a
+    policy service, next to a do-nothing milter and a do-nothing policy service
 
 SYNOPSIS
     python bench/postfix_throughput.py [--messages N] [--rounds R] [--sessions S] [--quick]
+                                       [--dnsbl]
 
 DESCRIPTION
     Postfix's own load generator, smtp-source(1), sends N messages to a private
@@ -12,54 +14,86 @@ DESCRIPTION
     parallel, one message per SMTP connection (smtp-source's default small
     message), MAIL FROM:<sender@remote.test>, RCPT TO:<user@local.test>. Rates
     are N divided by the wall time of one smtp-source run, so they cover the
-    whole SMTP conversation up to "250 queued" and the milter's work for it.
-    Delivery (discard(8)) is not timed: after each run the script waits until
-    Postfix has logged every message as delivered, so runs do not compete with
-    the previous run's queue.
+    whole SMTP conversation up to "250 queued" and the milter's or policy
+    service's work for it. Delivery (discard(8)) is not timed: after each run
+    the script waits until Postfix has logged every message as delivered, so
+    runs do not compete with the previous run's queue.
 
     Configurations, each a Postfix instance of its own (all started at the
     beginning, measured one at a time):
-      (a) none         Postfix without a milter
-      (b) baseline     bench/baseline_milter.py: connect, MAIL, RCPT, end of
-                       message, CONTINUE each (ACCEPT at the end), the rest
-                       negotiated away
-      (c) relaymilter  `relaymilter run` with local_domains = ["local.test"] and
-                       trusted_networks not containing 127.0.0.1: every message
-                       is an untrusted client sending to a local recipient, the
-                       real decision, permitted
-    (b) and (c) are measured over a unix socket and over TCP (inet on
-    127.0.0.1); milter_protocol = 6, milter_default_action = tempfail.
+      (a) none                 Postfix alone: no milter, no policy service
+      (b) baseline             bench/baseline_milter.py: connect, MAIL, RCPT,
+                               end of message, CONTINUE each (ACCEPT at the
+                               end), the rest negotiated away
+      (c) relaymilter          `relaymilter run` with local_domains =
+                               ["local.test"] and trusted_networks not
+                               containing 127.0.0.1: every message is an
+                               untrusted client sending to a local recipient,
+                               the real decision, permitted
+      (d) relaymilter policyd  `relaymilter policyd` with the [relay] settings
+                               of (c) (and a store of its own): the same
+                               decision, asked by Postfix as a policy service
+                               (action=DUNNO)
+      (e) dunno policyd        bench/dunno_policyd.py: reads each request,
+                               answers action=DUNNO
+    Every service is measured over a unix socket and over TCP (inet on
+    127.0.0.1). Milters: milter_protocol = 6, milter_default_action =
+    tempfail. Policy services: no milter, and
+        smtpd_relay_restrictions = check_policy_service SOCKET,
+            check_client_access static:OK, reject_unauth_destination
+    (the last two are the test instance's open relay), so the service is the
+    only gate. The smtpd_policy_service_* parameters keep their defaults: each
+    smtpd process opens one connection to the service and reuses it for
+    every SMTP session it serves (max_idle 300 s, max_ttl 1000 s, no request
+    limit), answers it waits for up to 100 s, and a failed service means
+    "451 4.3.5" (default_action), a tempfail like the milters'. smtpd
+    processes end after max_use = 100 sessions, so new processes, and new
+    policy connections, come and go during a run as they would in
+    production. policy_time_limit only bounds services that spawn(8) runs
+    from master.cf; these run on their own.
 
     Before measuring, every configuration gets one warm-up run, and a relay
-    attempt (RCPT TO:<user@remote.test>) must get 250 from (a) and (b), which
-    are open relays, and 554 from (c): proof that relaymilter is on the path.
-    A run that smtp-source reports an error for, or whose messages Postfix does
-    not deliver, aborts the benchmark rather than count as fast.
+    attempt (RCPT TO:<user@remote.test>) must get 250 from (a), (b) and (e),
+    which are open relays, and 554 from (c) and (d): proof that relaymilter
+    is on the path. A run that smtp-source reports an error for, or whose
+    messages Postfix does not deliver, aborts the benchmark rather than count
+    as fast. Without a `relaymilter policyd` verb (an older commit), (d) is
+    left out and says so.
 
-    Runs are interleaved: each round measures all five configurations, in an
+    Runs are interleaved: each round measures all nine configurations, in an
     order rotated by one per round, so drift (CPU frequency, other load) hits
-    them alike. The table shows the median rate per configuration, with the
-    lowest and highest round; c/a and c/b are ratios of medians.
+    them alike; (b) and (c), and (d) and (e), of one socket type run next to
+    each other. The table shows the median rate per configuration, with the
+    lowest and highest round; c/a, c/b, d/a and d/e are ratios of medians.
 
 READING THE FIGURES
-    c/a is what relaymilter costs compared with no milter at all: below 1.0,
-    since any milter adds round trips to every SMTP session. c/b compares
-    relaymilter with the cheapest milter one could write in pymilter; the
-    target is c/b >= 1.0 (relaymilter costs Postfix no more than a milter that
-    decides nothing). Ratios within a few percent of each other are noise on a
-    small machine: compare them with the min-max spread of the rounds and with
-    the c/b of each round, which compares runs made close together.
+    c/a and d/a are what relaymilter costs compared with Postfix alone: below
+    1.0, since any milter or policy service adds round trips to every SMTP
+    session. c/b and d/e compare relaymilter with the cheapest milter and
+    policy service one could write in Python. Targets: c/b >= 1.0 (the milter
+    costs Postfix no more than a milter that decides nothing); d/a >= 0.85
+    and d/e >= 0.95 (the policy service costs at most 15 % of Postfix's rate,
+    and at most 5 % more than one that decides nothing). Ratios within a few
+    percent of each other are noise on a small machine: compare them with the
+    min-max spread of the rounds and with the per-round c/b and d/e, which
+    compare runs made close together.
 
-    The milter CPU time per message (user + system, from /proc) is less noisy
-    than the rates: it shows what each milter process spends, though other load
-    on the machine inflates it too (cold caches). It is not what limits the rate
-    by itself: Postfix waits for the milter's replies, so round trips and
-    stalls count as well.
+    The service CPU time per message (user + system of the process and its
+    threads, from /proc) is less noisy than the rates: it shows what each
+    service process spends, though other load on the machine inflates it too
+    (cold caches). It is not what limits the rate by itself: Postfix waits
+    for the replies, so round trips and stalls count as well.
 
-    inet rates far below the unix ones, for (b) and (c) alike, are the
+    A policy service costs one round trip per recipient on a connection smtpd
+    already holds; a milter costs a connection per SMTP session and a round
+    trip per stage. So (d) and (e) should stay close to (a), where (b) and
+    (c) cannot.
+
+    Milter inet rates far below the unix ones, for (b) and (c) alike, are the
     Nagle/delayed-ACK stall: Postfix sends the DATA-stage macros without
     expecting a reply, then the end-of-message packets wait up to 40 ms for
-    the TCP acknowledgement. A milter that replies at DATA does not have it.
+    the TCP acknowledgement. A milter that replies at DATA does not have it;
+    the policy protocol, one request and one answer, does not either.
 """
 
 from __future__ import annotations
@@ -98,18 +132,32 @@ POSTFIX_SETTINGS = {
     "smtpd_client_connection_rate_limit": "0",
     "smtpd_client_message_rate_limit": "0",
 }
+# PostfixInstance's default smtpd_relay_restrictions: an open relay Postfix accepts.
+OPEN_RELAY = "check_client_access static:OK, reject_unauth_destination"
+
+# label -> (name, kind of service, reply to a relay attempt)
+CONFIGURATIONS = {
+    "a": ("Postfix alone", None, 250),
+    "b": ("baseline milter", "milter", 250),
+    "c": ("relaymilter milter", "milter", 554),
+    "d": ("relaymilter policyd", "policy", 554),
+    "e": ("DUNNO policyd", "policy", 250),
+}
+SERVICES = "bcde"
+TRANSPORTS = ("unix", "inet")
 
 
 class BenchError(RuntimeError):
     """The benchmark cannot produce trustworthy figures."""
 
 
-class MilterProcess:
-    """A milter subprocess listening on a socket given in libmilter syntax."""
+class ServiceProcess:
+    """A milter or policy service subprocess on a socket given as unix:PATH or inet:PORT@HOST."""
 
-    def __init__(self, name: str, command: list[str], libmilter_socket: str, directory: Path):
+    def __init__(self, name: str, kind: str, command: list[str], where: str, directory: Path):
         self.name = name
-        self.socket = libmilter_socket
+        self.kind = kind  # "milter" or "policy"
+        self.socket = where
         self.log_path = directory / f"{name}.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
@@ -117,7 +165,7 @@ class MilterProcess:
 
     @property
     def postfix_socket(self) -> str:
-        """The same socket in smtpd_milters syntax."""
+        """The same socket as smtpd_milters and check_policy_service write it."""
         if self.socket.startswith("unix:"):
             return self.socket
         port, host = re.fullmatch(r"inet:(\d+)@(.+)", self.socket).groups()
@@ -130,9 +178,16 @@ class MilterProcess:
                 raise BenchError(f"{self.name} is not listening on {self.socket}:\n{self.log()}")
             time.sleep(0.05)
         if self.socket.startswith("unix:"):
-            # smtpd connects as the postfix user; libmilter leaves the socket
-            # at 0777 & ~umask, which needs write permission for others.
-            Path(self.socket[5:]).chmod(0o666)
+            path = Path(self.socket[5:])
+            if self.kind == "milter":
+                # smtpd connects as the postfix user; libmilter leaves the socket
+                # at 0777 & ~umask, which needs write permission for others.
+                path.chmod(0o666)
+            elif not path.stat().st_mode & 0o002:
+                # The policy services set the mode themselves ([policyd] socket_mode).
+                raise BenchError(f"{self.name}: {path} has mode "
+                                 f"{path.stat().st_mode & 0o777:04o}; smtpd, as the postfix "
+                                 "user, cannot connect")
 
     def _connectable(self) -> bool:
         try:
@@ -150,7 +205,7 @@ class MilterProcess:
         return self.log_path.read_text(errors="replace")
 
     def cpu_seconds(self) -> float:
-        """User plus system CPU time the milter process has used so far."""
+        """User plus system CPU time the process (all its threads) has used so far."""
         stat = Path(f"/proc/{self.process.pid}/stat").read_text()
         utime, stime = stat.rsplit(")", 1)[1].split()[11:13]
         return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
@@ -164,17 +219,28 @@ class MilterProcess:
 
 @dataclass
 class Configuration:
-    label: str  # "a", "b" or "c"
-    name: str
+    label: str  # "a" to "e", see CONFIGURATIONS
     transport: str  # "-", "unix" or "inet"
     postfix: PostfixInstance
-    milter: MilterProcess | None
-    expected_relay_reply: int
+    service: ServiceProcess | None
     rates: list[float] = field(default_factory=list)
-    cpu_per_message: list[float] = field(default_factory=list)  # milter CPU seconds
+    cpu_per_message: list[float] = field(default_factory=list)  # service CPU seconds
     delivered: int = 0  # messages Postfix has logged as delivered so far
     warnings: list[str] = field(default_factory=list)  # Postfix log lines
     _log_offset: int = 0
+
+    @property
+    def name(self) -> str:
+        return CONFIGURATIONS[self.label][0]
+
+    @property
+    def expected_relay_reply(self) -> int:
+        return CONFIGURATIONS[self.label][2]
+
+    @property
+    def key(self) -> str:
+        """Short name for round lines: "a", "b/unix", ..."""
+        return self.label if self.transport == "-" else f"{self.label}/{self.transport}"
 
     @property
     def title(self) -> str:
@@ -185,20 +251,20 @@ class Configuration:
         """One recorded run; returns messages per second."""
         rate, cpu = self.send(messages, sessions)
         self.rates.append(rate)
-        if self.milter:
+        if self.service:
             self.cpu_per_message.append(cpu)
         return rate
 
     def send(self, messages: int, sessions: int) -> tuple[float, float]:
-        """One smtp-source run: messages per second, milter CPU seconds per message."""
+        """One smtp-source run: messages per second, service CPU seconds per message."""
         command = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-f", SENDER,
                    "-t", LOCAL_RECIPIENT, "%s:%d" % self.postfix.address]
-        cpu = self.milter.cpu_seconds() if self.milter else 0.0
+        cpu = self.service.cpu_seconds() if self.service else 0.0
         started = time.perf_counter()
         result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                 timeout=600)
         elapsed = time.perf_counter() - started
-        cpu = (self.milter.cpu_seconds() - cpu) / messages if self.milter else 0.0
+        cpu = (self.service.cpu_seconds() - cpu) / messages if self.service else 0.0
         if result.returncode != 0 or result.stderr.strip():
             raise BenchError(f"{self.title}: smtp-source exited {result.returncode}:\n"
                              f"{result.stderr.strip()}\n{self._new_log_lines(' warning: ')}")
@@ -244,42 +310,76 @@ class Configuration:
         return [line for line in lines if containing in line]
 
 
-def milter_processes(directory: Path, dnsbl: str = "") -> dict[tuple[str, str], MilterProcess]:
-    """Start baseline and relaymilter on a unix socket and on TCP.
+def policyd_available() -> bool:
+    """Whether this checkout's relaymilter has the policyd verb."""
+    result = subprocess.run([sys.executable, "-m", "relaymilter", "policyd", "--help"],
+                            stdin=subprocess.DEVNULL, capture_output=True, cwd=ROOT, timeout=60)
+    return result.returncode == 0
+
+
+def relaymilter_config(path: Path, listener: str, store: Path, dnsbl: str) -> Path:
+    """Write relaymilter's config for (c) and (d); listener is its [milter] or [policyd] TOML."""
+    path.write_text(
+        listener +
+        "[relay]\n"
+        'local_domains = ["local.test"]\n'
+        '# not 127.0.0.1, where smtp-source connects from\n'
+        'trusted_networks = ["192.0.2.0/24"]\n'
+        "[store]\n"
+        f'path = "{store}"\n' + dnsbl)
+    return path
+
+
+def start_services(directory: Path, labels: str,
+                   dnsbl: str = "") -> dict[tuple[str, str], ServiceProcess]:
+    """Start the services of the given labels (of "bcde") on a unix socket and on TCP.
 
     dnsbl: TOML for relaymilter's [dnsbl] section, "" for none.
     """
-    milters = {}
-    for transport in ("unix", "inet"):
-        for name in ("baseline", "relaymilter"):
-            if transport == "unix":
-                where = f"unix:{directory}/{name}.sock"
-            else:
-                where = f"inet:{free_loopback_port()}@127.0.0.1"
-            if name == "baseline":
-                command = [sys.executable, str(ROOT / "bench" / "baseline_milter.py"), where]
-            else:
-                config = directory / f"relaymilter-{transport}.toml"
-                config.write_text(
-                    "[milter]\n"
-                    f'socket = "{where}"\n'
-                    "[relay]\n"
-                    'local_domains = ["local.test"]\n'
-                    '# not 127.0.0.1, where smtp-source connects from\n'
-                    'trusted_networks = ["192.0.2.0/24"]\n'
-                    "[store]\n"
-                    f'path = "{directory}/policy-{transport}.sqlite3"\n' + dnsbl)
-                command = [sys.executable, "-m", "relaymilter", "run", "-c", str(config)]
-            milters[transport, name] = MilterProcess(f"{name}-{transport}", command, where,
-                                                     directory)
+    python = sys.executable
+    services = {}
     try:
-        for milter in milters.values():
-            milter.wait_until_listening()
+        for transport in TRANSPORTS:
+            for label in labels:
+                name = CONFIGURATIONS[label][0].replace(" ", "-").lower() + f"-{transport}"
+                if transport == "unix":
+                    where = f"unix:{directory}/{name}.sock"
+                else:
+                    where = f"inet:{free_loopback_port()}@127.0.0.1"
+                store = directory / f"policy-{name}.sqlite3"
+                if label == "b":
+                    command = [python, str(ROOT / "bench" / "baseline_milter.py"), where]
+                elif label == "c":
+                    config = relaymilter_config(directory / f"{name}.toml",
+                                                f'[milter]\nsocket = "{where}"\n', store, dnsbl)
+                    command = [python, "-m", "relaymilter", "run", "-c", str(config)]
+                elif label == "d":
+                    config = relaymilter_config(
+                        directory / f"{name}.toml",
+                        f'[policyd]\nsocket = "{where}"\nsocket_mode = "0666"\n', store, dnsbl)
+                    command = [python, "-m", "relaymilter", "policyd", "-c", str(config)]
+                else:
+                    command = [python, str(ROOT / "bench" / "dunno_policyd.py"), where]
+                kind = CONFIGURATIONS[label][1]
+                services[label, transport] = ServiceProcess(name, kind, command, where, directory)
+        for service in services.values():
+            service.wait_until_listening()
     except BaseException:
-        for milter in milters.values():
-            milter.stop()
+        for service in services.values():
+            service.stop()
         raise
-    return milters
+    return services
+
+
+def postfix_for(service: ServiceProcess | None) -> PostfixInstance:
+    """A Postfix instance (not started) with the service as milter or policy service."""
+    if service is None or service.kind == "milter":
+        return PostfixInstance(service.postfix_socket if service else None,
+                               milter_default_action="tempfail", milter_protocol=6,
+                               extra_main_cf=POSTFIX_SETTINGS)
+    restrictions = f"check_policy_service {service.postfix_socket}, {OPEN_RELAY}"
+    return PostfixInstance(None, extra_main_cf={**POSTFIX_SETTINGS,
+                                                "smtpd_relay_restrictions": restrictions})
 
 
 def start_dnsbl_zones():
@@ -322,31 +422,33 @@ def run(args: argparse.Namespace) -> None:
     if POSTFIX is None or SMTP_SOURCE is None:
         raise BenchError("postfix or smtp-source not found (Debian package postfix); "
                          "run `scripts/install-debian-deps test`")
+    labels = SERVICES if policyd_available() else SERVICES.replace("d", "")
     directory = Path(tempfile.mkdtemp(prefix="relaymilter-bench-"))
     directory.chmod(0o755)  # smtpd, as the postfix user, must reach the unix sockets
-    milters: dict[tuple[str, str], MilterProcess] = {}
+    services: dict[tuple[str, str], ServiceProcess] = {}
     configurations: list[Configuration] = []
     lists = None
     try:
         dnsbl = ""
         if args.dnsbl:
             lists, dnsbl = start_dnsbl_zones()
-        milters = milter_processes(directory, dnsbl)
+        services = start_services(directory, labels, dnsbl)
 
-        def add(label: str, name: str, transport: str, milter: MilterProcess | None) -> None:
-            postfix = PostfixInstance(milter.postfix_socket if milter else None,
-                                      milter_default_action="tempfail", milter_protocol=6,
-                                      extra_main_cf=POSTFIX_SETTINGS)
-            configurations.append(Configuration(label, name, transport, postfix, milter,
-                                                 554 if label == "c" else 250))
+        def add(label: str, transport: str) -> None:
+            service = services.get((label, transport))
+            postfix = postfix_for(service)
+            configurations.append(Configuration(label, transport, postfix, service))
             postfix.start()
 
-        add("a", "none", "-", None)
-        for transport in ("unix", "inet"):
-            add("b", "baseline", transport, milters[transport, "baseline"])
-            add("c", "relaymilter", transport, milters[transport, "relaymilter"])
+        add("a", "-")
+        for transport in TRANSPORTS:
+            for label in labels:
+                add(label, transport)
 
+        load_before = os.getloadavg()[0]
         print(f"relaymilter at {relaymilter_revision()}, Postfix {postfix_version()}")
+        if "d" not in labels:
+            print("relaymilter has no policyd verb here: (d) relaymilter policyd left out")
         if args.dnsbl:
             print("relaymilter with 2 DNSBL zones (bl.bench, wl.bench) on rbldnsd, TTL 1 h")
         print(f"smtp-source -s {args.sessions}, one message per connection, "
@@ -354,70 +456,106 @@ def run(args: argparse.Namespace) -> None:
         for configuration in configurations:
             configuration.check_relay()
             configuration.send(min(args.messages, 200), args.sessions)  # warm-up
-        print("warm-up done; relay attempt refused (554) by relaymilter only")
+        refusers = " and ".join(f"({label})" for label in labels
+                                if CONFIGURATIONS[label][2] == 554)
+        print(f"warm-up done; relay attempt refused (554) by {refusers} only")
 
+        print("\nmessages/s per run (measured in an order rotated by one per round)")
+        print("round " + "".join(f"{c.key:>8}" for c in configurations))
         for round_number in range(args.rounds):
             shift = round_number % len(configurations)
-            order = configurations[shift:] + configurations[:shift]
-            figures = []
-            for configuration in order:
-                rate = configuration.measure(args.messages, args.sessions)
-                figures.append(f"{configuration.label}/{configuration.transport} {rate:6.0f}")
-            print(f"round {round_number + 1}: " + "  ".join(figures) + "  msg/s")
+            for configuration in configurations[shift:] + configurations[:shift]:
+                configuration.measure(args.messages, args.sessions)
+            print(f"{round_number + 1:5} "
+                  + "".join(f"{c.rates[-1]:8.0f}" for c in configurations), flush=True)
 
         report(configurations, args)
+        print(f"\nload average (1 min) on {os.cpu_count()} CPUs: {load_before:.1f} before, "
+              f"{os.getloadavg()[0]:.1f} after (the benchmark's own load included)")
         for configuration in configurations:
             if configuration.warnings:
                 print(f"\nPostfix {configuration.title} logged {len(configuration.warnings)} "
                       "warnings, first ones:\n" + "\n".join(configuration.warnings[:5]))
-        for milter in milters.values():
-            chatter = [line for line in milter.log().splitlines()
-                       if ": warning: " in line or ": error: " in line or "Traceback" in line]
+        for service in services.values():
+            chatter = [line for line in service.log().splitlines()
+                       if ": warning: " in line or ": error: " in line or "Traceback" in line
+                       or "Exception" in line]
             if chatter:
-                print(f"\n{milter.name} logged:\n" + "\n".join(chatter[:10]))
+                print(f"\n{service.name} logged:\n" + "\n".join(chatter[:10]))
     finally:
         for configuration in configurations:
             configuration.postfix.stop()
-        for milter in milters.values():
-            milter.stop()
+        for service in services.values():
+            service.stop()
         if lists is not None:
             lists.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
 
 def report(configurations: list[Configuration], args: argparse.Namespace) -> None:
-    def spread(configuration: Configuration) -> str:
-        rates = configuration.rates
-        return f"{statistics.median(rates):6.0f} ({min(rates):.0f}-{max(rates):.0f})"
-
     by_key = {(c.label, c.transport): c for c in configurations}
-    none = by_key["a", "-"]
+
+    def row(label: str) -> str:
+        return f"({label}) {CONFIGURATIONS[label][0]}"
+
+    def spread(configuration: Configuration | None) -> str:
+        if configuration is None:
+            return "-"
+        rates = configuration.rates
+        return f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})"
+
+    def ratio(numerator: str, denominator: str, transport: str) -> float | None:
+        """Ratio of medians; (a) has no transport."""
+        over = [by_key.get((label, "-" if label == "a" else transport))
+                for label in (numerator, denominator)]
+        if None in over:
+            return None
+        return statistics.median(over[0].rates) / statistics.median(over[1].rates)
+
+    def figure(value: float | None, template: str) -> str:
+        return "-" if value is None else template.format(value)
+
     print(f"\nmessages/s, median of {args.rounds} rounds (lowest-highest)")
-    header = (f"{'socket':6}  {'(a) no milter':>19}  {'(b) baseline':>19}  "
-              f"{'(c) relaymilter':>19}  {'c/a':>5}  {'c/b':>5}")
+    header = f"{'':24}{'unix socket':>20}{'inet socket':>20}"
     print(header)
     print("-" * len(header))
-    verdicts = []
-    for transport in ("unix", "inet"):
-        baseline, relay = by_key["b", transport], by_key["c", transport]
-        median = {c.label: statistics.median(c.rates) for c in (none, baseline, relay)}
-        c_a, c_b = median["c"] / median["a"], median["c"] / median["b"]
-        print(f"{transport:6}  {spread(none):>19}  {spread(baseline):>19}  {spread(relay):>19}  "
-              f"{c_a:5.2f}  {c_b:5.2f}")
-        verdicts.append(f"{transport} {'met' if c_b >= 1.0 else 'NOT met'}")
-    print(f"\ntarget c/b >= 1.0: {', '.join(verdicts)}")
+    print(f"{row('a'):24}{spread(by_key['a', '-']):>20}{'(no socket)':>20}")
+    for label in SERVICES:
+        print(f"{row(label):24}"
+              + "".join(f"{spread(by_key.get((label, t))):>20}" for t in TRANSPORTS))
 
-    print("\nc/b within each round (b and c run close together, so load drift cancels more)")
-    for transport in ("unix", "inet"):
-        pairs = zip(by_key["c", transport].rates, by_key["b", transport].rates)
-        ratios = [c / b for c, b in pairs]
-        print(f"{transport:6}  " + " ".join(f"{ratio:5.2f}" for ratio in ratios)
-              + f"   median {statistics.median(ratios):.2f}")
+    print(f"\nratio of medians  {'unix':>6}{'inet':>6}   target")
+    for name, target in (("c/a", None), ("c/b", 1.0), ("d/a", 0.85), ("d/e", 0.95)):
+        values = [ratio(name[0], name[2], transport) for transport in TRANSPORTS]
+        line = f"{name:18}" + "".join(f"{figure(value, '{:.2f}'):>6}" for value in values)
+        if target is not None:
+            verdicts = [f"{transport} " + ("-" if value is None
+                                           else "met" if value >= target else "NOT met")
+                        for transport, value in zip(TRANSPORTS, values)]
+            line += f"   >= {target:.2f}: " + ", ".join(verdicts)
+        print(line)
 
-    print("\nmilter CPU time per message (user + system, median), microseconds")
-    for transport in ("unix", "inet"):
-        cpu = [statistics.median(by_key[label, transport].cpu_per_message) * 1e6 for label in "bc"]
-        print(f"{transport:6}  (b) baseline {cpu[0]:5.0f}   (c) relaymilter {cpu[1]:5.0f}")
+    print("\nratios within each round (b and c, d and e run next to each other, "
+          "so load drift cancels more)")
+    for numerator, denominator in ("cb", "de"):
+        for transport in TRANSPORTS:
+            pair = by_key.get((numerator, transport)), by_key.get((denominator, transport))
+            if None in pair:
+                continue
+            ratios = [n / d for n, d in zip(pair[0].rates, pair[1].rates)]
+            print(f"{numerator}/{denominator} {transport:6}"
+                  + " ".join(f"{r:5.2f}" for r in ratios)
+                  + f"   median {statistics.median(ratios):.2f}")
+
+    tick = 1e6 / os.sysconf("SC_CLK_TCK") / args.messages
+    print("\nservice CPU time per message (user + system, median), microseconds, "
+          f"in steps of {tick:.0f} (a clock tick per run)")
+    print(f"{'':24}{'unix':>6}{'inet':>6}")
+    for label in SERVICES:
+        cpu = [by_key.get((label, t)) for t in TRANSPORTS]
+        print(f"{row(label):24}" + "".join(
+            f"{figure(c and statistics.median(c.cpu_per_message) * 1e6, '{:.0f}'):>6}"
+            for c in cpu))
 
 
 def main() -> int:

@@ -37,6 +37,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -121,6 +122,10 @@ class Recipient:
                 and self.tricks == frozenset({Trick.NO_DOMAIN}))
 
 
+# Pure and called for every recipient: a busy server sees the same ones again
+# and again (a mailing list, a popular mailbox). Bad input raises and is not
+# cached. lru_cache is thread-safe.
+@functools.lru_cache(maxsize=8192)
 def parse_recipient(text: str) -> Recipient:
     """Parse a RCPT TO argument such as "<user@example.com>".
 

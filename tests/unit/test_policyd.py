@@ -7,12 +7,27 @@ import io
 import pytest
 
 from relaymilter.policy import Action, Decision, bad_recipient_syntax, internal_fault, permit
-from relaymilter.policyd import (MAX_ATTRIBUTES, MAX_LINE, MalformedRequest, action_for,
-                                 client_facts, read_request)
+from relaymilter.policyd import (MAX_ATTRIBUTES, MAX_LINE, MAX_REQUEST, MalformedRequest,
+                                 RequestReader, action_for, client_facts)
 
 
-def stream(text: bytes) -> io.BufferedReader:
-    return io.BufferedReader(io.BytesIO(text))
+class Trickle:
+    """A stream that hands out a few bytes at a time, as a socket may."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.step = data, step
+
+    def __call__(self, size: int) -> bytes:
+        chunk, self.data = self.data[:min(size, self.step)], self.data[min(size, self.step):]
+        return chunk
+
+
+def stream(text: bytes, step: int = 65536) -> RequestReader:
+    return RequestReader(Trickle(text, step))
+
+
+def read_request(reader: RequestReader):
+    return reader.next()
 
 
 # ------------------------------------------------------------- requests ---
@@ -22,6 +37,18 @@ def test_reads_one_request_up_to_the_empty_line():
     assert read_request(source) == {"request": "smtpd_access_policy", "recipient": "u@x.test"}
     assert read_request(source) == {"next": "1"}
     assert read_request(source) is None
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_requests_split_across_reads_are_put_together(step):
+    source = stream(b"a=1\nb=2\n\nc=3\n\n", step)
+    assert [read_request(source), read_request(source), read_request(source)] == \
+        [{"a": "1", "b": "2"}, {"c": "3"}, None]
+
+
+def test_request_without_end_beyond_the_size_limit_is_malformed():
+    with pytest.raises(MalformedRequest, match="request longer"):
+        read_request(stream(b"a=" + b"x" * 200 + b"\n" + b"b=1\n" * (MAX_REQUEST // 4)))
 
 
 def test_value_may_hold_equals_signs_and_be_empty():
