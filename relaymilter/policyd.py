@@ -106,18 +106,19 @@ class RequestReader:
 
 def parse_request(block: bytes) -> dict[str, str]:
     """The lines of one request (without the empty line) -> attributes."""
-    lines = block.decode("utf-8", "surrogateescape").split("\n")
+    text = block.decode("utf-8", "surrogateescape")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    lines = text.split("\n")
     if len(lines) > MAX_ATTRIBUTES:
         raise MalformedRequest(f"more than {MAX_ATTRIBUTES} attributes")
-    attributes = {}
-    for line in lines:
-        if len(line) > MAX_LINE:
-            raise MalformedRequest(f"a line longer than {MAX_LINE} bytes")
-        name, equals, value = line.rstrip("\r").partition("=")
+    if max(map(len, lines)) > MAX_LINE:
+        raise MalformedRequest(f"a line longer than {MAX_LINE} bytes")
+    pairs = [line.partition("=") for line in lines]
+    for line, (name, equals, _) in zip(lines, pairs):
         if not equals or not name:
             raise MalformedRequest(f"a line that is not name=value: {line[:60]!r}")
-        attributes[name] = value
-    return attributes
+    return {name: value for name, _, value in pairs}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -225,6 +226,7 @@ class PolicyConnection(socketserver.StreamRequestHandler):
         return True
 
 
+@functools.lru_cache(maxsize=8192)
 def _path(address: str) -> str:
     """Postfix's internal form -> an RFC 5321 path, as the facts carry it.
 
