@@ -178,6 +178,7 @@ class LiveConfig:
         self.counter = _counter(snapshot.config)
         self._holds: queue.SimpleQueue = queue.SimpleQueue()
         self._store: StoreWatcher | None = None     # the watcher thread's own
+        self._store_seen: tuple[str | None, bool] = (None, False)   # by load_policy()
         metrics.config_loaded(snapshot.config.path, reload=False)
 
     @classmethod
@@ -236,6 +237,8 @@ class LiveConfig:
             policy = watcher.poll()
         finally:
             watcher.close()
+        # The watcher thread's own StoreWatcher starts from what this one saw.
+        self._store_seen = (watcher.last_error, watcher.loaded)
         if policy is None:
             return False
         self.snapshot = replace(self.snapshot, policy=policy)
@@ -253,7 +256,8 @@ class LiveConfig:
             policy = EMPTY_POLICY
         else:
             if self._store is None:
-                self._store = StoreWatcher(path, self.metrics)
+                last_error, loaded = self._store_seen
+                self._store = StoreWatcher(path, self.metrics, last_error, loaded)
             policy = self._store.poll()
             if policy is None:
                 return False

@@ -41,12 +41,20 @@ AUTO_HOLD_ACTOR = "relaymilter"
 class StoreWatcher:
     """See the module docstring. Not thread-safe by design: one owner thread."""
 
-    def __init__(self, path: str, metrics: Recorder = NO_METRICS) -> None:
+    def __init__(self, path: str, metrics: Recorder = NO_METRICS,
+                 last_error: str | None = None, loaded: bool = False) -> None:
+        """last_error, loaded: what an earlier watcher of the same store saw,
+        so that one error is logged once per process, not once per watcher."""
         self.path = path
         self._metrics = metrics
         self._store: PolicyStore | None = None
         self._version: int | None = None
-        self._last_error: str | None = None
+        self._last_error = last_error
+        self.loaded = loaded
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
 
     def poll(self) -> PolicySnapshot | None:
         """The store's content if it changed since the last poll, else None."""
@@ -75,6 +83,7 @@ class StoreWatcher:
         self._metrics.store_loaded(seconds)
         log.info("policy store %s loaded in %.3fs: %s", self.path, seconds,
                  ", ".join(f"{count} {kind}" for kind, count in policy.counts.items()))
+        self.loaded = True
         return policy
 
     def put_on_hold(self, kind: str, value: str, reason: str) -> None:
@@ -98,8 +107,10 @@ class StoreWatcher:
         text = f"{type(error).__name__}: {error}"
         self._metrics.store_failed(text)
         if text != self._last_error:
-            log.error("policy store %s unreadable, keeping the policy in force: %s",
-                      self.path, text)
+            keeping = ("keeping the policy last read" if self.loaded else
+                       "running without per-domain policy until it can be read "
+                       "(does its directory exist, writable by relaymilter?)")
+            log.error("policy store %s unreadable, %s: %s", self.path, keeping, text)
             self._last_error = text
         self._drop()
 

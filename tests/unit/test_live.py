@@ -335,3 +335,20 @@ def test_removing_every_zone_turns_lookups_off(files):
     assert live.refresh() is True
     assert live.snapshot.dnsbl is None
     live.stop()
+
+
+# ------------------------------------------------------------ policy store ---
+
+def test_unreadable_store_is_reported_once_and_mail_runs_without_policy(files, tmp_path, caplog):
+    rewrite(files.config, files.config.read_text()
+            + f'[store]\npath = "{tmp_path}/missing-dir/policy.sqlite3"\n')
+    live = files.start()
+    with caplog.at_level(logging.ERROR, logger="relaymilter.storewatch"):
+        assert live.load_policy() is False
+        assert live.refresh_policy() is False       # the watcher thread's first poll
+        assert live.refresh_policy() is False
+    errors = [r.getMessage() for r in caplog.records if r.name == "relaymilter.storewatch"]
+    assert len(errors) == 1 and "running without per-domain policy" in errors[0]
+    (tmp_path / "missing-dir").mkdir()
+    assert live.refresh_policy() is True           # created on first use, now readable
+    assert live.snapshot.policy.counts == {kind: 0 for kind in live.snapshot.policy.counts}
