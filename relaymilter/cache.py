@@ -118,6 +118,13 @@ class LookupCache:
                 return Fetch(self._entries[key], FetchSource.CACHE)
             running = self._in_flight.get(key)
             if running is not None:
+                if _succeeded(running):
+                    # Done, but its done-callback (_finish) has not run yet:
+                    # waiters wake before callbacks. It is an answer already.
+                    del self._in_flight[key]
+                    self._entries[key] = running
+                    self._hits += 1
+                    return Fetch(running, FetchSource.CACHE)
                 self._coalesced += 1
                 return Fetch(running, FetchSource.IN_FLIGHT)
             self._misses += 1
@@ -151,3 +158,7 @@ class LookupCache:
 
     def _expiry(self, key: Hashable, future: Future, now: float) -> float:
         return now + self.clamp_ttl(future.result().ttl)
+
+
+def _succeeded(future: Future) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
