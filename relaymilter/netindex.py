@@ -344,19 +344,21 @@ class NetworkIndex:
 
     # ------------------------------------------------------------- lookups ---
 
+    def _levels(self, address: IPAddress) -> tuple[int, list]:
+        """The address as an int, and the levels of its family."""
+        # relay.normalise_ip without making an object: ::ffff:0:0/96 is IPv4.
+        value = int(address)
+        if isinstance(address, ipaddress.IPv4Address):
+            return value, self._families[4]
+        if value >> 32 == _V4_MAPPED:
+            return value & 0xFFFFFFFF, self._families[4]
+        return value, self._families[6]
+
     def _candidates(self, address: IPAddress) -> tuple[int, list[tuple]]:
         """The address as an int, and the members (bitmap, shift, group) that
         may hold it, longest prefix first: those of each level whose bitmap
         has the address's block."""
-        # relay.normalise_ip without making an object: ::ffff:0:0/96 is IPv4.
-        value = int(address)
-        if isinstance(address, ipaddress.IPv4Address):
-            levels = self._families[4]
-        elif value >> 32 == _V4_MAPPED:
-            value &= 0xFFFFFFFF
-            levels = self._families[4]
-        else:
-            levels = self._families[6]
+        value, levels = self._levels(address)
         candidates: list[tuple] = []
         for bitmap, shift, groups in levels:
             block = value >> shift
@@ -397,14 +399,7 @@ class NetworkIndex:
         """The first tag found, longest prefix first: any (wanted None) or a
         wanted one. _candidates() and _narrow_span() written out, as this is
         the hot path."""
-        value = int(address)
-        if isinstance(address, ipaddress.IPv4Address):
-            levels = self._families[4]
-        elif value >> 32 == _V4_MAPPED:
-            value &= 0xFFFFFFFF
-            levels = self._families[4]
-        else:
-            levels = self._families[6]
+        value, levels = self._levels(address)
         for bitmap, shift, members in levels:
             block = value >> shift
             if not bitmap[block >> 3] >> (block & 7) & 1:

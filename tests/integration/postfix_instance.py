@@ -67,6 +67,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from logwait import wait_for_match
+
 # /usr/sbin is not on every PATH (sudo, cron and CI shells differ).
 POSTFIX = shutil.which("postfix", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
 POSTFIX_MASTER = "/usr/lib/postfix/sbin/master"  # Debian's daemon_directory
@@ -257,15 +259,8 @@ class PostfixInstance:
         return self._raw_log()
 
     def wait_for_log(self, pattern: str, timeout: float = 5.0) -> re.Match[str]:
-        """First match of the regex (re.MULTILINE) in the log, waiting for postlogd."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.log_text(), re.MULTILINE)
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{pattern!r} not in Postfix log:\n{self.log_text()}")
-            time.sleep(0.02)
+        """First match of the regex (re.MULTILINE) in the log, waiting for it."""
+        return wait_for_match(self.log_text, pattern, timeout, "Postfix")
 
     # -- configuration -----------------------------------------------------
     def main_cf(self) -> dict[str, str]:

@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from logwait import wait_for_match
+
 RELAYMILTER = str(Path(sys.executable).with_name("relaymilter"))
 FRONT_ENDS = ("milter", "policyd")
 # After the policy service, the open relay of postfix_instance: Postfix
@@ -197,14 +199,8 @@ class RelaymilterProcess:
             return ""
 
     def wait_for_log(self, pattern: str, timeout: float = 5.0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.log_text(), re.MULTILINE)
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {pattern!r} in relaymilter log:\n{self.log_text()}")
-            time.sleep(0.02)
+        """First match of the regex (re.MULTILINE) in the log, waiting for it."""
+        return wait_for_match(self.log_text, pattern, timeout, "relaymilter")
 
     def _connectable(self) -> bool:
         if self.socket_path is not None:

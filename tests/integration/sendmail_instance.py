@@ -77,6 +77,8 @@ import threading
 import time
 from pathlib import Path
 
+from logwait import wait_for_match
+
 SENDMAIL_ROOT = Path(os.environ.get("RELAYMILTER_SENDMAIL_ROOT", "/opt/relaymilter-test/sendmail"))
 SENDMAIL = SENDMAIL_ROOT / "usr/libexec/sendmail/sendmail"
 SENDMAIL_CF_DIR = SENDMAIL_ROOT / "usr/share/sendmail/cf"
@@ -295,14 +297,7 @@ class SendmailInstance:
 
     def wait_for_log(self, pattern: str, timeout: float = 5.0) -> re.Match[str]:
         """First match of the regex (re.MULTILINE) in the log, waiting for it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.log_text(), re.MULTILINE)
-            if match:
-                return match
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{pattern!r} not in Sendmail log:\n{self.log_text()}")
-            time.sleep(0.02)
+        return wait_for_match(self.log_text, pattern, timeout, "Sendmail")
 
     # -- configuration -----------------------------------------------------
     def mc_text(self) -> str:
