@@ -51,6 +51,7 @@ MAX_DOMAIN_OCTETS = 255
 MAX_PATH_OCTETS = 512
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # RFC 5322 atext: the characters a dot-string may hold unquoted.
 ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -376,3 +377,34 @@ def _normalise_mail_domain(text: str) -> tuple[str, bool]:
     except idna.IDNAError as error:
         raise ValueError(f"invalid international domain {text!r}: {error}") from None
     return alabel, ulabel != name.lower()
+
+
+# ------------------------------------------------------------ IP addresses ---
+
+def parse_network(text: str) -> IPNetwork:
+    """"192.0.2.0/24", "2001:db8::/32", "::ffff:10.0.0.0/104" -> network."""
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP network") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+    return network
+
+
+def normalise_ip(address: IPAddress) -> IPAddress:
+    """v4-mapped IPv6 (::ffff:192.0.2.1) -> IPv4, so one rule covers both."""
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return mapped
+        if address.scope_id:
+            return ipaddress.IPv6Address(str(address).split("%", 1)[0])
+    return address
+
+
+def parse_ip(text: str) -> IPAddress:
+    """"192.0.2.1", "::ffff:192.0.2.1" -> the address, v4-mapped as IPv4; ValueError."""
+    return normalise_ip(ipaddress.ip_address(text))

@@ -22,7 +22,6 @@ DESCRIPTION
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import logging.handlers
 import os
@@ -34,9 +33,11 @@ from relaymilter import __version__
 from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.dnsbl import report_lines
 from relaymilter.live import LiveConfig, build_dnsbl, build_snapshot
-from relaymilter.metrics import MetricsListener, MetricsUnavailable, Recorder, make_recorder
+from relaymilter.metrics import MetricsListener, MetricsUnavailable, make_recorder
+from relaymilter.recorder import Recorder
 from relaymilter.policycli import add_policy_verbs
-from relaymilter.relay import RelayRules, Trust, client_trust, normalise_ip
+from relaymilter.address import parse_ip
+from relaymilter.relay import RelayRules, Trust, client_trust
 
 EX_OK, EX_SOFTWARE_OTHER, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 64, 69, 78
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -121,7 +122,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_lookup(args: argparse.Namespace) -> int:
     """Ask every configured zone about one address; print the answers and verdict."""
     try:
-        address = normalise_ip(ipaddress.ip_address(args.address))
+        address = parse_ip(args.address)
     except ValueError:
         sys.stderr.write(f"relaymilter: {args.address!r} is not an IP address\n")
         return EX_USAGE

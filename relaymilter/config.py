@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from relaymilter.dnsbl import Zone, split_nameserver
-from relaymilter.relay import parse_network, split_domain_patterns
+from relaymilter.address import parse_network
+from relaymilter.relay import split_domain_patterns
 
 DEFAULT_CONFIG_PATH = "/etc/relaymilter/relaymilter.toml"
 CONFIG_ENV = "RELAYMILTER_CONFIG"

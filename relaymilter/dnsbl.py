@@ -106,10 +106,10 @@ try:
 except ImportError:         # dnspython < 2.4 (Debian 12 has 2.3): no nameserver objects
     Do53Nameserver = None
 
-from relaymilter.address import IPAddress
+from relaymilter.address import IPAddress, normalise_ip, parse_ip
 from relaymilter.cache import Fetch, FetchSource, LookupCache
-from relaymilter.metrics import NO_METRICS, Recorder
-from relaymilter.relay import normalise_ip
+from relaymilter.recorder import NO_METRICS, Recorder
+
 
 log = logging.getLogger(__name__)
 
@@ -607,7 +607,7 @@ class DnsblChecker:
     # -- lookups -----------------------------------------------------------
     def start(self, client: IPAddress | str) -> "PendingListing":
         """Ask every enabled zone about client now; collect with result()."""
-        address = normalise_ip(ipaddress.ip_address(client) if isinstance(client, str) else client)
+        address = parse_ip(client) if isinstance(client, str) else normalise_ip(client)
         deadline = self._timer() + self.timeout
         disabled = self._disabled     # one read: a health round may swap it
         lookups: list[tuple[Zone, Fetch | None]] = []
@@ -714,7 +714,8 @@ class DnsblChecker:
         with self._counts_lock:
             for answer in result.answers:
                 self._counts[(answer.zone.display_name, answer.status.value)] += 1
-        self._metrics.dnsbl_result(result)
+        for answer in result.answers:
+            self._metrics.dnsbl_answer(answer.zone.display_name, answer.status.value)
         for answer in result.answers:
             if answer.status in PROBLEMS:
                 self._log_problem(result.client, answer)

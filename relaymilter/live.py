@@ -48,7 +48,7 @@ from relaymilter.cache import LookupCache
 from relaymilter.config import Config, ConfigError, load_config
 from relaymilter.dnsbl import DnsblChecker, DnsResolver, HealthMonitor
 from relaymilter.limits import RecipientCounter
-from relaymilter.metrics import NO_METRICS, Recorder
+from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.relay import RelayRules
 from relaymilter.store import EMPTY_POLICY, PolicySnapshot
 from relaymilter.storewatch import StoreWatcher

@@ -120,40 +120,6 @@ def action_label(decision: "Decision") -> str:
     return f"would-{action}" if decision.dry_run else action
 
 
-class Recorder:
-    """The events relaymilter counts. This base records nothing: metrics off."""
-
-    enabled = False
-
-    def connection(self) -> None:
-        """The milter's connect callback ran."""
-
-    def decision(self, stage: str, decision: "Decision") -> None:
-        """A decision was answered at stage "connect" or "rcpt"."""
-
-    def internal_error(self, callback: str) -> None:
-        """A callback raised; the error boundary answered for it."""
-
-    def dnsbl_result(self, result: "ListingResult") -> None:
-        """A client's verdict was collected: one status per zone."""
-
-    def dns_query(self, zone: str, seconds: float) -> None:
-        """A zone's A query ended (answer or error) after seconds."""
-
-    def config_loaded(self, path: str, reload: bool) -> None:
-        """The config in force was loaded (at start, or by a reload)."""
-
-    def config_failed(self, error: str) -> None:
-        """A reload failed; the running config stays."""
-
-    def store_loaded(self, seconds: float) -> None:
-        """The policy store was read into a new snapshot."""
-
-    def store_failed(self, error: str) -> None:
-        """The policy store could not be read; the policy in force stays."""
-
-
-NO_METRICS = Recorder()
 
 
 def make_recorder(settings: "MetricsConfig") -> Recorder:
@@ -193,8 +159,6 @@ class HealthState:
 
 class PrometheusRecorder(Recorder):
     """Counts into a registry of its own (unit tests make as many as they like)."""
-
-    enabled = True
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         prometheus = _import_prometheus()
@@ -255,15 +219,14 @@ class PrometheusRecorder(Recorder):
     def connection(self) -> None:
         self._connections.inc()
 
-    def decision(self, stage: str, decision: "Decision") -> None:
-        self._decisions.labels(stage, action_label(decision), reason_label(decision.reason)).inc()
+    def decision(self, stage: str, action: str, reason: str) -> None:
+        self._decisions.labels(stage, action, reason).inc()
 
     def internal_error(self, callback: str) -> None:
         self._internal_errors.labels(callback).inc()
 
-    def dnsbl_result(self, result: "ListingResult") -> None:
-        for answer in result.answers:
-            self._dnsbl.labels(answer.zone.display_name, answer.status.value).inc()
+    def dnsbl_answer(self, zone: str, status: str) -> None:
+        self._dnsbl.labels(zone, status).inc()
 
     def dns_query(self, zone: str, seconds: float) -> None:
         self._query_seconds.labels(zone).observe(seconds)

@@ -39,7 +39,6 @@ DESCRIPTION
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import socket
 import threading
@@ -47,12 +46,13 @@ from typing import Any, Callable
 
 import Milter
 
+from relaymilter.address import IPAddress, parse_ip
 from relaymilter.live import LiveConfig
 from relaymilter.logline import log_decision
 from relaymilter.policy import (Action, ClientFacts, Decision, RecipientFacts, answered_action,
                                 decide_listing, decide_recipient, enforce, internal_fault,
                                 lookups_needed)
-from relaymilter.relay import normalise_ip
+
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,13 @@ class MacroWarnings:
                     "section on MTA macros", macro, stage)
 
 
-def client_address(family: int | None, hostaddr: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def client_address(family: int | None, hostaddr: Any) -> IPAddress | None:
     """The client IP from connect's arguments; None when unknown or not IP."""
     if family not in (socket.AF_INET, socket.AF_INET6) or not hostaddr:
         return None
     text = hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr
     try:
-        return normalise_ip(ipaddress.ip_address(str(text).split("%", 1)[0]))
+        return parse_ip(str(text).split("%", 1)[0])
     except ValueError:
         return None
 

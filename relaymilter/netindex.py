@@ -47,7 +47,7 @@ DESCRIPTION
     time, for small tables and tests.
 
     IPv4-mapped IPv6 addresses and networks (::ffff:192.0.2.0/120) are
-    IPv4, as everywhere in relaymilter (relay.normalise_ip, parse_network).
+    IPv4, as everywhere in relaymilter (address.normalise_ip, parse_network).
     Host bits are ignored by build() and from_packed(): 192.0.2.7/24 is
     192.0.2.0/24.
 
@@ -64,8 +64,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterable
 from itertools import chain, islice, repeat
 
-from relaymilter.address import IPAddress
-from relaymilter.relay import IPNetwork
+from relaymilter.address import IPAddress, IPNetwork
+
 
 MAX_TAG = 2**32 - 1
 TAG_BYTES = 4
@@ -346,7 +346,7 @@ class NetworkIndex:
 
     def _levels(self, address: IPAddress) -> tuple[int, list]:
         """The address as an int, and the levels of its family."""
-        # relay.normalise_ip without making an object: ::ffff:0:0/96 is IPv4.
+        # address.normalise_ip without making an object: ::ffff:0:0/96 is IPv4.
         value = int(address)
         if isinstance(address, ipaddress.IPv4Address):
             return value, self._families[4]

@@ -46,18 +46,17 @@ DESCRIPTION
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import os
 import socket
 import socketserver
 import threading
-from relaymilter.address import ATEXT, IPAddress
+from relaymilter.address import ATEXT, IPAddress, parse_ip
 from relaymilter.live import LiveConfig
 from relaymilter.logline import log_decision
 from relaymilter.policy import (Action, ClientFacts, Decision, RecipientFacts, answered_action,
                                 decide_recipient, enforce, internal_fault, lookups_needed)
-from relaymilter.relay import normalise_ip
+
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ def parse_request(block: bytes) -> dict[str, str]:
 def _client_address(text: str) -> IPAddress | None:
     """Postfix's client_address -> address; None for "unknown" or nonsense."""
     try:
-        return normalise_ip(ipaddress.ip_address(text))
+        return parse_ip(text)
     except ValueError:
         return None                      # never trusted
 

@@ -31,14 +31,11 @@ DESCRIPTION
 from __future__ import annotations
 
 import enum
-import ipaddress
 from dataclasses import dataclass
 from typing import Iterable
 
-from relaymilter.address import IPAddress, Recipient, Trick, normalise_domain, resolved_domain
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
+from relaymilter.address import (IPAddress, IPNetwork, Recipient, Trick, normalise_domain,
+                                 normalise_ip, parse_ip, parse_network, resolved_domain)
 
 class Trust(enum.Enum):
     """Why a client may relay, if it may."""
@@ -72,7 +69,7 @@ class RelayRules:
         """Build rules from config text; raises ValueError naming a bad entry."""
         exact, parents = split_domain_patterns(local_domains)
         networks = tuple(parse_network(text) for text in trusted_networks)
-        literals = frozenset(normalise_ip(ipaddress.ip_address(text)) for text in own_literals)
+        literals = frozenset(parse_ip(text) for text in own_literals)
         return cls(exact_domains=exact, parent_domains=parents, own_literals=literals,
                    trusted_networks=networks, trust_authenticated=trust_authenticated)
 
@@ -99,30 +96,6 @@ def split_domain_patterns(patterns: Iterable[str]) -> tuple[frozenset[str], tupl
         except ValueError as error:
             raise ValueError(f"{pattern!r} is not a domain: {error}") from None
     return frozenset(exact), tuple(sorted(parents))
-
-
-def parse_network(text: str) -> IPNetwork:
-    """"192.0.2.0/24", "2001:db8::/32", "::ffff:10.0.0.0/104" -> network."""
-    try:
-        network = ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IP network") from None
-    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
-        mapped = network.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-    return network
-
-
-def normalise_ip(address: IPAddress) -> IPAddress:
-    """v4-mapped IPv6 (::ffff:192.0.2.1) -> IPv4, so one rule covers both."""
-    if isinstance(address, ipaddress.IPv6Address):
-        mapped = address.ipv4_mapped
-        if mapped is not None:
-            return mapped
-        if address.scope_id:
-            return ipaddress.IPv6Address(str(address).split("%", 1)[0])
-    return address
 
 
 def is_local_domain(domain: str, rules: RelayRules) -> bool:

@@ -33,7 +33,7 @@ DESCRIPTION
                    SASL users that may send as this domain.
 
     Canonical forms, so that one entry has one spelling: networks as
-    relay.parse_network reads them, host bits cleared (192.0.2.7/24 is
+    address.parse_network reads them, host bits cleared (192.0.2.7/24 is
     192.0.2.0/24), a bare address as /32 or /128, IPv4-mapped IPv6 as
     IPv4; domains as address.normalise_domain gives them (lower case,
     A-labels); user names stripped, 1 to 255 printable characters without
@@ -85,9 +85,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from relaymilter.address import IPAddress, normalise_domain
+from relaymilter.address import IPAddress, IPNetwork, normalise_domain, parse_network
 from relaymilter.netindex import TAG_BYTES, NetworkIndex
-from relaymilter.relay import IPNetwork, parse_network
+
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import logging
 import sqlite3
 import time
 
-from relaymilter.metrics import NO_METRICS, Recorder
+from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.store import PolicySnapshot, PolicyStore, StoreError
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import tracemalloc
 import pytest
 
 from relaymilter.netindex import EMPTY_INDEX, NetworkIndex
-from relaymilter.relay import parse_network
+from relaymilter.address import parse_network
 
 
 def ip(text):

@@ -1,0 +1,14 @@
+"""exitcodes - the exit statuses of every relaymilter command (sysexits(3)).
+
+DESCRIPTION
+    Admins script against these (DESIGN section 4): one table, used by
+    every verb.
+"""
+
+EX_OK = 0
+EX_ERROR = 1            # anything else: bad input to a store verb, no such entry
+EX_USAGE = 64           # bad command line
+EX_NOINPUT = 66         # a store or input file that is missing
+EX_UNAVAILABLE = 69     # a socket that cannot be opened
+EX_TEMPFAIL = 75        # DNS, a database: try again
+EX_CONFIG = 78          # a bad configuration file
