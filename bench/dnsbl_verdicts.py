@@ -111,7 +111,8 @@ import dns.version  # noqa: E402
 
 from rbldnsd import RBLDNSD, Rbldnsd, RbldnsdZone  # noqa: E402
 from relaymilter.cache import LookupCache  # noqa: E402
-from relaymilter.dnsbl import DnsblChecker, DnsResolver, Status, Zone  # noqa: E402
+from relaymilter.dnsbl import DnsblChecker, DnsResolver  # noqa: E402
+from relaymilter.zones import Status, Zone  # noqa: E402
 from slow_dns import SlowDnsServer  # noqa: E402
 
 CACHE_TTL = 3600                        # min_ttl = max_ttl: nothing expires during a run

@@ -9,7 +9,8 @@ SYNOPSIS
                                           [--rounds N] [--keep PATH]
 
 DESCRIPTION
-    Builds a policy store (relaymilter/store.py) in a temporary directory:
+    Builds a domain policy store (SQLite, relaymilter/sqlitestore.py) in a
+    temporary directory:
     --domains hosted domains (default 100,000; 10,000 with --quick), each a
     domain entry (1 in 10 with DNSBL off, 1 in 10 with a threshold of its
     own) owned by a SASL user (one user per 10 domains), and --networks
@@ -28,10 +29,10 @@ DESCRIPTION
     100 client overrides. Everything is random with a fixed seed: two runs
     build the same store. Nothing is sent anywhere.
 
-    1. Import. The whole document goes in through PolicyStore.import_policy
+    1. Import. The whole document goes in through Storage.import_policy
        (validation of every row, then one transaction): time, database size.
     2. Load. A fresh Python process (so that the builder's memory does not
-       count) opens the store and calls load_snapshot(): wall time, then
+       count) opens the store and calls load_policy(): wall time, then
        resident memory (VmRSS from /proc/self/status) before and after,
        and the peak (VmHWM). A second load, the old snapshot still held as
        during a reload: time and RSS. A third under tracemalloc gives the
@@ -103,11 +104,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from relaymilter.address import parse_recipient  # noqa: E402
 from relaymilter.config import parse_config  # noqa: E402
-from relaymilter.dnsbl import Status, Zone, ZoneAnswer, summarise  # noqa: E402
+from relaymilter.zones import Status, Zone, ZoneAnswer, summarise  # noqa: E402
 from relaymilter.limits import RecipientCounter  # noqa: E402
-from relaymilter.live import build_snapshot  # noqa: E402
-from relaymilter.policy import ClientFacts, RecipientFacts, decide_recipient  # noqa: E402
-from relaymilter.store import EMPTY_POLICY, FORMAT, PolicyStore  # noqa: E402
+from relaymilter.reload import build_snapshot  # noqa: E402
+from relaymilter.decision import ClientFacts, RecipientFacts  # noqa: E402
+from relaymilter.engine import decide_recipient  # noqa: E402
+from relaymilter.domainpolicy import EMPTY_POLICY  # noqa: E402
+from relaymilter.openstore import open_store  # noqa: E402
+from relaymilter.store import FORMAT  # noqa: E402
 
 SEED = 4
 # (percent of the networks, version, prefix length)
@@ -363,8 +367,8 @@ def time_decisions(policy, placed, domains: int, count: int, batch: int, rounds:
         "local_domains": [hosted_domain(n) for n in range(domains)],
         "trusted_networks": TRUSTED_NETWORKS}})
     base = build_snapshot(config)
-    snapshots = {"big": dataclasses.replace(base, policy=policy),
-                 "empty": dataclasses.replace(base, policy=EMPTY_POLICY)}
+    snapshots = {"big": dataclasses.replace(base, domain_policy=policy),
+                 "empty": dataclasses.replace(base, domain_policy=EMPTY_POLICY)}
     cases = decision_facts(policy, placed, domains, count)
     counters = {(case, label): RecipientCounter() for case in CASES for label in snapshots}
     seconds: dict = {(case, label): [] for case in CASES for label in snapshots}
@@ -414,9 +418,9 @@ def measure(path: str, domains: int, probe_count: int, repeat: int, batch: int,
     """Runs in a fresh process: load, memory, lookups. Returns the figures."""
     gc.collect()
     results: dict = {"rss_before": proc_status("VmRSS")}
-    with PolicyStore(path, create=False) as store:
+    with open_store(path, create=False) as store:
         started = time.perf_counter()
-        policy = store.load_snapshot()
+        policy = store.load_policy()
         results["load_seconds"] = time.perf_counter() - started
         results["rss_after"] = proc_status("VmRSS")
         results["rss_peak"] = proc_status("VmHWM")
@@ -428,13 +432,13 @@ def measure(path: str, domains: int, probe_count: int, repeat: int, batch: int,
         results["data_version_us"] = (time.perf_counter() - started) / version_calls * 1e6
         # A reload builds the new snapshot while the old one is in force.
         started = time.perf_counter()
-        second = store.load_snapshot()
+        second = store.load_policy()
         results["reload_seconds"] = time.perf_counter() - started
         results["rss_two"] = proc_status("VmRSS")
         del second
         gc.collect()
         tracemalloc.start()
-        third = store.load_snapshot()
+        third = store.load_policy()
         gc.collect()
         results["traced_kept"], results["traced_peak"] = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -485,7 +489,7 @@ def main() -> None:
         started = time.perf_counter()
         document, _ = make_document(domains, networks)
         print(f"  document made in {time.perf_counter() - started:.1f} s")
-        with PolicyStore(path) as store:
+        with open_store(path) as store:
             started = time.perf_counter()
             counts = store.import_policy(document, replace=True)
             elapsed = time.perf_counter() - started
@@ -509,7 +513,7 @@ def main() -> None:
 
 def report(results: dict) -> None:
     mib = 2**20
-    print(f"2. load_snapshot(): {results['load_seconds']:.2f} s, again "
+    print(f"2. load_policy(): {results['load_seconds']:.2f} s, again "
           f"{results['reload_seconds']:.2f} s; data_version(): "
           f"{results['data_version_us']:.1f} us")
     print(f"   RSS {results['rss_before'] / mib:.0f} MiB before, "

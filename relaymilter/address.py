@@ -316,37 +316,36 @@ def _decode_local_part(text: str) -> tuple[str, bool]:
         return _unquote(text[1:-1]), True
     if '"' in text:
         raise AddressSyntaxError("quote inside unquoted local part")
+    return _unescape(text, "local part", _dot_string_char), "\\" in text
+
+
+def _unquote(body: str) -> str:
+    return _unescape(body, "quoted string", _quoted_char)
+
+
+def _dot_string_char(char: str) -> None:
+    if not (char in ATEXT or char == "." or char == "@" or ord(char) > 0x7F):
+        raise AddressSyntaxError(f"character {char!r} not allowed in local part")
+
+
+def _quoted_char(char: str) -> None:
+    if char == '"':
+        raise AddressSyntaxError("quote inside quoted string")
+
+
+def _unescape(text: str, where: str, check_plain) -> str:
+    """text with backslash escapes removed; check_plain(char) refuses an unescaped char."""
     decoded = []
-    escaped = False
     index = 0
     while index < len(text):
         char = text[index]
         if char == "\\":
             if index + 1 >= len(text):
-                raise AddressSyntaxError("backslash at end of local part")
-            decoded.append(text[index + 1])
-            escaped = True
-            index += 2
-            continue
-        if not (char in ATEXT or char == "." or char == "@" or ord(char) > 0x7F):
-            raise AddressSyntaxError(f"character {char!r} not allowed in local part")
-        decoded.append(char)
-        index += 1
-    return "".join(decoded), escaped
-
-
-def _unquote(body: str) -> str:
-    decoded = []
-    index = 0
-    while index < len(body):
-        char = body[index]
-        if char == "\\":
-            if index + 1 >= len(body):
-                raise AddressSyntaxError("backslash at end of quoted string")
-            char = body[index + 1]
+                raise AddressSyntaxError(f"backslash at end of {where}")
+            char = text[index + 1]
             index += 1
-        elif char == '"':
-            raise AddressSyntaxError("quote inside quoted string")
+        else:
+            check_plain(char)
         decoded.append(char)
         index += 1
     return "".join(decoded)

@@ -141,11 +141,6 @@ class LookupCache:
             return CacheStats(self._hits, self._misses, self._coalesced,
                               len(self._entries), len(self._in_flight))
 
-    def clear(self) -> None:
-        """Forget every entry (lookups in flight still complete, and are kept)."""
-        with self._lock:
-            self._entries.clear()
-
     def _finish(self, key: Hashable, future: Future) -> None:
         with self._lock:
             if self._in_flight.get(key) is future:

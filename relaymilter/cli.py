@@ -8,7 +8,7 @@ SYNOPSIS
     relaymilter check-config [-c FILE]
     relaymilter lookup IP [-c FILE] [--health]
     relaymilter allowlist|relay-client|hold|limit|domain add|remove|list ...
-    relaymilter policy export|import ...        (policycli.py)
+    relaymilter policy export|import ...        (storecli.py)
     relaymilter --version
 
 DESCRIPTION
@@ -25,17 +25,19 @@ import argparse
 import logging
 import logging.handlers
 import os
-import re
 import signal
 import sys
 
 from relaymilter import __version__
 from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.dnsbl import report_lines
-from relaymilter.live import LiveConfig, build_dnsbl, build_snapshot
+from relaymilter.endpoint import parse_socket
+from relaymilter.engine import Engine
+from relaymilter.reload import build_dnsbl, build_snapshot
+from relaymilter.runtime import Runtime
 from relaymilter.metrics import MetricsListener, MetricsUnavailable, make_recorder
 from relaymilter.recorder import Recorder
-from relaymilter.policycli import add_policy_verbs
+from relaymilter.storecli import add_policy_verbs
 from relaymilter.address import parse_ip
 from relaymilter.relay import RelayRules, Trust, client_trust
 
@@ -79,17 +81,9 @@ def setup_logging(use_syslog: bool, debug: bool) -> None:
 
 def attach_lines(milter_socket: str) -> list[str]:
     """The MTA configuration lines that connect Postfix and Sendmail to us."""
-    postfix = milter_socket
-    match = re.fullmatch(r"inet6?:(\d+)@(.+)", milter_socket)
-    if match:
-        port, host = match.groups()
-        if milter_socket.startswith("inet6:") and not host.startswith("["):
-            host = f"[{host}]"
-        postfix = f"inet:{host}:{port}"
-    elif milter_socket.startswith("local:"):
-        postfix = "unix:" + milter_socket.split(":", 1)[1]
+    # Sendmail takes libmilter's syntax, so it gets the socket as written.
     return [
-        f"Postfix main.cf:  smtpd_milters = {postfix}",
+        f"Postfix main.cf:  smtpd_milters = {parse_socket(milter_socket).postfix}",
         "                  milter_default_action = tempfail",
         f"Sendmail .mc:     INPUT_MAIL_FILTER(`relaymilter', "
         f"`S={milter_socket}, F=T, T=C:10s;S:10s;R:20s;E:5m')dnl",
@@ -167,11 +161,11 @@ def _serve(args: argparse.Namespace, front_end: str) -> int:
     path = config_path(args.config)
     config = load_config(path)
     recorder = metrics_recorder(config)
-    live = LiveConfig.start(config, metrics=recorder)
+    runtime = Runtime.start(config, metrics=recorder)
     socket_text = config.milter.socket if front_end == "milter" else config.policyd.socket
     log.info("relaymilter %s %s starting on %s with %s (%d local domains%s)", __version__,
-             front_end, socket_text, path, live.snapshot.local_domain_count,
-             ", dry run" if config.milter.dry_run else "")
+             front_end, socket_text, path, runtime.snapshot.local_domain_count,
+             ", dry run" if config.decisions.dry_run else "")
     lines = attach_lines(socket_text) if front_end == "milter" else policyd_lines(socket_text)
     for line in lines:
         log.info("%s", line)
@@ -183,41 +177,37 @@ def _serve(args: argparse.Namespace, front_end: str) -> int:
         # them with sigwait() in its own thread; a thread that does not block
         # them takes the default action and the process dies mid-conversation.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    live.load_policy()
-    live.watch(interval=1.0)
-    live.check_health()
+    runtime.load_domain_policy()
+    runtime.watch(interval=1.0)
+    runtime.check_health()
+    engine = Engine(runtime)
     listener = None
     try:
         if config.metrics.address is not None:
-            listener = MetricsListener(config.metrics.address, recorder, lambda: live.snapshot)
+            listener = MetricsListener(config.metrics.address, recorder, lambda: runtime.snapshot)
             listener.start()
             log.info("metrics on %s/metrics, health check on %s/healthz",
                      listener.url, listener.url)
         if front_end == "milter":
             from relaymilter import milter  # pymilter is imported only where it is used
-            milter.serve(live)
+            milter.serve(engine)
         else:
             from relaymilter import policyd
-            policyd.serve(live)
+            policyd.serve(engine)
     except OSError as error:
         log.error("%s", error)
         return EX_UNAVAILABLE
     finally:
         if listener is not None:
             listener.stop()
-        live.stop()
+        runtime.stop()
     log.info("relaymilter stopped")
     return EX_OK
 
 
 def policyd_lines(policyd_socket: str) -> list[str]:
     """The main.cf lines that put the policy service in front of relaying."""
-    match = re.fullmatch(r"inet6?:(\d+)@(.+)", policyd_socket)
-    if match:
-        port, host = match.groups()
-        where = f"inet:{host}:{port}"
-    else:
-        where = "unix:" + policyd_socket.split(":", 1)[1]
+    where = parse_socket(policyd_socket).postfix
     return [f"Postfix main.cf:  smtpd_relay_restrictions = check_policy_service {where},",
             "                      reject_unauth_destination",
             "                  smtpd_policy_service_default_action = 451 4.3.5 "

@@ -5,31 +5,48 @@ NAME
 
 SYNOPSIS
     config = load_config("/etc/relaymilter/relaymilter.toml")
-    config.relay.local_domains
+    config.relay.local_domains, config.decisions.dry_run
+    config, changed = keep_restart_only(running, config)     # on a reload
 
 DESCRIPTION
-    Every key is declared once in SCHEMA, with its type, default, bounds and
-    help text; the man page and `relaymilter check-config` are built from the
-    same table, and a test proves the docs name every key. Unknown sections
-    and keys, wrong types and out-of-range values are refused with a
-    ConfigError whose text reads "FILE: section.key: reason".
+    Every key is declared once in SCHEMA, with its type, default, bounds,
+    help text and whether a change waits for a restart (restart_only: the
+    listeners and libmilter's timeout, which a running process cannot
+    change); the man page and
+    `relaymilter check-config` are built from the same table, and a test
+    proves the docs name every key. Unknown sections and keys, wrong types
+    and out-of-range values are refused with a ConfigError whose text reads
+    "FILE: section.key: reason".
+
+    Renamed keys. ALIASES maps an old dotted name to the key that replaced
+    it ([milter] on_error and dry_run became [decisions] ones when the
+    policy service arrived, since they govern both front ends). An old name
+    is read with the new key's type and checks, errors naming the old name;
+    its value is used for the new key, and each load that meets one logs a
+    deprecation warning. Setting both to different values is refused.
 
     The result is immutable. A reload builds a new Config and the owner swaps
-    one reference (see live.py); nothing here is re-read behind its back.
+    one reference (see reload.py); nothing here is re-read behind its back.
+    keep_restart_only() gives a reloaded Config the running values of the
+    restart-only keys back, and says which of them changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import logging
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from relaymilter.dnsbl import Zone, split_nameserver
 from relaymilter.address import parse_network
+from relaymilter.endpoint import DNS_PORT, parse_socket, split_host_port
 from relaymilter.relay import split_domain_patterns
+from relaymilter.zones import Zone
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = "/etc/relaymilter/relaymilter.toml"
 CONFIG_ENV = "RELAYMILTER_CONFIG"
@@ -56,30 +73,9 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return check
 
 
-_INET_SOCKET = re.compile(r"(?P<family>inet6?):(?P<port>[0-9]+)@(?P<host>.+)\Z")
-
-
-def check_milter_socket(value: str) -> str:
+def _socket(value: str) -> str:
     """libmilter socket syntax: inet:PORT@HOST, inet6:PORT@[ADDR], unix:/path."""
-    if value.startswith(("unix:", "local:")):
-        path = value.split(":", 1)[1]
-        if not path.startswith("/"):
-            raise ValueError(f"unix socket path must be absolute, not {path!r}")
-        return value
-    match = _INET_SOCKET.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not inet:PORT@HOST, inet6:PORT@[ADDR] or unix:/PATH")
-    port = int(match["port"])
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} out of range 1-65535")
-    host = match["host"]
-    if match["family"] == "inet6":
-        try:
-            ipaddress.IPv6Address(host.strip("[]"))
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    elif not re.fullmatch(r"[A-Za-z0-9.-]+", host):
-        raise ValueError(f"{host!r} is not a host name or IPv4 address")
+    parse_socket(value)
     return value
 
 
@@ -105,7 +101,7 @@ def _addresses(values: list[str]) -> tuple[str, ...]:
 
 def _nameservers(values: list[str]) -> tuple[str, ...]:
     for text in values:
-        split_nameserver(text)
+        split_host_port(text, default_port=DNS_PORT)
     return tuple(values)
 
 
@@ -145,32 +141,9 @@ def _zones(tables: list[dict[str, Any]]) -> tuple[Zone, ...]:
     return tuple(zones)
 
 
-def split_listen(text: str) -> tuple[str, int]:
-    """"127.0.0.1:9894" / "[::1]:9894" -> (ip, port); ValueError saying why not."""
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise ValueError(f"{text!r} is not [IPv6]:PORT")
-        version, port = 6, rest[1:]
-    else:
-        host, colon, port = text.rpartition(":")
-        if not colon or ":" in host:
-            raise ValueError(f"{text!r} is not IPv4:PORT or [IPv6]:PORT")
-        version = 4
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
-    if address.version != version:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [ADDR]:PORT")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{text!r}: port {port!r} is not 1-65535")
-    return str(address), int(port)
-
-
 def _listen(value: str) -> str:
     if value:
-        split_listen(value)
+        split_host_port(value)
     return value
 
 
@@ -207,6 +180,7 @@ class Key:
     check: Callable[[Any], Any] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    restart_only: bool = False  # a reload keeps the running value (keep_restart_only)
 
     @property
     def dotted(self) -> str:
@@ -216,15 +190,15 @@ class Key:
 SCHEMA: tuple[Key, ...] = (
     Key("milter", "socket", str, "inet:8894@127.0.0.1",
         "Where the milter listens: inet:PORT@HOST, inet6:PORT@[ADDR] or unix:/PATH.",
-        check_milter_socket),
-    Key("milter", "on_error", str, "tempfail",
-        "What an internal fault answers: tempfail (451 4.3.0) or accept.",
-        _one_of("tempfail", "accept")),
-    Key("milter", "dry_run", bool, False,
-        "Decide and log \"would reject\", but accept everything."),
+        _socket, restart_only=True),
     Key("milter", "timeout", int, 600,
         "Seconds libmilter waits for the MTA before it drops a connection.",
-        minimum=1, maximum=86400),
+        minimum=1, maximum=86400, restart_only=True),
+    Key("decisions", "on_error", str, "tempfail",
+        "What an internal fault answers, in the milter and the policy service: "
+        "tempfail (451 4.3.0) or accept.", _one_of("tempfail", "accept")),
+    Key("decisions", "dry_run", bool, False,
+        "Decide and log \"would reject\", but accept everything (both front ends)."),
     Key("relay", "local_domains", list, [],
         "Domains we receive mail for; \".example.net\" means every subdomain of example.net.",
         _domains),
@@ -276,17 +250,24 @@ SCHEMA: tuple[Key, ...] = (
         "window; 0 = never.", minimum=0, maximum=1000),
     Key("policyd", "socket", str, "inet:8895@127.0.0.1",
         "Where `relaymilter policyd`, the Postfix policy service, listens: "
-        "inet:PORT@HOST, inet6:PORT@[ADDR] or unix:/PATH.", check_milter_socket),
+        "inet:PORT@HOST, inet6:PORT@[ADDR] or unix:/PATH.", _socket, restart_only=True),
     Key("policyd", "socket_mode", str, "0660",
         "Permissions of a unix policyd socket, in octal (smtpd connects as user postfix).",
-        _octal_mode),
+        _octal_mode, restart_only=True),
     Key("metrics", "listen", str, "",
         "Where Prometheus metrics (/metrics) and the health check (/healthz) are served, "
         "\"IP:PORT\" or \"[IPv6]:PORT\"; \"\" = off. Needs the prometheus_client package.",
-        _listen),
+        _listen, restart_only=True),
 )
 
 SECTIONS = tuple(dict.fromkeys(key.section for key in SCHEMA))
+KEYS = {key.dotted: key for key in SCHEMA}
+
+# Deprecated dotted name -> the key that replaced it (see DESCRIPTION).
+ALIASES: dict[str, str] = {
+    "milter.on_error": "decisions.on_error",
+    "milter.dry_run": "decisions.dry_run",
+}
 
 
 # ---------------------------------------------------------- frozen form ---
@@ -294,9 +275,15 @@ SECTIONS = tuple(dict.fromkeys(key.section for key in SCHEMA))
 @dataclass(frozen=True)
 class MilterConfig:
     socket: str
+    timeout: int
+
+
+@dataclass(frozen=True)
+class DecisionsConfig:
+    """What both front ends answer: the milter and the policy service."""
+
     on_error: str
     dry_run: bool
-    timeout: int
 
 
 @dataclass(frozen=True)
@@ -347,7 +334,7 @@ class MetricsConfig:
     @property
     def address(self) -> tuple[str, int] | None:
         """(ip, port) to listen on; None when metrics are off."""
-        return split_listen(self.listen) if self.listen else None
+        return split_host_port(self.listen) if self.listen else None
 
 
 @dataclass(frozen=True)
@@ -364,6 +351,7 @@ class PolicydConfig:
 class Config:
     path: str
     milter: MilterConfig
+    decisions: DecisionsConfig
     relay: RelayConfig
     dnsbl: DnsblConfig
     cache: CacheConfig
@@ -387,7 +375,8 @@ class Config:
                 elif key.type is dict:
                     lines.append(f"{key.name} = []")
                 else:
-                    lines.append(f"{key.name} = {_toml_value(self.values[key.dotted])}")
+                    restart = "    # takes effect at restart" if key.restart_only else ""
+                    lines.append(f"{key.name} = {_toml_value(self.values[key.dotted])}{restart}")
             lines.append("")
             for key in tables:
                 for zone in self.values[key.dotted]:
@@ -398,9 +387,9 @@ class Config:
         return "\n".join(lines)
 
 
-_SECTION_TYPES = {"milter": MilterConfig, "relay": RelayConfig, "dnsbl": DnsblConfig,
-                  "cache": CacheConfig, "store": StoreConfig, "limits": LimitsConfig,
-                  "metrics": MetricsConfig, "policyd": PolicydConfig}
+_SECTION_TYPES = {"milter": MilterConfig, "decisions": DecisionsConfig, "relay": RelayConfig,
+                  "dnsbl": DnsblConfig, "cache": CacheConfig, "store": StoreConfig,
+                  "limits": LimitsConfig, "metrics": MetricsConfig, "policyd": PolicydConfig}
 
 
 def config_path(cli_path: str | None) -> str:
@@ -430,20 +419,59 @@ def parse_config(document: dict[str, Any], path: str = "<string>") -> Config:
             raise ConfigError(path, section, "unknown section")
         if not isinstance(body, dict):
             raise ConfigError(path, section, "must be a table ([section])")
-    known = {key.dotted for key in SCHEMA}
     for section, body in document.items():
         for name in body:
-            if f"{section}.{name}" not in known:
+            if f"{section}.{name}" not in KEYS and f"{section}.{name}" not in ALIASES:
                 raise ConfigError(path, f"{section}.{name}", "unknown key")
     values = {key.dotted: _read_key(key, document.get(key.section, {}), path) for key in SCHEMA}
+    _apply_aliases(document, values, path)
     if values["cache.min_ttl"] > values["cache.max_ttl"]:
         raise ConfigError(path, "cache.max_ttl", f"{values['cache.max_ttl']} is below "
                                                  f"cache.min_ttl ({values['cache.min_ttl']})")
+    return _frozen(path, values)
+
+
+def _apply_aliases(document: dict[str, Any], values: dict[str, Any], path: str) -> None:
+    """Put the values of deprecated names set in document into values; warn once."""
+    used = []
+    for old, new in ALIASES.items():
+        section, name = old.split(".")
+        body = document.get(section, {})
+        if name not in body:
+            continue
+        key = KEYS[new]
+        value = _read_key(dataclasses.replace(key, section=section, name=name), body, path)
+        if key.name in document.get(key.section, {}) and value != values[new]:
+            raise ConfigError(path, old, f"conflicts with {new}, which replaces it: "
+                                         f"remove {old}")
+        values[new] = value
+        used.append(f"{old} is deprecated, write {new}")
+    if used:
+        log.warning("%s: %s", path, "; ".join(used))
+
+
+def _frozen(path: str, values: dict[str, Any]) -> Config:
+    """The Config of checked values: every section's dataclass, from SCHEMA."""
     sections = {
         section: cls(**{key.name: values[key.dotted] for key in SCHEMA if key.section == section})
         for section, cls in _SECTION_TYPES.items()
     }
     return Config(path=path, values=values, **sections)
+
+
+def keep_restart_only(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """new with the running values of the restart_only keys, and which of those changed.
+
+    A reload cannot move a listening socket; a Config that claimed the new
+    value would misreport what is in force. The changed names are dotted,
+    in SCHEMA order, for the caller to log.
+    """
+    changed = [key.dotted for key in SCHEMA
+               if key.restart_only and running.values[key.dotted] != new.values[key.dotted]]
+    if not changed:
+        return new, []
+    values = {**new.values, **{dotted: running.values[dotted] for dotted in changed}}
+    return _frozen(new.path, values), changed
 
 
 def _read_key(key: Key, body: dict[str, Any], path: str) -> Any:

@@ -1,7 +1,7 @@
-"""dnsbl - is the client listed? DNSBL and DNSWL queries, answers, weights.
+"""dnsbl - is the client listed? DNSBL and DNSWL queries, the deadline, list health.
 
 NAME
-    dnsbl - query names, answer classification, weights, the deadline, list health
+    dnsbl - query names, the resolver, the checker and its deadline, list health
 
 SYNOPSIS
     zones = [Zone.build("zen.spamhaus.org", weight=1, codes=["127.0.0.2-127.0.0.11"]),
@@ -20,7 +20,9 @@ DESCRIPTION
     client as its 32 nibbles, reversed (RFC 5782 section 2.4). An IPv4-mapped
     IPv6 client (::ffff:192.0.2.1) is the IPv4 client it maps.
 
-    Answers. Each zone's A answer is classified (classify()):
+    Answers. The zone types, the codes and the verdict (classify(),
+    summarise()) are zones.py's; this module gets the answers. Each zone's
+    A answer becomes a ZoneAnswer:
       LISTED       an address in the zone's codes;
       NOT_LISTED   NXDOMAIN, no A record, or 127/8 outside the codes;
       ZONE_ERROR   an address in 127.255.255.0/24 or outside 127.0.0.0/8:
@@ -29,17 +31,12 @@ DESCRIPTION
       TIMEOUT, DNS_FAILURE   no answer by the deadline; SERVFAIL, REFUSED or
                    no usable nameserver. Counted as not listed: mail flows.
       DISABLED     the zone failed its last health check and is not asked.
-    Every zone's status is counted (counters(), and the metrics recorder
-    when metrics are on, which also times each A query that is sent).
+    Every zone's status goes to the metrics recorder (metrics=, which also
+    times each A query that is sent; NO_METRICS counts nothing).
     Problems are logged at most once per zone and kind
     per log_interval (60 s), with how many were not logged in between. Logs
-    and counters name zones by display_name, never by their real name, which
+    and metrics name zones by display_name, never by their real name, which
     may hold an access key; for the same reason query names are never logged.
-
-    Verdict. The score is the sum of the weights of the LISTED zones; a
-    negative weight makes a zone an allowlist (DNSWL). The client is listed
-    when score >= threshold. The reply names the listing zone with the
-    highest positive weight, with its TXT record when it has one.
 
     TXT. When a blocklist's (weight > 0) A answer lists the client, its TXT
     record is asked at once, as a lookup of its own with its own cache entry
@@ -94,11 +91,10 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import dns.exception
 import dns.message
-import dns.name
 import dns.rdatatype
 import dns.resolver
 try:
@@ -108,132 +104,19 @@ except ImportError:         # dnspython < 2.4 (Debian 12 has 2.3): no nameserver
 
 from relaymilter.address import IPAddress, normalise_ip, parse_ip
 from relaymilter.cache import Fetch, FetchSource, LookupCache
+from relaymilter.endpoint import DNS_PORT, split_host_port
 from relaymilter.recorder import NO_METRICS, Recorder
+from relaymilter.text import printable
+from relaymilter.zones import PROBLEMS, ListingResult, Status, Zone, ZoneAnswer, classify, summarise
 
 
 log = logging.getLogger(__name__)
-
-LOOPBACK_NETWORK = ipaddress.IPv4Network("127.0.0.0/8")
-ERROR_NETWORK = ipaddress.IPv4Network("127.255.255.0/24")
 
 DEFAULT_WORKERS_PER_ZONE = 8
 MIN_WORKERS = 8
 MAX_WORKERS = 128
 DEFAULT_LOG_INTERVAL = 60.0     # seconds between two logs of one zone's problem
 MAX_TXT_LENGTH = 200            # a reply line is at most 512 octets (RFC 5321)
-
-# The longest reverse name, an IPv6 client's 32 nibbles with their dots,
-# plus the dot before the zone, must still fit a 253-character DNS name.
-MAX_ZONE_NAME_LENGTH = 253 - 64
-
-
-# ------------------------------------------------------------------ codes ---
-
-@dataclass(frozen=True)
-class CodeRange:
-    """An inclusive range of answer addresses that mean "listed"."""
-
-    first: ipaddress.IPv4Address
-    last: ipaddress.IPv4Address
-
-    def __contains__(self, address: object) -> bool:
-        return isinstance(address, ipaddress.IPv4Address) and self.first <= address <= self.last
-
-    def __str__(self) -> str:
-        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
-
-
-# 127.0.0.0/8 minus the error codes in 127.255.255.0/24.
-DEFAULT_CODES: tuple[CodeRange, ...] = (
-    CodeRange(LOOPBACK_NETWORK.network_address, ERROR_NETWORK.network_address - 1),
-)
-
-
-def parse_codes(entries: Iterable[str]) -> tuple[CodeRange, ...]:
-    """["127.0.0.2-127.0.0.11", "127.0.0.20", "127.0.1.0/24"] -> ranges.
-
-    Raises ValueError naming the entry: codes must lie in 127.0.0.0/8 and
-    outside 127.255.255.0/24, because any other answer is a zone error and
-    can never list; a list of no codes could never list either.
-    """
-    if isinstance(entries, str):
-        raise ValueError(f"codes must be a list, not the string {entries!r}")
-    ranges = tuple(_parse_code(entry) for entry in entries)
-    if not ranges:
-        raise ValueError("no codes: the zone could never list anyone")
-    return ranges
-
-
-def _parse_code(entry: str) -> CodeRange:
-    text = entry.strip()
-    try:
-        if "/" in text:
-            network = ipaddress.IPv4Network(text, strict=True)
-            first, last = network.network_address, network.broadcast_address
-        elif "-" in text:
-            low, high = text.split("-", 1)
-            first, last = ipaddress.IPv4Address(low.strip()), ipaddress.IPv4Address(high.strip())
-        else:
-            first = last = ipaddress.IPv4Address(text)
-    except ValueError:
-        raise ValueError(f"{entry!r} is not an IPv4 address, range A-B or network") from None
-    if first > last:
-        raise ValueError(f"{entry!r} is an empty range: {first} comes after {last}")
-    if first not in LOOPBACK_NETWORK or last not in LOOPBACK_NETWORK:
-        raise ValueError(f"{entry!r} is outside 127.0.0.0/8: such answers are zone errors")
-    if first <= ERROR_NETWORK.broadcast_address and last >= ERROR_NETWORK.network_address:
-        raise ValueError(f"{entry!r} overlaps 127.255.255.0/24, the error codes")
-    return CodeRange(first, last)
-
-
-# ------------------------------------------------------------------ zones ---
-
-@dataclass(frozen=True)
-class Zone:
-    """One DNSBL or DNSWL zone.
-
-    name          the DNS zone, lower case, no trailing dot (may hold a key)
-    display_name  what replies, logs and counters call it
-    weight        added to the score when the zone lists the client;
-                  negative for an allowlist
-    codes         answer addresses that mean "listed"
-    """
-
-    name: str
-    display_name: str
-    weight: int
-    codes: tuple[CodeRange, ...] = DEFAULT_CODES
-
-    @classmethod
-    def build(cls, name: str, weight: int = 1, codes: Iterable[str] | None = None,
-              display_name: str | None = None) -> "Zone":
-        """A zone from config values; raises ValueError saying what is wrong."""
-        zone_name = normalise_zone_name(name)
-        if isinstance(weight, bool) or not isinstance(weight, int):
-            raise ValueError(f"weight must be an integer, not {weight!r}")
-        shown = zone_name if display_name is None else display_name.strip()
-        if not shown or not shown.isprintable():
-            raise ValueError(f"display_name {display_name!r} must be printable and not empty")
-        ranges = DEFAULT_CODES if codes is None else parse_codes(codes)
-        return cls(name=zone_name, display_name=shown, weight=weight, codes=ranges)
-
-    def lists(self, address: ipaddress.IPv4Address) -> bool:
-        return any(address in code for code in self.codes)
-
-
-def normalise_zone_name(name: str) -> str:
-    """"Zen.Spamhaus.ORG." -> "zen.spamhaus.org"; ValueError if not a DNS name."""
-    text = name.strip().rstrip(".").lower()
-    if not text:
-        raise ValueError("empty zone name")
-    try:
-        dns.name.from_text(text)
-    except dns.exception.DNSException as error:
-        raise ValueError(f"{name!r} is not a DNS name: {error}") from None
-    if len(text) > MAX_ZONE_NAME_LENGTH:
-        raise ValueError(f"{name!r} is too long: with an IPv6 client's 32 nibbles "
-                         f"the query name would pass 253 characters")
-    return text
 
 
 # ------------------------------------------------------------ query names ---
@@ -247,55 +130,17 @@ def reverse_labels(address: IPAddress) -> str:
 
 def query_name(address: IPAddress | str, zone_name: str) -> str:
     """The name to ask zone_name about a client; v4-mapped IPv6 asks as IPv4."""
-    if isinstance(address, str):
-        address = ipaddress.ip_address(address)
-    return f"{reverse_labels(normalise_ip(address))}.{zone_name}"
+    return f"{reverse_labels(client_address(address))}.{zone_name}"
 
 
-# ---------------------------------------------------------------- answers ---
-
-class Status(enum.Enum):
-    """What one zone's answer means for one client."""
-
-    LISTED = "listed"
-    NOT_LISTED = "not-listed"
-    ZONE_ERROR = "zone-error"
-    TIMEOUT = "timeout"
-    DNS_FAILURE = "dns-failure"
-    DISABLED = "disabled"
-
-
-PROBLEMS = frozenset({Status.ZONE_ERROR, Status.TIMEOUT, Status.DNS_FAILURE})
-
-
-def is_error_code(address: ipaddress.IPv4Address) -> bool:
-    """Outside 127.0.0.0/8 or inside 127.255.255.0/24: a zone error."""
-    return address not in LOOPBACK_NETWORK or address in ERROR_NETWORK
-
-
-def classify(zone: Zone, addresses: Sequence[str]) -> Status:
-    """LISTED, NOT_LISTED or ZONE_ERROR for one zone's A answer.
-
-    One error code (or a record that is no IPv4 address) makes the whole
-    answer a ZONE_ERROR: an answer that says "something is wrong" is no
-    evidence either way.
-    """
-    parsed = []
-    for text in addresses:
-        try:
-            address = ipaddress.IPv4Address(text)
-        except ValueError:
-            return Status.ZONE_ERROR
-        if is_error_code(address):
-            return Status.ZONE_ERROR
-        parsed.append(address)
-    return Status.LISTED if any(zone.lists(address) for address in parsed) else Status.NOT_LISTED
+def client_address(client: IPAddress | str) -> IPAddress:
+    """The address a client is asked as: v4-mapped IPv6 as IPv4; ValueError."""
+    return parse_ip(client) if isinstance(client, str) else normalise_ip(client)
 
 
 def clean_txt(text: str) -> str:
-    """Printable ASCII only, at most MAX_TXT_LENGTH: it goes into an SMTP reply."""
-    cleaned = "".join(char if " " <= char <= "~" else "?" for char in text).strip()
-    return cleaned[:MAX_TXT_LENGTH]
+    """A TXT record made fit for an SMTP reply: printable(), stripped, MAX_TXT_LENGTH."""
+    return printable(text).strip()[:MAX_TXT_LENGTH]
 
 
 # --------------------------------------------------------------- resolver ---
@@ -331,34 +176,6 @@ class Resolver(Protocol):
     def query(self, name: str, rdtype: str, lifetime: float | None = None) -> DnsAnswer: ...
 
 
-def split_nameserver(text: str) -> tuple[str, int]:
-    """"192.0.2.1" / "127.0.0.1:5353" / "::1" / "[::1]:5353" -> (ip, port)."""
-    entry = text.strip()
-    port = 53
-    if entry.startswith("["):
-        host, bracket, rest = entry[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r} is not [IPv6]:PORT")
-        if rest:
-            port = _port(rest[1:], text)
-    elif entry.count(":") == 1:
-        host, port_text = entry.split(":")
-        port = _port(port_text, text)
-    else:
-        host = entry
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
-    return host, port
-
-
-def _port(text: str, entry: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"{entry!r}: port {text!r} is not 1-65535")
-    return int(text)
-
-
 def negative_ttl(response: dns.message.Message | None) -> int:
     """RFC 2308: min(SOA TTL, SOA MINIMUM) from the authority section, else 0."""
     if response is not None:
@@ -380,7 +197,7 @@ class DnsResolver:
     def __init__(self, nameservers: Sequence[str] = (), timeout: float = 2.0) -> None:
         if nameservers:
             resolver = dns.resolver.Resolver(configure=False)
-            servers = [split_nameserver(text) for text in nameservers]
+            servers = [split_host_port(text, default_port=DNS_PORT) for text in nameservers]
             if Do53Nameserver is not None:
                 resolver.nameservers = [Do53Nameserver(ip, port) for ip, port in servers]
             else:                   # dnspython 2.3: addresses, and their ports apart
@@ -447,58 +264,6 @@ class TxtLookup:
     txt: str | None
     ttl: int
 
-
-@dataclass(frozen=True)
-class ZoneAnswer:
-    """One zone's answer about one client, classified."""
-
-    zone: Zone
-    status: Status
-    addresses: tuple[str, ...] = ()
-    ttl: int | None = None
-    nxdomain: bool = False
-    txt: str | None = None          # only when LISTED
-    source: FetchSource | None = None
-
-    @property
-    def from_cache(self) -> bool:
-        return self.source is FetchSource.CACHE
-
-    @property
-    def contribution(self) -> int:
-        return self.zone.weight if self.status is Status.LISTED else 0
-
-
-@dataclass(frozen=True)
-class ListingResult:
-    """The verdict on one client: listed when score >= threshold.
-
-    reply_zone and txt come from the listing zone with the highest positive
-    weight (the first in config order on a tie); both are None when the
-    client is not listed.
-    """
-
-    client: IPAddress
-    answers: tuple[ZoneAnswer, ...]
-    score: int
-    threshold: int
-    listed: bool
-    reply_zone: str | None
-    txt: str | None
-
-
-def summarise(client: IPAddress, answers: Sequence[ZoneAnswer], threshold: int) -> ListingResult:
-    """Weights of the listing zones -> score -> verdict and reply zone."""
-    score = sum(answer.contribution for answer in answers)
-    listed = score >= threshold
-    reply = None
-    if listed:
-        blocking = [answer for answer in answers
-                    if answer.status is Status.LISTED and answer.zone.weight > 0]
-        reply = max(blocking, key=lambda answer: answer.zone.weight, default=None)
-    return ListingResult(client=client, answers=tuple(answers), score=score, threshold=threshold,
-                         listed=listed, reply_zone=reply.zone.display_name if reply else None,
-                         txt=reply.txt if reply else None)
 
 
 def report_lines(result: ListingResult) -> list[str]:
@@ -594,8 +359,6 @@ class DnsblChecker:
             max_workers=max_workers or default_workers(len(self.zones)),
             thread_name_prefix="dnsbl")
         self._problems = RateLimiter(log_interval, timer)
-        self._counts_lock = threading.Lock()
-        self._counts: Counter = Counter()
         self._health_lock = threading.Lock()     # one health round at a time
         self._disabled: frozenset[str] = frozenset()    # swapped, never mutated
         self._warned_test_point: set[str] = set()
@@ -607,7 +370,7 @@ class DnsblChecker:
     # -- lookups -----------------------------------------------------------
     def start(self, client: IPAddress | str) -> "PendingListing":
         """Ask every enabled zone about client now; collect with result()."""
-        address = parse_ip(client) if isinstance(client, str) else normalise_ip(client)
+        address = client_address(client)
         deadline = self._timer() + self.timeout
         disabled = self._disabled     # one read: a health round may swap it
         lookups: list[tuple[Zone, Fetch | None]] = []
@@ -710,10 +473,7 @@ class DnsblChecker:
         return answers
 
     def _record(self, result: ListingResult) -> None:
-        """Count every zone's status; log problems, rate-limited."""
-        with self._counts_lock:
-            for answer in result.answers:
-                self._counts[(answer.zone.display_name, answer.status.value)] += 1
+        """Count every zone's status (metrics); log problems, rate-limited."""
         for answer in result.answers:
             self._metrics.dnsbl_answer(answer.zone.display_name, answer.status.value)
         for answer in result.answers:
@@ -736,11 +496,6 @@ class DnsblChecker:
         else:
             log.warning("dnsbl %s: lookup for %s failed (SERVFAIL, REFUSED or no nameserver); "
                         "counted as not listed%s", zone, client, more)
-
-    def counters(self) -> dict[tuple[str, str], int]:
-        """(zone display_name, status value) -> answers so classified."""
-        with self._counts_lock:
-            return dict(self._counts)
 
     @property
     def disabled_zones(self) -> frozenset[str]:

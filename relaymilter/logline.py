@@ -14,14 +14,16 @@ DESCRIPTION
 
     (one line). "would reject" replaces "reject" under dry_run, so that no
     filter written for real rejects fires during a trial. Rejects, defers and
-    dry-run lines are logged at INFO, permits at DEBUG.
+    dry-run lines are logged at INFO, permits at DEBUG. Every field a client
+    controls goes through text.printable(). Only the engine calls this.
 """
 
 from __future__ import annotations
 
 import logging
 
-from relaymilter.policy import Action, ClientFacts, Decision, printable
+from relaymilter.decision import Action, ClientFacts, Decision
+from relaymilter.text import printable
 
 log = logging.getLogger("relaymilter.decision")
 
@@ -37,7 +39,7 @@ def format_decision(stage: str, decision: Decision, client: ClientFacts,
     verb = decision.action.value
     if decision.dry_run:
         verb = "would " + verb
-    head = f"{queue_id or 'NOQUEUE'}: {verb}: {stage} from {client_label(client)}:"
+    head = f"{printable(queue_id or 'NOQUEUE')}: {verb}: {stage} from {client_label(client)}:"
     reply = decision.reply
     parts = [f"{head} {printable(reply)};" if reply else head]
     if sender is not None:
@@ -45,7 +47,7 @@ def format_decision(stage: str, decision: Decision, client: ClientFacts,
     if recipient is not None:
         parts.append(f"to=<{printable(recipient.strip().strip('<>'))}>")
     parts.append(f"helo=<{printable(client.helo)}>")
-    parts.append(f"reason={decision.reason}")
+    parts.append(f"reason={decision.reason.word}")
     return " ".join(parts)
 
 

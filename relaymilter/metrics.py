@@ -5,10 +5,10 @@ NAME
 
 SYNOPSIS
     recorder = make_recorder(config.metrics)    # NO_METRICS when listen = ""
-    live = LiveConfig.start(config, metrics=recorder)
-    listener = MetricsListener(config.metrics.address, recorder, lambda: live.snapshot)
+    runtime = Runtime.start(config, metrics=recorder)
+    listener = MetricsListener(config.metrics.address, recorder, lambda: runtime.snapshot)
     listener.start()                            # GET /metrics, GET /healthz
-    recorder.decision("rcpt", decision)         # one call per event, any thread
+    recorder.decision("rcpt", "reject", "remote-domain")   # one call per event, any thread
     listener.stop()
 
 DESCRIPTION
@@ -19,8 +19,8 @@ DESCRIPTION
     (the `metrics` extra) is imported only then, and make_recorder() raises
     MetricsUnavailable when it is missing.
 
-    Labels take values from closed sets only: stage, action, reason (a
-    reason outside REASONS reads "other"), zone display names (from the
+    Labels take values from closed sets only: stage, action, reason (the
+    label of a reason.Reason), zone display names (from the
     config, never the zone's real name, which may hold a key), DNSBL
     statuses, callback names, results. Never a domain, an address or a user.
 
@@ -78,27 +78,15 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from relaymilter import __version__
-from relaymilter.address import Trick
-from relaymilter.relay import Trust
+from relaymilter.recorder import NO_METRICS, Recorder
 
 if TYPE_CHECKING:
     from relaymilter.cache import LookupCache
     from relaymilter.config import MetricsConfig
-    from relaymilter.dnsbl import ListingResult
-    from relaymilter.live import Snapshot
-    from relaymilter.policy import Decision
+    from relaymilter.engine import Snapshot
 
 log = logging.getLogger(__name__)
 
-# The reason vocabulary of Decision.reason (docs/guide.md, "Reading the log").
-REASONS = frozenset(
-    {trick.value for trick in Trick}
-    | {trust.value for trust in Trust if trust is not Trust.UNTRUSTED}
-    | {"remote-domain", "foreign-literal", "mta-resolves-remote", "local-domain", "postmaster",
-       "own-literal", "bad-syntax", "dnsbl", "not-listed", "allowlisted", "dnsbl-opt-out",
-       "hold-client", "hold-user", "relay-client-sender", "sender-not-owned", "rate-limit",
-       "internal-error"})
-OTHER_REASON = "other"
 CALLBACKS = ("connect", "helo", "mail", "rcpt", "data")
 
 # Seconds; a query ends within [dnsbl] timeout (at most 30 s).
@@ -107,19 +95,6 @@ QUERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 
 
 class MetricsUnavailable(Exception):
     """Metrics are configured, but prometheus_client cannot be imported."""
-
-
-def reason_label(reason: str) -> str:
-    """The reason itself when it is in the vocabulary, else "other"."""
-    return reason if reason in REASONS else OTHER_REASON
-
-
-def action_label(decision: "Decision") -> str:
-    """permit, reject, defer; would-reject, would-defer under dry run."""
-    action = decision.action.value
-    return f"would-{action}" if decision.dry_run else action
-
-
 
 
 def make_recorder(settings: "MetricsConfig") -> Recorder:

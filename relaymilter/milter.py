@@ -1,13 +1,15 @@
-"""milter - the pymilter adapter: callbacks -> facts -> Decision -> reply.
+"""milter - the pymilter adapter: callbacks -> facts -> engine -> reply.
 
 NAME
-    milter - thin libmilter front end to policy.py
+    milter - thin libmilter front end to engine.py
 
 DESCRIPTION
     libmilter runs one thread per MTA connection and creates one RelayMilter
     per connection. A RelayMilter keeps the facts of its SMTP session (who
-    the client is, HELO, MAIL FROM, SASL login) and asks policy.py for a
-    Decision at each RCPT TO. It holds no policy of its own.
+    the client is, HELO, MAIL FROM, SASL login), hands them to the engine
+    at each RCPT TO and turns the Decision it gets back into a reply. Dry
+    run, holds, the log line and metrics are the engine's (one answer path
+    for both front ends); this module holds no policy of its own.
 
     Protocol economy: connect, HELO and MAIL are "no reply" stages (the MTA
     does not wait for us); headers, body and unknown commands are negotiated
@@ -20,12 +22,9 @@ DESCRIPTION
     @Milter.symlist.
 
     Error boundary: every callback is guarded. An exception is logged once
-    with its traceback and answered per [milter] on_error; in a no-reply
+    with its traceback and answered per [decisions] on_error; in a no-reply
     stage it is remembered and answered at the next RCPT. Nothing is ever
     permanently rejected because relaymilter failed.
-
-    Metrics: each connect, each decision answered and each exception caught
-    is one call into live.metrics (metrics.py; a no-op when metrics are off).
 
     Postfix runs the milter's connect callback again after XCLIENT, in the
     same milter conversation: connect starts a fresh session every time.
@@ -47,11 +46,8 @@ from typing import Any, Callable
 import Milter
 
 from relaymilter.address import IPAddress, parse_ip
-from relaymilter.live import LiveConfig
-from relaymilter.logline import log_decision
-from relaymilter.policy import (Action, ClientFacts, Decision, RecipientFacts, answered_action,
-                                decide_listing, decide_recipient, enforce, internal_fault,
-                                lookups_needed)
+from relaymilter.decision import Action, ClientFacts, Decision, RecipientFacts
+from relaymilter.engine import Engine
 
 
 log = logging.getLogger(__name__)
@@ -106,7 +102,7 @@ def guarded(stage: str) -> Callable:
                 return callback(self, *args)
             except Exception:
                 log.exception("internal error in the %s callback", stage)
-                self._live.metrics.internal_error(stage)
+                self._engine.internal_error(stage)
                 return self.fault(stage, args)
         return wrapper
     return decorate
@@ -115,9 +111,9 @@ def guarded(stage: str) -> Callable:
 class RelayMilter(Milter.Base):
     """One MTA connection. Created by libmilter's thread for that connection."""
 
-    def __init__(self, live: LiveConfig, warnings: MacroWarnings):
+    def __init__(self, engine: Engine, warnings: MacroWarnings):
         super().__init__()      # libmilter attaches the context itself
-        self._live = live
+        self._engine = engine
         self._warnings = warnings
         self._start_session(ClientFacts(address=None))
 
@@ -143,7 +139,7 @@ class RelayMilter(Milter.Base):
                 for stage, macros in _macro_requests(type(self)):
                     self._ctx.setsymlist(stage, macros)
             protocol = offered & ~self.protocol_mask()
-            if _rejects_at_connect(self._live.snapshot):
+            if self._engine.snapshot.rejects_at_connect:
                 protocol &= ~Milter.P_NR_CONN
             opts[1] = self._protocol = protocol
             opts[2] = opts[3] = 0
@@ -156,19 +152,15 @@ class RelayMilter(Milter.Base):
     @Milter.noreply
     @guarded("connect")
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
-        self._live.metrics.connection()
+        self._engine.connection()
         name = hostname if hostname and not hostname.startswith("[") else "unknown"
         self._start_session(ClientFacts(address=client_address(family, hostaddr), name=name))
         self._require_macros("connect")
-        snapshot = self._live.snapshot
-        if lookups_needed(self._client, snapshot):
-            self._listing = snapshot.dnsbl.start(self._client.address)
-            if self._protocol & Milter.P_NR_CONN == 0 and _rejects_at_connect(snapshot):
-                decision = enforce(decide_listing(self._listing.result()),
-                                   snapshot.config.milter.dry_run)
-                log_decision("CONNECT", decision, self._client)
-                self._live.metrics.decision("connect", decision)
-                return self._answer(decision)
+        snapshot = self._engine.snapshot
+        self._listing = self._engine.start_lookups(self._client, snapshot)
+        if self._listing is not None and snapshot.rejects_at_connect \
+                and self._protocol & Milter.P_NR_CONN == 0:
+            return self._answer(self._engine.answer_connect(self._client, self._listing))
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -193,26 +185,17 @@ class RelayMilter(Milter.Base):
     @guarded("rcpt")
     def envrcpt(self, recipient: str, *params: str) -> int:
         recipient = _text(recipient)
-        snapshot = self._live.snapshot
         queue_id = self._macro("i") or None
         if self._session_fault or self._message_fault:
-            decision = internal_fault(snapshot.config.milter.on_error)
-        else:
-            resolved = self._macro("{rcpt_addr}")
-            if resolved is None:
-                self._warnings.missing("RCPT", "{rcpt_addr}")
-            facts = RecipientFacts(client=self._client, sender=self._sender or "",
-                                   recipient=recipient, resolved_recipient=resolved,
-                                   queue_id=queue_id, listing=self._listing)
-            decision = decide_recipient(facts, snapshot, self._live.counter)
-        decision = enforce(decision, snapshot.config.milter.dry_run)
-        if decision.hold_request is not None and not decision.dry_run:
-            kind, value = decision.hold_request
-            self._live.request_hold(kind, value, f"over {snapshot.config.limits.auto_hold_factor}"
-                                                 " times its outbound limit")
-        log_decision("RCPT", decision, self._client, self._sender, recipient, queue_id)
-        self._live.metrics.decision("rcpt", decision)
-        return self._answer(decision)
+            return self._answer(self._engine.answer_fault(self._client, self._sender, recipient,
+                                                          queue_id))
+        resolved = self._macro("{rcpt_addr}")
+        if resolved is None:
+            self._warnings.missing("RCPT", "{rcpt_addr}")
+        facts = RecipientFacts(client=self._client, sender=self._sender or "",
+                               recipient=recipient, resolved_recipient=resolved,
+                               queue_id=queue_id, listing=self._listing)
+        return self._answer(self._engine.answer_recipient(facts))
 
     @guarded("data")
     def data(self) -> int:
@@ -229,19 +212,15 @@ class RelayMilter(Milter.Base):
         if stage == "mail":
             self._message_fault = True
             return Milter.CONTINUE
-        config = self._live.snapshot.config.milter
-        decision = enforce(internal_fault(config.on_error), config.dry_run)
         recipient = _text(args[0]) if args and isinstance(args[0], (str, bytes)) else None
         try:
-            log_decision("RCPT", decision, self._client, self._sender, recipient, None)
-            self._live.metrics.decision("rcpt", decision)
-            return self._answer(decision)
+            return self._answer(self._engine.answer_fault(self._client, self._sender, recipient))
         except Exception:
             log.exception("could not answer after an internal error; answering TEMPFAIL")
             return Milter.TEMPFAIL
 
     def _answer(self, decision: Decision) -> int:
-        action = answered_action(decision)
+        action = decision.answered
         if action is Action.PERMIT:
             return Milter.CONTINUE
         self.setreply(str(decision.code), decision.dsn, escape_reply(decision.text))
@@ -277,10 +256,6 @@ def _macro_requests(milter_class: type) -> tuple[tuple[int, str], ...]:
     return tuple(requests)
 
 
-def _rejects_at_connect(snapshot) -> bool:
-    return snapshot.dnsbl is not None and snapshot.config.dnsbl.reject_stage == "connect"
-
-
 def _text(value: str | bytes) -> str:
     """pymilter passes str (surrogate-escaped) or, rarely, bytes."""
     if isinstance(value, bytes):
@@ -288,14 +263,14 @@ def _text(value: str | bytes) -> str:
     return value
 
 
-def serve(live: LiveConfig, name: str = "relaymilter") -> None:
+def serve(engine: Engine, name: str = "relaymilter") -> None:
     """Run the milter until libmilter stops (SIGTERM, SIGINT, SIGHUP).
 
     Raises OSError when the socket cannot be opened.
     """
-    config = live.snapshot.config.milter
+    config = engine.snapshot.config.milter
     warnings = MacroWarnings()
-    Milter.factory = lambda: RelayMilter(live, warnings)
+    Milter.factory = lambda: RelayMilter(engine, warnings)
     # No message modifications; SETSYMLIST so @symlist can ask for macros.
     Milter.set_flags(Milter.SETSYMLIST)
     try:

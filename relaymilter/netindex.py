@@ -4,8 +4,8 @@ NAME
     netindex - immutable network -> tag index for a million networks
 
 SYNOPSIS
-    index = NetworkIndex.build([(parse_network("192.0.2.0/24"), 0),
-                                (parse_network("192.0.2.7"), 5)])
+    index = NetworkIndex.from_packed([(ip_address("192.0.2.0").packed, 24, 0),
+                                      (ip_address("192.0.2.7").packed, 32, 5)])
     index.tags(ip_address("192.0.2.7"))         # (5, 0): longest prefix first
     index.longest(ip_address("192.0.2.9"))      # 0
     index.matches(ip_address("192.0.2.7"), (3, 5))   # True: a network tagged 5 holds it
@@ -41,15 +41,14 @@ DESCRIPTION
     test per group, and a bisect only in the groups likely to hold it.
 
     Building. from_blocks() takes networks as SQLite can hand them over in
-    bulk (store.py): per family and prefix length, one byte string of
+    bulk (sqlitestore.py): per family and prefix length, one byte string of
     fixed-size records, cut into arrays by slicing, not by a Python loop
-    over the entries. build() and from_packed() take one network at a
-    time, for small tables and tests.
+    over the entries. from_packed() takes one network at a time, for
+    small tables and tests.
 
     IPv4-mapped IPv6 addresses and networks (::ffff:192.0.2.0/120) are
     IPv4, as everywhere in relaymilter (address.normalise_ip, parse_network).
-    Host bits are ignored by build() and from_packed(): 192.0.2.7/24 is
-    192.0.2.0/24.
+    Host bits are ignored by from_packed(): 192.0.2.7/24 is 192.0.2.0/24.
 
     Built once, never changed: readers in any thread may share an index.
 """
@@ -64,7 +63,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterable
 from itertools import chain, islice, repeat
 
-from relaymilter.address import IPAddress, IPNetwork
+from relaymilter.address import IPAddress
 
 
 MAX_TAG = 2**32 - 1
@@ -268,7 +267,7 @@ _BIT = [1 << bit for bit in range(8)]
 
 
 class NetworkIndex:
-    """See the module docstring. Build with build(), from_packed() or from_blocks()."""
+    """See the module docstring. Build with from_packed() or from_blocks()."""
 
     __slots__ = ("_families", "_size")
 
@@ -277,12 +276,6 @@ class NetworkIndex:
         self._size = size
 
     # ------------------------------------------------------------ building ---
-
-    @classmethod
-    def build(cls, entries: Iterable[tuple[IPNetwork, int]]) -> "NetworkIndex":
-        """An index of (network, tag) pairs. Raises ValueError for a bad tag."""
-        return cls.from_packed((network.network_address.packed, network.prefixlen, tag)
-                               for network, tag in entries)
 
     @classmethod
     def from_packed(cls, entries: Iterable[tuple[bytes, int, int]]) -> "NetworkIndex":
@@ -439,6 +432,3 @@ class NetworkIndex:
                     if position < end and tags[position] == tag:
                         return tag
         return None
-
-
-EMPTY_INDEX = NetworkIndex({4: (), 6: ()}, 0)

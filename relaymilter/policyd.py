@@ -4,7 +4,7 @@ NAME
     policyd - Postfix SMTPD access policy delegation server (check_policy_service)
 
 SYNOPSIS
-    server = PolicyServer(live, "unix:/var/spool/postfix/private/relaymilter", 0o660)
+    server = PolicyServer(engine, "unix:/var/spool/postfix/private/relaymilter", 0o660)
     server.serve_forever()          # until server.shutdown() from another thread
 
 DESCRIPTION
@@ -17,9 +17,10 @@ DESCRIPTION
 
     Each request becomes the same frozen facts the milter builds
     (client_address, client_name, helo_name, sasl_username, sender,
-    recipient, queue_id) and goes to the same policy.decide_recipient().
-    Only requests with protocol_state RCPT are decided; others answer DUNNO.
-    The Decision becomes:
+    recipient, queue_id) and goes to the same engine.Engine, which applies
+    dry run, holds, the log line and metrics ([decisions] settings govern
+    both front ends). Only requests with protocol_state RCPT are decided;
+    others answer DUNNO. The Decision becomes:
       permit to relay        action=OK (trusted network, SMTP AUTH, relay
                              client: Postfix's reject_unauth_destination
                              after us must not undo it)
@@ -40,7 +41,7 @@ DESCRIPTION
     no longer be trusted). Bytes that are not UTF-8 are kept as surrogate
     escapes and refused by the address parser (501 5.1.3). An exception
     while deciding is logged with its traceback and answered per
-    [milter] on_error.
+    [decisions] on_error.
 """
 
 from __future__ import annotations
@@ -52,10 +53,9 @@ import socket
 import socketserver
 import threading
 from relaymilter.address import ATEXT, IPAddress, parse_ip
-from relaymilter.live import LiveConfig
-from relaymilter.logline import log_decision
-from relaymilter.policy import (Action, ClientFacts, Decision, RecipientFacts, answered_action,
-                                decide_recipient, enforce, internal_fault, lookups_needed)
+from relaymilter.decision import Action, ClientFacts, Decision, RecipientFacts
+from relaymilter.endpoint import parse_socket
+from relaymilter.engine import Engine
 
 
 log = logging.getLogger(__name__)
@@ -138,17 +138,15 @@ def client_facts(attributes: dict[str, str]) -> ClientFacts:
                        auth_user=attributes.get("sasl_username") or None)
 
 
-# Permits that grant relaying: Postfix must not refuse them afterwards
-# (reject_unauth_destination), so they answer OK; every other permit answers
-# DUNNO and leaves the recipient to Postfix's own restrictions.
-RELAY_PERMITS = frozenset({"trusted-network", "authenticated", "relay-client"})
-
-
 def action_for(decision: Decision) -> str:
-    """The answer line for a decision, without "action="."""
-    if answered_action(decision) is Action.PERMIT:
-        return "OK" if decision.action is Action.PERMIT and decision.reason in RELAY_PERMITS \
-            else "DUNNO"
+    """The answer line for a decision, without "action=".
+
+    A permit that grants relaying answers OK: Postfix must not refuse it
+    afterwards (reject_unauth_destination). Every other permit answers
+    DUNNO and leaves the recipient to Postfix's own restrictions.
+    """
+    if decision.answered is Action.PERMIT:
+        return "OK" if decision.grants_relay else "DUNNO"
     return f"{decision.code} {decision.dsn} {decision.text}"
 
 
@@ -179,41 +177,34 @@ class PolicyConnection(socketserver.StreamRequestHandler):
                 return
 
     def _answer(self, attributes: dict[str, str]) -> str:
-        live = self.server.live
+        engine = self.server.engine
+        if attributes.get("request") != "smtpd_access_policy" \
+                or attributes.get("protocol_state", "").upper() != "RCPT":
+            return "DUNNO"
+        client = ClientFacts(address=None)
+        sender = recipient = queue_id = None
         try:
-            if attributes.get("request") != "smtpd_access_policy" \
-                    or attributes.get("protocol_state", "").upper() != "RCPT":
-                return "DUNNO"
-            snapshot = live.snapshot
             client = client_facts(attributes)
-            facts = RecipientFacts(client=client, sender=_path(attributes.get("sender", "")),
-                                   recipient=_path(attributes.get("recipient", "")),
-                                   queue_id=attributes.get("queue_id") or None,
-                                   listing=self._pending_listing(attributes, client, snapshot))
-            decision = enforce(decide_recipient(facts, snapshot, live.counter),
-                               snapshot.config.milter.dry_run)
-            if decision.hold_request is not None and not decision.dry_run:
-                kind, value = decision.hold_request
-                live.request_hold(kind, value, f"over {snapshot.config.limits.auto_hold_factor}"
-                                               " times its outbound limit")
-            log_decision("RCPT", decision, client, facts.sender, facts.recipient,
-                         facts.queue_id)
-            live.metrics.decision("rcpt", decision)
-            return _without_recipient(action_for(decision))
+            sender = _path(attributes.get("sender", ""))
+            recipient = _path(attributes.get("recipient", ""))
+            queue_id = attributes.get("queue_id") or None
+            facts = RecipientFacts(client=client, sender=sender, recipient=recipient,
+                                   queue_id=queue_id,
+                                   listing=self._pending_listing(attributes, client, engine))
+            return _without_recipient(action_for(engine.answer_recipient(facts)))
         except Exception:               # the edge: one traceback, then on_error
             log.exception("internal error while deciding a policy request")
-            live.metrics.internal_error("policyd")
-            config = live.snapshot.config.milter
-            return action_for(enforce(internal_fault(config.on_error), config.dry_run))
+            engine.internal_error("policyd")
+            return action_for(engine.answer_fault(client, sender, recipient, queue_id))
 
-    def _pending_listing(self, attributes: dict[str, str], client: ClientFacts, snapshot):
+    def _pending_listing(self, attributes: dict[str, str], client: ClientFacts, engine: Engine):
         """One DNSBL lookup per message, shared by its recipients."""
-        if not lookups_needed(client, snapshot):
-            return None
         message = (attributes.get("instance", ""), str(client.address))
         if message != self._message or self._listing is None or not message[0]:
-            self._message = message
-            self._listing = snapshot.dnsbl.start(client.address)
+            listing = engine.start_lookups(client)
+            if listing is None:
+                return None
+            self._message, self._listing = message, listing
         return self._listing
 
     def _send(self, action: str) -> bool:
@@ -267,11 +258,11 @@ class _Server(socketserver.ThreadingMixIn):
 class PolicyServer:
     """The listening socket and its threads; see the module docstring."""
 
-    def __init__(self, live: LiveConfig, where: str, socket_mode: int = 0o660) -> None:
-        self.live = live
+    def __init__(self, engine: Engine, where: str, socket_mode: int = 0o660) -> None:
+        self.engine = engine
         self.where = where
         self._server = _listen(where, socket_mode)
-        self._server.live = live
+        self._server.engine = engine
 
     def serve_forever(self) -> None:
         self._server.serve_forever(poll_interval=0.5)
@@ -280,9 +271,10 @@ class PolicyServer:
         """Stop serving (from another thread than serve_forever's) and close."""
         self._server.shutdown()
         self._server.server_close()
-        if self.where.startswith(("unix:", "local:")):
+        spec = parse_socket(self.where)
+        if spec.kind == "unix":
             try:
-                os.unlink(self.where.split(":", 1)[1])
+                os.unlink(spec.path)
             except OSError:
                 pass
 
@@ -293,31 +285,29 @@ class PolicyServer:
 
 def _listen(where: str, socket_mode: int) -> socketserver.BaseServer:
     """A bound, listening threaded server for "unix:/path" or "inet[6]:PORT@HOST"."""
-    if where.startswith(("unix:", "local:")):
-        path = where.split(":", 1)[1]
-        if os.path.exists(path):
-            os.unlink(path)         # a stale socket from a killed process
+    spec = parse_socket(where)
+    if spec.kind == "unix":
+        if os.path.exists(spec.path):
+            os.unlink(spec.path)    # a stale socket from a killed process
 
         class UnixServer(_Server, socketserver.UnixStreamServer):
             pass
-        server: socketserver.BaseServer = UnixServer(path, PolicyConnection)
-        os.chmod(path, socket_mode)
+        server: socketserver.BaseServer = UnixServer(spec.path, PolicyConnection)
+        os.chmod(spec.path, socket_mode)
         return server
-    family_text, rest = where.split(":", 1)
-    port, host = rest.split("@", 1)
-    family = socket.AF_INET6 if family_text == "inet6" else socket.AF_INET
+    family = socket.AF_INET6 if spec.kind == "inet6" else socket.AF_INET
 
     class InetServer(_Server, socketserver.TCPServer):
         address_family = family
-    return InetServer((host.strip("[]"), int(port)), PolicyConnection)
+    return InetServer((spec.host, spec.port), PolicyConnection)
 
 
-def serve(live: LiveConfig) -> None:
+def serve(engine: Engine) -> None:
     """Serve until SIGTERM or SIGINT. Raises OSError when the socket cannot be opened."""
     import signal
 
-    settings = live.snapshot.config.policyd
-    server = PolicyServer(live, settings.socket, settings.mode)
+    settings = engine.snapshot.config.policyd
+    server = PolicyServer(engine, settings.socket, settings.mode)
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:

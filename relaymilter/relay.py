@@ -6,17 +6,19 @@ NAME
 SYNOPSIS
     rules = RelayRules.build(local_domains=["example.com", ".example.net"],
                              trusted_networks=["127.0.0.0/8"])
-    verdict = relay_verdict(parse_recipient(rcpt), client_trust(ip, None, rules),
-                            resolved_recipient, rules)
+    trust = client_trust(ip, auth_user, rules)        # Trust.UNTRUSTED, ...
+    verdict = relay_verdict(parse_recipient(rcpt), resolved_recipient, rules)
 
 DESCRIPTION
     Trust comes only from the client address (trusted networks) and from the
     MTA's {auth_authen} macro. Names, HELO, MAIL FROM and AUTH= prove
     nothing. A trusted client may send anywhere, tricks included: the MTA
-    routes its mail as it always would.
+    routes its mail as it always would (the engine, engine.py, applies
+    that).
 
-    From an untrusted client a recipient is accepted only when it clearly
-    ends at one of our domains:
+    relay_verdict() answers for an untrusted client, which is the same as
+    asking "is this recipient ours?": a recipient is accepted only when it
+    clearly ends at one of our domains:
       1. routing tricks (percent hack, bang path, "@" in the local part,
          source route) are refused, even for postmaster;
       2. bare <postmaster> and postmaster@<local domain> are accepted;
@@ -36,6 +38,7 @@ from typing import Iterable
 
 from relaymilter.address import (IPAddress, IPNetwork, Recipient, Trick, normalise_domain,
                                  normalise_ip, parse_ip, parse_network, resolved_domain)
+from relaymilter.reason import Reason
 
 class Trust(enum.Enum):
     """Why a client may relay, if it may."""
@@ -43,7 +46,17 @@ class Trust(enum.Enum):
     UNTRUSTED = "untrusted"
     TRUSTED_NETWORK = "trusted-network"
     AUTHENTICATED = "authenticated"
-    RELAY_CLIENT = "relay-client"       # a per-domain policy entry (store.py)
+    RELAY_CLIENT = "relay-client"       # a domain-policy entry (domainpolicy.py)
+
+    @property
+    def reason(self) -> Reason:
+        """The reason of a permit this trust grants (not for UNTRUSTED)."""
+        return _TRUST_REASONS[self]
+
+
+_TRUST_REASONS = {Trust.TRUSTED_NETWORK: Reason.TRUSTED_NETWORK,
+                  Trust.AUTHENTICATED: Reason.AUTHENTICATED,
+                  Trust.RELAY_CLIENT: Reason.RELAY_CLIENT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +89,10 @@ class RelayRules:
 
 @dataclass(frozen=True, slots=True)
 class RelayVerdict:
-    """allowed, and a short reason from a closed vocabulary (logs, metrics)."""
+    """allowed (the recipient is ours), and why."""
 
     allowed: bool
-    reason: str
+    reason: Reason
 
 
 def split_domain_patterns(patterns: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -121,33 +134,32 @@ def client_trust(client_ip: IPAddress | None, auth_user: str | None,
     return Trust.UNTRUSTED
 
 
-def relay_verdict(recipient: Recipient, trust: Trust, resolved_recipient: str | None,
+def relay_verdict(recipient: Recipient, resolved_recipient: str | None,
                   rules: RelayRules) -> RelayVerdict:
-    """The verdict for one recipient (see the module docstring for the order).
+    """May an untrusted client send to this recipient, i.e. is it ours?
 
-    resolved_recipient is the MTA's own resolution ({rcpt_addr}) or None when
-    the MTA did not say; an address without a domain there (Sendmail's local
-    mailer) says nothing and is ignored.
+    See the module docstring for the order. resolved_recipient is the MTA's
+    own resolution ({rcpt_addr}) or None when the MTA did not say; an
+    address without a domain there (Sendmail's local mailer) says nothing
+    and is ignored.
     """
-    if trust is not Trust.UNTRUSTED:
-        return RelayVerdict(True, trust.value)
     routing = recipient.routing_tricks
     if routing:
         return RelayVerdict(False, _first(routing))
     if recipient.is_bare_postmaster:
-        return RelayVerdict(True, "postmaster")
+        return RelayVerdict(True, Reason.POSTMASTER)
     if recipient.tricks:
         return RelayVerdict(False, _first(recipient.tricks))
     if recipient.literal is not None:
         if normalise_ip(recipient.literal) not in rules.own_literals:
-            return RelayVerdict(False, "foreign-literal")
-        local_reason = "own-literal"
+            return RelayVerdict(False, Reason.FOREIGN_LITERAL)
+        local_reason = Reason.OWN_LITERAL
     elif recipient.domain is not None and is_local_domain(recipient.domain, rules):
-        local_reason = "postmaster" if recipient.is_postmaster else "local-domain"
+        local_reason = Reason.POSTMASTER if recipient.is_postmaster else Reason.LOCAL_DOMAIN
     else:
-        return RelayVerdict(False, "remote-domain")
+        return RelayVerdict(False, Reason.REMOTE_DOMAIN)
     if resolved_recipient and not _resolves_local(resolved_recipient, rules):
-        return RelayVerdict(False, "mta-resolves-remote")
+        return RelayVerdict(False, Reason.MTA_RESOLVES_REMOTE)
     return RelayVerdict(True, local_reason)
 
 
@@ -161,6 +173,6 @@ def _resolves_local(resolved: str, rules: RelayRules) -> bool:
     return domain is None or is_local_domain(domain, rules)
 
 
-def _first(tricks: frozenset[Trick]) -> str:
+def _first(tricks: frozenset[Trick]) -> Reason:
     """A stable reason when several tricks are present."""
-    return min(trick.value for trick in tricks)
+    return Reason.of_trick(min(tricks, key=lambda trick: trick.value))

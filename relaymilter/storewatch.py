@@ -1,20 +1,22 @@
-"""storewatch - follows the policy store for the running milter.
+"""storewatch - follows the domain policy store for the running milter.
 
 NAME
-    storewatch - change detection and automatic holds for the policy store
+    storewatch - change detection and automatic holds for the store
 
 SYNOPSIS
     watcher = StoreWatcher("/var/lib/relaymilter/policy.sqlite3")
-    policy = watcher.poll()          # a new PolicySnapshot, or None: unchanged
+    policy = watcher.poll()          # a new DomainPolicy, or None: unchanged
     watcher.put_on_hold("user", "alice", "sent 3 times its limit")
     watcher.close()
 
 DESCRIPTION
-    Owned by one thread (the reload watcher in live.py): SQLite connections
-    are never shared between threads. poll() is cheap when nothing changed:
-    one `PRAGMA data_version`, which moves when another connection (the
-    CLI, an import, this process's hold writer) commits. When it moved, the
-    whole store is read into a new immutable PolicySnapshot.
+    Owned by one thread (the reload watcher in live.py): a store connection
+    is never shared between threads. The store is opened with
+    store.open_store(), whatever its backend. poll() is cheap when nothing
+    changed: one data_version() (SQLite: `PRAGMA data_version`), which
+    moves when another connection (the CLI, an import, this process's hold
+    writer) commits. When it moved, the whole store is read into a new
+    immutable DomainPolicy.
 
     A store that cannot be opened or read (missing directory, permissions,
     a corrupt file, a schema newer than this program) keeps the last
@@ -27,11 +29,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import sqlite3
 import time
 
+from relaymilter.domainpolicy import DomainPolicy
+from relaymilter.openstore import open_store
 from relaymilter.recorder import NO_METRICS, Recorder
-from relaymilter.store import PolicySnapshot, PolicyStore, StoreError
+from relaymilter.store import Storage, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class StoreWatcher:
         so that one error is logged once per process, not once per watcher."""
         self.path = path
         self._metrics = metrics
-        self._store: PolicyStore | None = None
+        self._store: Storage | None = None
         self._version: int | None = None
         self._last_error = last_error
         self.loaded = loaded
@@ -56,24 +59,24 @@ class StoreWatcher:
     def last_error(self) -> str | None:
         return self._last_error
 
-    def poll(self) -> PolicySnapshot | None:
+    def poll(self) -> DomainPolicy | None:
         """The store's content if it changed since the last poll, else None."""
         try:
             if self._store is None:
-                self._store = PolicyStore(self.path)
+                self._store = open_store(self.path)
                 self._version = None
             version = self._store.data_version()
             if version == self._version:
                 return None
             started = time.monotonic()
-            policy = self._store.load_snapshot()
+            policy = self._store.load_policy()
             self._version = version
             # A store of a million entries is millions of objects that live
             # until the next reload: frozen, the cyclic collector stops
             # walking them on every full collection (pauses of tens of ms in
             # the middle of SMTP sessions). Refcounting still frees them.
             gc.freeze()
-        except (sqlite3.Error, StoreError, OSError) as error:
+        except (StoreError, OSError) as error:
             self._failed(error)
             return None
         if self._last_error is not None:
@@ -90,11 +93,11 @@ class StoreWatcher:
         """Write an automatic hold; the next poll() brings it into force."""
         try:
             if self._store is None:
-                self._store = PolicyStore(self.path)
+                self._store = open_store(self.path)
             self._store.add_hold(kind, value, reason=reason, added_by=AUTO_HOLD_ACTOR)
             # data_version does not move for this connection's own commits.
             self._version = None
-        except (sqlite3.Error, StoreError, OSError) as error:
+        except (StoreError, OSError) as error:
             log.error("could not put %s %s on hold in %s: %s", kind, value, self.path, error)
             self._drop()
             return
@@ -119,5 +122,5 @@ class StoreWatcher:
         if store is not None:
             try:
                 store.close()
-            except sqlite3.Error:
-                pass
+            except StoreError:
+                pass        # the connection is dropped either way

@@ -22,7 +22,8 @@ import pytest
 from Milter import testctx
 
 from relaymilter.config import parse_config
-from relaymilter.live import LiveConfig
+from relaymilter.engine import Engine
+from relaymilter.runtime import Runtime
 from relaymilter.milter import MacroWarnings, RelayMilter
 
 # Not named TestCtx here, or pytest would try to collect it.
@@ -33,14 +34,14 @@ RELAY_DENIED_REMOTE = ("554", "5.7.1", "<user@remote.test>: Relay access denied"
 TEMPORARY_FAILURE = ("451", "4.3.0", "Temporary policy failure, try again later")
 
 
-def make_live(milter: dict | None = None, relay: dict | None = None,
-              dnsbl: dict | None = None) -> LiveConfig:
+def make_live(decisions: dict | None = None, relay: dict | None = None,
+              dnsbl: dict | None = None) -> Runtime:
     document = {"relay": {"local_domains": ["local.test"], **(relay or {})}}
-    if milter:
-        document["milter"] = milter
+    if decisions:
+        document["decisions"] = decisions
     if dnsbl:
         document["dnsbl"] = dnsbl
-    return LiveConfig.start(parse_config(document))
+    return Runtime.start(parse_config(document))
 
 
 # Nothing answers on the discard port: lookups fail open at the deadline.
@@ -56,10 +57,10 @@ def install(monkeypatch):
     """
     monkeypatch.setattr(Context, "default_opts", [Milter.CURR_ACTS, 0x1FFFFF, 0, 0])
 
-    def install_(live: LiveConfig, warnings: MacroWarnings | None = None,
+    def install_(live: Runtime, warnings: MacroWarnings | None = None,
                  ctx_class: type = Context) -> Context:
         shared = warnings if warnings is not None else MacroWarnings()
-        monkeypatch.setattr(Milter, "factory", lambda: RelayMilter(live, shared))
+        monkeypatch.setattr(Milter, "factory", lambda: RelayMilter(Engine(live), shared))
         ctx = ctx_class()
         ctx._setsymval("j", "mx.local.test")
         return ctx
@@ -291,7 +292,7 @@ def test_mta_resolving_local_recipient_to_remote_domain_is_relay_denied(install,
 
 def test_dry_run_continues_but_logs_would_reject(install, caplog):
     caplog.set_level(logging.INFO, logger="relaymilter.decision")
-    ctx = install(make_live(milter={"dry_run": True}))
+    ctx = install(make_live(decisions={"dry_run": True}))
     open_session(ctx, UNTRUSTED_IP)
     mail(ctx)
     assert rcpt(ctx, "<user@remote.test>") == Milter.CONTINUE
@@ -329,7 +330,7 @@ def test_exception_in_policy_answers_tempfail_and_logs_one_traceback(install, ca
 
 
 def test_exception_in_policy_with_on_error_accept_continues(install):
-    live = make_live(milter={"on_error": "accept"})
+    live = make_live(decisions={"on_error": "accept"})
     ctx = install(live)
     open_session(ctx, UNTRUSTED_IP)
     mail(ctx)
@@ -365,7 +366,7 @@ def test_exception_at_mail_is_answered_at_rcpt_of_that_message_only(install):
 
 
 def test_exception_at_connect_with_on_error_accept_continues(install):
-    ctx = install(make_live(milter={"on_error": "accept"}),
+    ctx = install(make_live(decisions={"on_error": "accept"}),
                   ctx_class=lambda: ContextFailingAt(Milter.M_CONNECT))
     open_session(ctx, UNTRUSTED_IP)
     mail(ctx)
@@ -462,7 +463,7 @@ def test_missing_j_macro_at_connect_is_warned_once(install, caplog):
 def test_exception_under_dry_run_continues_and_logs_the_recipient(install, caplog):
     # dry_run promises no effect on mail: faults are logged, not answered.
     caplog.set_level(logging.INFO, logger="relaymilter.decision")
-    live = make_live(milter={"dry_run": True})
+    live = make_live(decisions={"dry_run": True})
     ctx = install(live)
     open_session(ctx, UNTRUSTED_IP)
     mail(ctx)

@@ -16,8 +16,10 @@ from Milter import testctx
 
 from relaymilter.cache import LookupCache
 from relaymilter.config import parse_config
-from relaymilter.dnsbl import DnsAnswer, DnsblChecker, Zone, query_name
-from relaymilter.live import LiveConfig
+from relaymilter.dnsbl import DnsAnswer, DnsblChecker, query_name
+from relaymilter.zones import Zone
+from relaymilter.engine import Engine
+from relaymilter.runtime import Runtime
 from relaymilter.metrics import PrometheusRecorder
 from relaymilter.milter import MacroWarnings, RelayMilter
 
@@ -57,13 +59,13 @@ def session(monkeypatch, recorder):
     def open_(reject_stage: str = "rcpt", ctx_class: type = Context, ip: str = UNTRUSTED_IP):
         document = {"relay": {"local_domains": ["local.test"]}, "store": {"path": ""},
                     "dnsbl": {"reject_stage": reject_stage}}
-        live = LiveConfig.start(parse_config(document), metrics=recorder)
+        live = Runtime.start(parse_config(document), metrics=recorder)
         checker = DnsblChecker([BL], ListingResolver(), LookupCache(100, 60, 3600),
                                metrics=recorder)
         checkers.append(checker)
         live.snapshot = replace(live.snapshot, dnsbl=checker)
         warnings = MacroWarnings()
-        monkeypatch.setattr(Milter, "factory", lambda: RelayMilter(live, warnings))
+        monkeypatch.setattr(Milter, "factory", lambda: RelayMilter(Engine(live), warnings))
         ctx = ctx_class()
         ctx._setsymval("j", "mx.local.test")
         assert ctx._negotiate() == Milter.CONTINUE

@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from relaymilter.config import parse_config
-from relaymilter.live import LiveConfig
+from relaymilter.engine import Engine
+from relaymilter.runtime import Runtime
 from relaymilter.policyd import PolicyServer
 
 
@@ -19,8 +20,8 @@ def server(tmp_path):
     config = parse_config({"relay": {"local_domains": ["local.test"],
                                      "trusted_networks": ["198.51.100.0/24"]},
                            "store": {"path": ""}})
-    live = LiveConfig.start(config)
-    policy_server = PolicyServer(live, f"unix:{tmp_path}/policyd.sock", 0o600)
+    live = Runtime.start(config)
+    policy_server = PolicyServer(Engine(live), f"unix:{tmp_path}/policyd.sock", 0o600)
     thread = threading.Thread(target=policy_server.serve_forever, daemon=True)
     thread.start()
     yield policy_server

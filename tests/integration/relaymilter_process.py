@@ -107,7 +107,7 @@ class RelaymilterProcess:
         if front_end == "milter":
             self.sections = {"milter": {"socket": self.socket, **milter}, **sections}
         else:
-            # [milter] still holds dry_run and on_error, which the service obeys too.
+            # [milter] settings, if a test gives any, are kept: they must not matter here.
             policyd = {"socket": self.socket, "socket_mode": "0666",
                        **sections.pop("policyd", {})}
             self.sections = {**({"milter": milter} if milter else {}), "policyd": policyd,

@@ -284,7 +284,7 @@ def test_reject_stage_connect_refuses_the_whole_connection(postfix_factory, publ
 def test_dry_run_logs_would_reject_for_a_listed_client(postfix_factory, public_tree, rbldnsd,
                                                       front_end):
     service = RelaymilterProcess(public_subdirectory(public_tree, f"dry-{front_end}"),
-                                 front_end=front_end, relay=RELAY, milter={"dry_run": True},
+                                 front_end=front_end, relay=RELAY, decisions={"dry_run": True},
                                  dnsbl=dnsbl_section(rbldnsd.nameserver))
     with service:
         postfix = postfix_factory(**service.postfix_kwargs())

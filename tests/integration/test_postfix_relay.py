@@ -253,7 +253,7 @@ def test_non_utf8_recipient_reaching_relaymilter_is_bad_syntax(postfix_factory, 
 
 def test_dry_run_accepts_and_logs_would_reject(postfix_factory, public_tree, front_end):
     service = RelaymilterProcess(public_subdirectory(public_tree, f"dry-{front_end}"),
-                                 front_end=front_end, relay=RELAY, milter={"dry_run": True})
+                                 front_end=front_end, relay=RELAY, decisions={"dry_run": True})
     with service:
         postfix = postfix_factory(**service.postfix_kwargs())
         assert rcpt_reply(postfix.port, "<user@remote.test>").code == 250

@@ -236,13 +236,6 @@ def test_failure_in_flight_reaches_every_waiter_and_is_not_cached(timer):
     assert retry.calls == 1
 
 
-def test_clear_forgets_entries(timer):
-    cache, lookup = make_cache(timer), CountingLookup()
-    fetch_value(cache, "k", lookup)
-    cache.clear()
-    assert fetch_value(cache, "k", lookup)[1] is FetchSource.DNS
-
-
 @pytest.mark.parametrize("kwargs", [dict(max_entries=0), dict(min_ttl=-1),
                                     dict(min_ttl=100, max_ttl=10)])
 def test_impossible_bounds_are_refused(kwargs):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import subprocess
+import sys
 import tomllib
 
 import pytest
 
-from relaymilter.config import SCHEMA, ConfigError, load_config, parse_config
+from relaymilter.config import (
+    ALIASES, KEYS, SCHEMA, ConfigError, MilterConfig, keep_restart_only, load_config,
+    parse_config,
+)
 
 
 def write(tmp_path, text: str | bytes, name: str = "relaymilter.toml") -> str:
@@ -50,8 +57,8 @@ def test_missing_milter_section_gives_milter_defaults(tmp_path):
     config = load_config(write(tmp_path, '[relay]\nlocal_domains = ["example.com"]\n'))
     assert config.relay.local_domains == ("example.com",)
     assert config.milter.socket == "inet:8894@127.0.0.1"
-    assert config.milter.on_error == "tempfail"
-    assert config.milter.dry_run is False
+    assert config.decisions.on_error == "tempfail"
+    assert config.decisions.dry_run is False
     assert config.milter.timeout == 600
 
 
@@ -211,8 +218,8 @@ def test_effective_toml_of_defaults_round_trips():
 
 def test_effective_toml_of_every_key_set_round_trips():
     assert_round_trips(parse_config({
-        "milter": {"socket": "unix:/run/relay milter/\"odd\\name\".sock", "on_error": "accept",
-                   "dry_run": True, "timeout": 30},
+        "milter": {"socket": "unix:/run/relay milter/\"odd\\name\".sock", "timeout": 30},
+        "decisions": {"on_error": "accept", "dry_run": True},
         "relay": {"local_domains": ["example.com", ".example.net", "stra\u00dfe.example"],
                   "local_domains_file": "/etc/relaymilter/local-domains",
                   "trusted_networks": ["192.0.2.0/24", "2001:db8::/32"],
@@ -243,3 +250,129 @@ def test_every_key_has_help_text(key):
 def test_no_key_is_declared_twice():
     dotted = [key.dotted for key in SCHEMA]
     assert len(dotted) == len(set(dotted))
+
+
+def test_effective_toml_marks_the_restart_only_keys():
+    lines = parse_config({}).effective_toml().splitlines()
+    marked = [line.split(" = ")[0] for line in lines if line.endswith("# takes effect at restart")]
+    assert marked == [key.name for key in SCHEMA if key.restart_only]
+
+
+# -------------------------------------------------------------- [decisions] ---
+
+def test_decisions_are_read_from_their_own_section(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="relaymilter.config")
+    config = load_config(write(tmp_path, '[decisions]\non_error = "accept"\ndry_run = true\n'))
+    assert (config.decisions.on_error, config.decisions.dry_run) == ("accept", True)
+    assert caplog.records == []
+
+
+def test_the_milter_section_no_longer_holds_decisions():
+    assert [field.name for field in dataclasses.fields(MilterConfig)] == ["socket", "timeout"]
+
+
+@pytest.mark.parametrize("old, new", ALIASES.items())
+def test_every_alias_names_a_key_of_the_same_name_elsewhere(old, new):
+    assert new in KEYS and old not in KEYS
+    assert old.split(".")[1] == new.split(".")[1]
+
+
+def test_deprecated_milter_keys_still_work_and_warn_once_naming_file_and_keys(tmp_path,
+                                                                               caplog):
+    caplog.set_level(logging.WARNING, logger="relaymilter.config")
+    path = write(tmp_path, '[milter]\non_error = "accept"\ndry_run = true\n')
+    config = load_config(path)
+    assert (config.decisions.on_error, config.decisions.dry_run) == ("accept", True)
+    assert config.values["decisions.dry_run"] is True
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and record.name == "relaymilter.config"
+    message = record.getMessage()
+    assert message.startswith(f"{path}: ")
+    for old, new in ALIASES.items():
+        assert f"{old} is deprecated, write {new}" in message
+
+
+def test_each_load_warns_again(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="relaymilter.config")
+    path = write(tmp_path, "[milter]\ndry_run = true\n")
+    load_config(path)
+    load_config(path)
+    assert [record.getMessage() for record in caplog.records] == \
+        [f"{path}: milter.dry_run is deprecated, write decisions.dry_run"] * 2
+
+
+def test_old_and_new_key_with_the_same_value_are_accepted(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="relaymilter.config")
+    config = load_config(write(tmp_path, '[milter]\non_error = "accept"\n'
+                                         '[decisions]\non_error = "accept"\n'))
+    assert config.decisions.on_error == "accept"
+    assert len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("old, new, text", [
+    ("milter.on_error", "decisions.on_error",
+     '[milter]\non_error = "accept"\n[decisions]\non_error = "tempfail"\n'),
+    ("milter.dry_run", "decisions.dry_run",
+     "[milter]\ndry_run = true\n[decisions]\ndry_run = false\n"),
+])
+def test_old_and_new_key_with_different_values_are_refused_naming_file_and_key(tmp_path, old,
+                                                                               new, text):
+    path, error = refusal(tmp_path, text)
+    assert (error.path, error.key) == (path, old)
+    assert str(error) == f"{path}: {old}: conflicts with {new}, which replaces it: remove {old}"
+
+
+def test_a_bad_value_under_the_old_name_is_refused_naming_the_old_key(tmp_path):
+    path, error = refusal(tmp_path, '[milter]\non_error = "reject"\n')
+    assert str(error) == f"{path}: milter.on_error: must be one of tempfail, accept, not 'reject'"
+
+
+def test_effective_toml_prints_the_new_keys_only(tmp_path):
+    config = load_config(write(tmp_path, "[milter]\ndry_run = true\n"))
+    document = tomllib.loads(config.effective_toml())
+    assert "dry_run" not in document["milter"] and "on_error" not in document["milter"]
+    assert document["decisions"] == {"on_error": "tempfail", "dry_run": True}
+
+
+# ------------------------------------------------------- restart-only keys ---
+
+def test_the_restart_only_keys_are_the_listeners():
+    assert {key.dotted for key in SCHEMA if key.restart_only} == {
+        "milter.socket", "milter.timeout", "metrics.listen", "policyd.socket",
+        "policyd.socket_mode"}
+
+
+def test_keep_restart_only_with_nothing_changed_returns_the_new_config():
+    running, new = parse_config({}), parse_config({"decisions": {"dry_run": True}})
+    assert keep_restart_only(running, new) == (new, [])
+
+
+def test_keep_restart_only_keeps_the_running_listeners_and_takes_everything_else():
+    running = parse_config({"milter": {"socket": "inet:8894@127.0.0.1"},
+                            "policyd": {"socket_mode": "0660"}})
+    new = parse_config({"milter": {"socket": "unix:/run/relaymilter.sock", "timeout": 30},
+                        "policyd": {"socket_mode": "0600"},
+                        "metrics": {"listen": "127.0.0.1:9894"},
+                        "decisions": {"dry_run": True},
+                        "relay": {"local_domains": ["example.com"]}}, "new.toml")
+    kept, changed = keep_restart_only(running, new)
+    assert changed == ["milter.socket", "milter.timeout", "policyd.socket_mode",
+                       "metrics.listen"]
+    assert kept.milter == running.milter
+    assert (kept.policyd, kept.metrics) == (running.policyd, running.metrics)
+    assert kept.metrics.address is None
+    assert kept.decisions.dry_run is True and kept.relay.local_domains == ("example.com",)
+    assert kept.path == "new.toml"
+    for key in SCHEMA:
+        expected = running if key.restart_only else new
+        assert kept.values[key.dotted] == expected.values[key.dotted], key.dotted
+        assert getattr(getattr(kept, key.section), key.name) == kept.values[key.dotted]
+    assert new.milter.socket == "unix:/run/relaymilter.sock"       # new is left as it was
+
+
+def test_config_does_not_load_the_dns_machinery():
+    code = "import sys, relaymilter.config; print(*sorted(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "relaymilter.config" in loaded
+    assert not {"relaymilter.dnsbl", "dns.resolver", "relaymilter.metrics"} & set(loaded)

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import threading
 import time
+from collections import Counter
 
 import dns.message
 import dns.rrset
@@ -15,11 +16,12 @@ import pytest
 
 from relaymilter.cache import FetchSource, LookupCache
 from relaymilter.dnsbl import (
-    DEFAULT_CODES, MAX_TXT_LENGTH, TEST_POINTS, DnsAnswer, DnsblChecker, DnsFailure, DnsTimeout,
-    Health, HealthMonitor, RateLimiter, Status, Zone, ZoneAnswer, classify, clean_txt,
-    default_workers, judge_health, negative_ttl, parse_codes, probe_name, query_name,
-    report_lines, reverse_labels, split_nameserver, summarise,
+    MAX_TXT_LENGTH, TEST_POINTS, DnsAnswer, DnsblChecker, DnsFailure, DnsTimeout, Health,
+    HealthMonitor, RateLimiter, clean_txt, default_workers, judge_health, negative_ttl,
+    probe_name, query_name, report_lines, reverse_labels,
 )
+from relaymilter.recorder import Recorder
+from relaymilter.zones import Status, Zone
 
 NXDOMAIN = DnsAnswer((), 300, nxdomain=True)
 
@@ -116,6 +118,21 @@ def statuses(result):
     return {answer.zone.display_name: answer.status for answer in result.answers}
 
 
+class AnswerCounts(Recorder):
+    """A metrics recorder that counts (zone, status) answers, as Prometheus would."""
+
+    def __init__(self):
+        self.answers = Counter()
+
+    def dnsbl_answer(self, zone, status):
+        self.answers[(zone, status)] += 1
+
+
+@pytest.fixture
+def counts():
+    return AnswerCounts()
+
+
 # ------------------------------------------------------------ query names ---
 
 @pytest.mark.parametrize("client, name", [
@@ -144,108 +161,7 @@ def test_query_name_refuses_what_is_no_address():
         query_name("192.0.2.256", "bl.test")
 
 
-# ------------------------------------------------------------------ codes ---
-
-def test_parse_codes_reads_ranges_single_addresses_and_networks():
-    codes = parse_codes(["127.0.0.2-127.0.0.11", "127.0.0.20", "127.0.1.0/24"])
-    zone = Zone("z", "z", 1, codes)
-    listed = ["127.0.0.2", "127.0.0.11", "127.0.0.20", "127.0.1.0", "127.0.1.255"]
-    not_listed = ["127.0.0.1", "127.0.0.12", "127.0.0.19", "127.0.0.21", "127.0.2.0"]
-    assert all(zone.lists(ipaddress.IPv4Address(code)) for code in listed)
-    assert not any(zone.lists(ipaddress.IPv4Address(code)) for code in not_listed)
-    assert [str(code) for code in codes] == ["127.0.0.2-127.0.0.11", "127.0.0.20",
-                                             "127.0.1.0-127.0.1.255"]
-
-
-@pytest.mark.parametrize("entry, reason", [
-    ("127.0.0.11-127.0.0.2", "empty range"),
-    ("10.0.0.1", "outside 127.0.0.0/8"),
-    ("126.255.255.255-127.0.0.5", "outside 127.0.0.0/8"),
-    ("127.255.255.254", "overlaps 127.255.255.0/24"),
-    ("127.255.0.0-127.255.255.0", "overlaps 127.255.255.0/24"),
-    ("127.0.0.0/8", "overlaps 127.255.255.0/24"),
-    ("127.0.0.1/24", "not an IPv4"),
-    ("127.0.0.x", "not an IPv4"),
-    ("::1", "not an IPv4"),
-    ("", "not an IPv4"),
-])
-def test_parse_codes_refuses_codes_that_could_never_list(entry, reason):
-    with pytest.raises(ValueError, match=reason):
-        parse_codes([entry])
-
-
-def test_parse_codes_refuses_a_bare_string():
-    with pytest.raises(ValueError, match="list"):
-        parse_codes("127.0.0.2")
-
-
-def test_parse_codes_refuses_an_empty_list():
-    with pytest.raises(ValueError, match="never list"):
-        parse_codes([])
-
-
-def test_default_codes_are_loopback_minus_the_error_range():
-    zone = Zone.build("bl.test")
-    assert zone.codes == DEFAULT_CODES
-    assert zone.lists(ipaddress.IPv4Address("127.0.0.0"))
-    assert zone.lists(ipaddress.IPv4Address("127.255.254.255"))
-    assert not zone.lists(ipaddress.IPv4Address("127.255.255.0"))
-
-
-# ------------------------------------------------------------------ zones ---
-
-def test_zone_build_normalises_the_name_and_defaults_display_name():
-    zone = Zone.build("Zen.Spamhaus.ORG.")
-    assert (zone.name, zone.display_name, zone.weight) == ("zen.spamhaus.org", "zen.spamhaus.org", 1)
-
-
-def test_display_name_hides_a_key_in_the_zone_name():
-    assert (SECRET.name, SECRET.display_name) == ("key123.bl.example", "example-bl")
-
-
-@pytest.mark.parametrize("kwargs, reason", [
-    (dict(name=""), "empty zone name"),
-    (dict(name="bad..name"), "not a DNS name"),
-    (dict(name="x" * 64 + ".test"), "not a DNS name"),
-    (dict(name=".".join(["abcdefgh"] * 22)), "too long"),
-    (dict(name="bl.test", weight=1.5), "integer"),
-    (dict(name="bl.test", weight=True), "integer"),
-    (dict(name="bl.test", display_name=" "), "display_name"),
-    (dict(name="bl.test", display_name="a\nb"), "display_name"),
-    (dict(name="bl.test", codes=["10.0.0.1"]), "outside"),
-])
-def test_zone_build_refuses_bad_values(kwargs, reason):
-    with pytest.raises(ValueError, match=reason):
-        Zone.build(**kwargs)
-
-
-# --------------------------------------------------------- classification ---
-
-@pytest.mark.parametrize("addresses, status", [
-    ((), Status.NOT_LISTED),
-    (("127.0.0.2",), Status.LISTED),
-    (("127.0.0.11",), Status.LISTED),
-    (("127.0.0.20", "127.0.0.4"), Status.LISTED),
-    (("127.0.0.20",), Status.NOT_LISTED),                # 127/8 but not in codes
-    (("127.0.0.1",), Status.NOT_LISTED),
-    (("127.255.255.254",), Status.ZONE_ERROR),           # Spamhaus: public resolver
-    (("127.255.255.252",), Status.ZONE_ERROR),
-    (("127.255.255.0",), Status.ZONE_ERROR),
-    (("10.0.0.1",), Status.ZONE_ERROR),                  # outside 127/8
-    (("0.0.0.0",), Status.ZONE_ERROR),
-    (("127.0.0.2", "127.255.255.254"), Status.ZONE_ERROR),
-    (("not-an-address",), Status.ZONE_ERROR),
-])
-def test_classify(addresses, status):
-    assert classify(BL, addresses) is status
-
-
-def test_error_codes_are_zone_errors_even_with_default_codes():
-    zone = Zone.build("any.test")
-    assert classify(zone, ["127.255.255.254"]) is Status.ZONE_ERROR
-    assert classify(zone, ["10.0.0.1"]) is Status.ZONE_ERROR
-    assert classify(zone, ["127.255.254.1"]) is Status.LISTED
-
+# -------------------------------------------------------------------- TXT ---
 
 def test_clean_txt_keeps_printable_ascii_and_bounds_the_length():
     assert clean_txt("Listed\r\n250 fake\x00 ok") == "Listed??250 fake? ok"
@@ -254,24 +170,6 @@ def test_clean_txt_keeps_printable_ascii_and_bounds_the_length():
 
 
 # --------------------------------------------------------------- resolver ---
-
-@pytest.mark.parametrize("text, expected", [
-    ("192.0.2.1", ("192.0.2.1", 53)),
-    ("127.0.0.1:5353", ("127.0.0.1", 5353)),
-    ("::1", ("::1", 53)),
-    ("[::1]:5353", ("::1", 5353)),
-    ("[2001:db8::53]", ("2001:db8::53", 53)),
-])
-def test_split_nameserver(text, expected):
-    assert split_nameserver(text) == expected
-
-
-@pytest.mark.parametrize("text", ["ns.example", "127.0.0.1:0", "127.0.0.1:65536",
-                                  "127.0.0.1:x", "[::1", "[::1]5353", ""])
-def test_split_nameserver_refuses_bad_entries(text):
-    with pytest.raises(ValueError):
-        split_nameserver(text)
-
 
 def _response_with_soa(ttl, minimum):
     response = dns.message.make_response(dns.message.make_query("2.0.0.127.bl.test", "A"))
@@ -290,56 +188,6 @@ def test_negative_ttl_without_soa_is_zero():
     response = dns.message.make_response(dns.message.make_query("x.bl.test", "A"))
     assert negative_ttl(response) == 0
     assert negative_ttl(None) == 0
-
-
-# ---------------------------------------------------------------- weights ---
-
-def answer(zone, status=Status.LISTED, txt=None):
-    return ZoneAnswer(zone, status, ("127.0.0.2",) if status is Status.LISTED else (), 300,
-                      txt=txt)
-
-
-CLIENT_IP = ipaddress.ip_address(CLIENT)
-
-
-def test_one_listing_at_threshold_lists():
-    result = summarise(CLIENT_IP, [answer(BL, txt="see web"), answer(WL, Status.NOT_LISTED)], 1)
-    assert (result.score, result.listed, result.reply_zone, result.txt) == (1, True, "bl.test",
-                                                                            "see web")
-
-
-def test_allowlist_outweighs_a_listing():
-    result = summarise(CLIENT_IP, [answer(BL), answer(WL)], 1)
-    assert (result.score, result.listed, result.reply_zone, result.txt) == (-1, False, None, None)
-
-
-def test_allowlist_does_not_outweigh_enough_listings():
-    result = summarise(CLIENT_IP, [answer(BL), answer(SECRET), answer(BL2), answer(WL)], 1)
-    assert (result.score, result.listed) == (2, True)
-
-
-def test_score_below_threshold_does_not_list():
-    result = summarise(CLIENT_IP, [answer(BL), answer(BL2, Status.NOT_LISTED)], 2)
-    assert (result.score, result.listed) == (1, False)
-    result = summarise(CLIENT_IP, [answer(BL), answer(BL2)], 2)
-    assert (result.score, result.listed) == (2, True)
-
-
-@pytest.mark.parametrize("status", [Status.NOT_LISTED, Status.ZONE_ERROR, Status.TIMEOUT,
-                                    Status.DNS_FAILURE, Status.DISABLED])
-def test_only_listings_contribute(status):
-    result = summarise(CLIENT_IP, [ZoneAnswer(SECRET, status), ZoneAnswer(WL, status)], 1)
-    assert (result.score, result.listed) == (0, False)
-
-
-def test_reply_names_the_heaviest_listing_zone_by_display_name():
-    result = summarise(CLIENT_IP, [answer(BL, txt="bl"), answer(SECRET, txt="secret")], 1)
-    assert (result.reply_zone, result.txt) == ("example-bl", "secret")
-
-
-def test_reply_names_the_first_zone_on_a_tie():
-    result = summarise(CLIENT_IP, [answer(BL2, txt="two"), answer(BL, txt="one")], 1)
-    assert (result.reply_zone, result.txt) == ("bl2.test", "two")
 
 
 # ---------------------------------------------------------------- checker ---
@@ -416,21 +264,21 @@ def test_answer_outside_codes_does_not_list(make_checker, resolver):
     assert statuses(result) == {"bl.test": Status.NOT_LISTED} and not result.listed
 
 
-def test_zone_error_does_not_list_and_is_counted(make_checker, resolver):
+def test_zone_error_does_not_list_and_is_counted(make_checker, resolver, counts):
     resolver.set(CLIENT, "bl.test", "127.255.255.254")
-    checker = make_checker()
+    checker = make_checker(metrics=counts)
     result = checker.lookup(CLIENT)
     assert statuses(result) == {"bl.test": Status.ZONE_ERROR} and not result.listed
-    assert checker.counters() == {("bl.test", "zone-error"): 1}
+    assert counts.answers == {("bl.test", "zone-error"): 1}
 
 
 def test_zone_error_is_logged_at_most_once_a_minute_per_zone(make_checker, resolver, clock,
-                                                             caplog):
+                                                             caplog, counts):
     caplog.set_level(logging.WARNING, logger="relaymilter.dnsbl")
     for number in range(1, 4):
         resolver.set(f"192.0.2.{number}", "bl.test", "127.255.255.254")
         resolver.set(f"192.0.2.{number}", "key123.bl.example", "10.0.0.1")
-    checker = make_checker(zones=[BL, SECRET])
+    checker = make_checker(zones=[BL, SECRET], metrics=counts)
     checker.lookup("192.0.2.1")
     clock.now += 30
     checker.lookup("192.0.2.2")
@@ -445,7 +293,8 @@ def test_zone_error_is_logged_at_most_once_a_minute_per_zone(make_checker, resol
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2
     assert all("(1 more since last logged)" in message for message in messages)
-    assert checker.counters()[("bl.test", "zone-error")] == 3
+    assert counts.answers[("bl.test", "zone-error")] == 3
+    assert counts.answers[("example-bl", "zone-error")] == 3      # by display_name only
 
 
 def test_rate_limiter_counts_what_it_kept_quiet():
@@ -492,7 +341,7 @@ def test_answers_are_cached_per_zone_and_address(make_checker, resolver):
     assert resolver.count(query_name(CLIENT, "wl.test")) == 1
     assert resolver.count(query_name(CLIENT, "bl.test"), "TXT") == 1
     assert [answer.source for answer in first.answers] == [FetchSource.DNS] * 2
-    assert all(answer.from_cache for answer in second.answers)
+    assert all(answer.source is FetchSource.CACHE for answer in second.answers)
     assert second.listed and second.txt == first.txt
 
 
@@ -502,10 +351,10 @@ def test_nxdomain_is_cached_for_its_negative_ttl(make_checker, resolver):
     checker = make_checker(cache_timer=cache_clock)
     checker.lookup(CLIENT)
     cache_clock.now += 899
-    assert checker.lookup(CLIENT).answers[0].from_cache
+    assert checker.lookup(CLIENT).answers[0].source is FetchSource.CACHE
     cache_clock.now += 1
     result = checker.lookup(CLIENT)
-    assert not result.answers[0].from_cache and result.answers[0].nxdomain
+    assert result.answers[0].source is FetchSource.DNS and result.answers[0].nxdomain
     assert resolver.count(query_name(CLIENT, "bl.test")) == 2
 
 
@@ -542,12 +391,12 @@ def test_deadline_runs_from_start_not_from_result(make_checker, resolver, clock)
     assert statuses(result) == {"bl.test": Status.TIMEOUT}
 
 
-def test_result_is_computed_once(make_checker, resolver, caplog):
+def test_result_is_computed_once(make_checker, resolver, caplog, counts):
     resolver.set(CLIENT, "bl.test", "127.255.255.254")
-    checker = make_checker()
+    checker = make_checker(metrics=counts)
     pending = checker.start(CLIENT)
     assert pending.result() is pending.result()
-    assert checker.counters() == {("bl.test", "zone-error"): 1}
+    assert counts.answers == {("bl.test", "zone-error"): 1}
 
 
 def test_checker_refuses_a_threshold_that_rejects_everyone(make_checker):

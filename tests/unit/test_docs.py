@@ -1,11 +1,11 @@
-"""The docs name every config key, in its section, with its default."""
+"""The docs name every config key, in its section, with its default, restart and old names."""
 
 import pathlib
 import re
 
 import pytest
 
-from relaymilter.config import SCHEMA, SECTIONS
+from relaymilter.config import ALIASES, KEYS, SCHEMA, SECTIONS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GUIDE = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
@@ -18,9 +18,29 @@ def guide_section(section):
     return match.group(1)
 
 
+def guide_entry(key):
+    """The definition of key in the guide, on one line."""
+    match = re.search(rf"^`{key.name}` \(default[^\n]*\n: (.*?)(?=\n\n|\Z)",
+                      guide_section(key.section), re.S | re.M)
+    assert match, f"docs/guide.md does not document {key.dotted}"
+    return " ".join(match.group(1).split())
+
+
 @pytest.mark.parametrize("key", SCHEMA, ids=lambda key: key.dotted)
 def test_guide_documents_every_key_in_its_section(key):
     assert re.search(rf"^`{key.name}` \(default", guide_section(key.section), re.M), key.dotted
+
+
+@pytest.mark.parametrize("key", SCHEMA, ids=lambda key: key.dotted)
+def test_guide_says_which_keys_take_a_restart(key):
+    assert ("Changing it takes a restart." in guide_entry(key)) is key.restart_only
+
+
+@pytest.mark.parametrize("old, new", ALIASES.items())
+def test_guide_names_every_deprecated_name_where_it_was_and_where_it_went(old, new):
+    section, name = old.split(".")
+    assert f"`{name}`" in guide_section(section)
+    assert f"`[{section}] {name}`" in guide_entry(KEYS[new])
 
 
 @pytest.mark.parametrize("key", SCHEMA, ids=lambda key: key.dotted)
@@ -39,13 +59,25 @@ def test_sample_config_has_every_section():
 MAN = ROOT / "docs" / "man"
 
 
-@pytest.mark.parametrize("key", SCHEMA, ids=lambda key: key.dotted)
-def test_relaymilter_conf_5_documents_every_key_in_its_section(key):
+def man_tag_line(key):
+    """The .TP tag line of key in relaymilter.conf(5), within its section."""
     page = (MAN / "relaymilter.conf.5").read_text(encoding="utf-8")
     section = re.search(rf'^\.SH "\[{key.section}\] SECTION"\n(.*?)(?=^\.SH |\Z)', page,
                         re.S | re.M)
     assert section, f"relaymilter.conf(5) has no [{key.section}] section"
-    assert re.search(rf"^\\fB{key.name}\\fR \(", section.group(1), re.M), key.dotted
+    line = re.search(rf"^\\fB{key.name}\\fR \(.*$", section.group(1), re.M)
+    assert line, key.dotted
+    return line.group(0)
+
+
+@pytest.mark.parametrize("key", SCHEMA, ids=lambda key: key.dotted)
+def test_relaymilter_conf_5_documents_every_key_in_its_section(key):
+    assert man_tag_line(key)
+
+
+@pytest.mark.parametrize("key", SCHEMA, ids=lambda key: key.dotted)
+def test_relaymilter_conf_5_marks_the_restart_only_keys(key):
+    assert man_tag_line(key).endswith(" (takes effect at restart)") is key.restart_only
 
 
 def test_man_pages_are_generated_from_the_current_sources():

@@ -6,7 +6,8 @@ import io
 
 import pytest
 
-from relaymilter.policy import Action, Decision, bad_recipient_syntax, internal_fault, permit
+from relaymilter.decision import Action, Decision, bad_recipient_syntax, internal_fault, permit
+from relaymilter.reason import Reason
 from relaymilter.policyd import (MAX_ATTRIBUTES, MAX_LINE, MAX_REQUEST, MalformedRequest,
                                  RequestReader, action_for, client_facts)
 
@@ -104,12 +105,12 @@ def test_empty_sasl_username_is_no_authentication():
 # -------------------------------------------------------------- answers ---
 
 @pytest.mark.parametrize("decision, action", [
-    (permit("local-domain"), "DUNNO"),
-    (permit("postmaster"), "DUNNO"),
-    (permit("trusted-network"), "OK"),
-    (permit("authenticated"), "OK"),
-    (permit("relay-client"), "OK"),
-    (bad_recipient_syntax("bad-syntax"), "501 5.1.3 Bad recipient address syntax"),
+    (permit(Reason.LOCAL_DOMAIN), "DUNNO"),
+    (permit(Reason.POSTMASTER), "DUNNO"),
+    (permit(Reason.TRUSTED_NETWORK), "OK"),
+    (permit(Reason.AUTHENTICATED), "OK"),
+    (permit(Reason.RELAY_CLIENT), "OK"),
+    (bad_recipient_syntax(), "501 5.1.3 Bad recipient address syntax"),
     (internal_fault("tempfail"), "451 4.3.0 Temporary policy failure, try again later"),
     (internal_fault("accept"), "DUNNO"),
 ])
@@ -118,7 +119,7 @@ def test_decision_becomes_a_postfix_action(decision, action):
 
 
 def test_dry_run_reject_is_dunno():
-    decision = Decision(Action.REJECT, "remote-domain", 554, "5.7.1", "x", dry_run=True)
+    decision = Decision(Action.REJECT, Reason.REMOTE_DOMAIN, 554, "5.7.1", "x", dry_run=True)
     assert action_for(decision) == "DUNNO"
 
 

@@ -15,9 +15,9 @@ RULES = RelayRules.build(
 UNTRUSTED_IP = ipaddress.ip_address("192.0.2.50")
 
 
-def verdict(recipient, client_ip=UNTRUSTED_IP, auth_user=None, resolved=None, rules=RULES):
-    trust = client_trust(client_ip, auth_user, rules)
-    return relay_verdict(parse_recipient(recipient), trust, resolved, rules)
+def verdict(recipient, resolved=None, rules=RULES):
+    """The verdict for an untrusted client: is the recipient ours?"""
+    return relay_verdict(parse_recipient(recipient), resolved, rules)
 
 
 LOCAL_RECIPIENTS = [
@@ -41,7 +41,7 @@ LOCAL_RECIPIENTS = [
 @pytest.mark.parametrize("recipient, reason", LOCAL_RECIPIENTS)
 def test_untrusted_client_may_send_to_local_recipients(recipient, reason):
     result = verdict(recipient)
-    assert (result.allowed, result.reason) == (True, reason)
+    assert (result.allowed, result.reason.word) == (True, reason)
 
 
 RELAY_ATTEMPTS = [
@@ -99,19 +99,7 @@ RELAY_ATTEMPTS = [
 @pytest.mark.parametrize("recipient, reason", RELAY_ATTEMPTS)
 def test_untrusted_relay_attempt_is_denied(recipient, reason):
     result = verdict(recipient)
-    assert (result.allowed, result.reason) == (False, reason)
-
-
-@pytest.mark.parametrize("recipient, reason", RELAY_ATTEMPTS)
-def test_trusted_network_client_may_send_every_relay_form(recipient, reason):
-    result = verdict(recipient, client_ip=ipaddress.ip_address("127.0.0.5"))
-    assert (result.allowed, result.reason) == (True, "trusted-network")
-
-
-@pytest.mark.parametrize("recipient, reason", RELAY_ATTEMPTS)
-def test_authenticated_client_may_send_every_relay_form(recipient, reason):
-    result = verdict(recipient, auth_user="alice")
-    assert (result.allowed, result.reason) == (True, "authenticated")
+    assert (result.allowed, result.reason.word) == (False, reason)
 
 
 @pytest.mark.parametrize("client, trust", [
@@ -137,7 +125,6 @@ def test_empty_auth_macro_is_not_authentication():
 def test_authentication_is_ignored_when_not_trusted_by_config():
     rules = RelayRules.build(local_domains=["local.test"], trust_authenticated=False)
     assert client_trust(UNTRUSTED_IP, "alice", rules) is Trust.UNTRUSTED
-    assert verdict("<user@remote.test>", auth_user="alice", rules=rules).allowed is False
 
 
 @pytest.mark.parametrize("resolved, allowed, reason", [
@@ -154,7 +141,7 @@ def test_authentication_is_ignored_when_not_trusted_by_config():
 ])
 def test_mta_resolution_must_agree_that_the_recipient_is_local(resolved, allowed, reason):
     result = verdict("<user@local.test>", resolved=resolved)
-    assert (result.allowed, result.reason) == (allowed, reason)
+    assert (result.allowed, result.reason.word) == (allowed, reason)
 
 
 def test_remote_recipient_is_denied_whatever_the_mta_resolved():

@@ -1,4 +1,4 @@
-"""policy.py: the order of the checks at RCPT and the DNSBL reply."""
+"""engine.py: the order of the checks at RCPT and the DNSBL reply."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import ipaddress
 import pytest
 
 from relaymilter.config import parse_config
-from relaymilter.dnsbl import ListingResult, Status, Zone, ZoneAnswer
-from relaymilter.live import Snapshot, build_snapshot
-from relaymilter.policy import (Action, ClientFacts, RecipientFacts, decide_listing,
-                                decide_recipient, enforce, lookups_needed)
+from relaymilter.zones import ListingResult, Status, Zone, ZoneAnswer
+from relaymilter.decision import Action, ClientFacts, RecipientFacts
+from relaymilter.engine import Snapshot, decide_listing, decide_recipient, enforce, lookups_needed
+from relaymilter.reload import build_snapshot
 
 BL = Zone.build("bl.test", weight=2, display_name="BL")
 WL = Zone.build("wl.test", weight=-3, display_name="WL")
@@ -66,7 +66,7 @@ def facts(recipient="<user@local.test>", ip=LISTED_IP, auth_user=None, pending=N
 def test_listed_client_is_refused_with_zone_and_txt():
     decision = decide_recipient(facts(pending=Pending(LISTED)), SNAPSHOT)
     assert decision.action is Action.REJECT
-    assert decision.reason == "dnsbl"
+    assert decision.reason.word == "dnsbl"
     assert decision.reply == ("554 5.7.1 Service unavailable; Client host [192.0.2.20] "
                               "blocked using BL; see http://bl.test/x")
 
@@ -85,7 +85,7 @@ def test_ipv6_client_is_named_in_the_reply():
 
 def test_unlisted_client_is_permitted_with_the_relay_reason():
     decision = decide_recipient(facts(pending=Pending(NOT_LISTED)), SNAPSHOT)
-    assert (decision.action, decision.reason) == (Action.PERMIT, "local-domain")
+    assert (decision.action, decision.reason.word) == (Action.PERMIT, "local-domain")
 
 
 def test_relay_attempt_is_refused_as_relay_without_reading_the_verdict():
@@ -112,7 +112,7 @@ def test_postmaster_stays_reachable_for_a_listed_client(recipient):
 def test_postmaster_of_a_remote_domain_is_still_a_relay_attempt():
     decision = decide_recipient(facts("<postmaster@remote.test>", pending=Pending(LISTED)),
                                 SNAPSHOT)
-    assert decision.reason == "remote-domain"
+    assert decision.reason.word == "remote-domain"
 
 
 def test_authenticated_listed_client_is_permitted():
@@ -120,7 +120,7 @@ def test_authenticated_listed_client_is_permitted():
     pending = Pending(LISTED)
     decision = decide_recipient(facts("<user@remote.test>", auth_user="alice", pending=pending),
                                 SNAPSHOT)
-    assert (decision.action, decision.reason) == (Action.PERMIT, "authenticated")
+    assert (decision.action, decision.reason.word) == (Action.PERMIT, "authenticated")
     assert pending.reads == 0
 
 
@@ -170,13 +170,13 @@ def test_no_lookups_without_zones():
 from dataclasses import replace as _replace  # noqa: E402
 
 from relaymilter.limits import RecipientCounter  # noqa: E402
-from relaymilter.store import PolicySnapshot  # noqa: E402
+from relaymilter.domainpolicy import DomainPolicy  # noqa: E402
 
 OUR_USER_IP = "192.0.2.60"
 
 
 def with_policy(**sections) -> Snapshot:
-    return _replace(SNAPSHOT, policy=PolicySnapshot.from_document(sections))
+    return _replace(SNAPSHOT, domain_policy=DomainPolicy.from_document(sections))
 
 
 def relay_facts(sender="<alice@cust.test>", ip=OUR_USER_IP, auth_user="alice",
@@ -190,13 +190,13 @@ def test_held_user_relaying_is_suspended_before_anything_else():
     snap = with_policy(holds=[{"kind": "user", "value": "alice", "reason": "phished"}])
     decision = decide_recipient(relay_facts(), snap)
     assert decision.reply == "550 5.7.1 Relaying suspended for this sender"
-    assert decision.reason == "hold-user"
+    assert decision.reason.word == "hold-user"
 
 
 def test_held_client_network_relaying_is_suspended_even_when_trusted():
     snap = with_policy(holds=[{"kind": "client", "value": "198.51.100.0/28"}])
     decision = decide_recipient(relay_facts(ip="198.51.100.7", auth_user=None), snap)
-    assert (decision.code, decision.reason) == (550, "hold-client")
+    assert (decision.code, decision.reason.word) == (550, "hold-client")
 
 
 def test_held_user_still_receives_inbound_mail():
@@ -209,8 +209,8 @@ def test_relay_client_relays_only_with_its_sender_domains():
     snap = with_policy(relay_clients=[{"network": "192.0.2.50", "sender_domains": ["cust.test"]}])
     ok = relay_facts(ip="192.0.2.50", auth_user=None, sender="<web@cust.test>")
     other = relay_facts(ip="192.0.2.50", auth_user=None, sender="<web@other.test>")
-    assert decide_recipient(ok, snap).reason == "relay-client"
-    assert decide_recipient(other, snap).reason == "relay-client-sender"
+    assert decide_recipient(ok, snap).reason.word == "relay-client"
+    assert decide_recipient(other, snap).reason.word == "relay-client-sender"
     assert decide_recipient(other, snap).code == 554
 
 
@@ -231,22 +231,22 @@ def test_user_owning_nothing_is_unrestricted():
 def test_global_and_scoped_allowlist_permit_a_listed_client():
     snap = with_policy(allowlist=[{"network": "192.0.2.0/24", "domain": "local.test"}])
     decision = decide_recipient(facts(pending=Pending(LISTED)), snap)
-    assert (decision.action, decision.reason) == (Action.PERMIT, "allowlisted")
+    assert (decision.action, decision.reason.word) == (Action.PERMIT, "allowlisted")
     snap = with_policy(allowlist=[{"network": "192.0.2.0/24", "domain": "other.test"}])
-    assert decide_recipient(facts(pending=Pending(LISTED)), snap).reason == "dnsbl"
+    assert decide_recipient(facts(pending=Pending(LISTED)), snap).reason.word == "dnsbl"
     snap = with_policy(allowlist=[{"network": str(LISTED_IP)}])
-    assert decide_recipient(facts(pending=Pending(LISTED)), snap).reason == "allowlisted"
+    assert decide_recipient(facts(pending=Pending(LISTED)), snap).reason.word == "allowlisted"
 
 
 def test_allowlist_never_opens_relaying():
     snap = with_policy(allowlist=[{"network": str(LISTED_IP)}])
-    assert decide_recipient(facts("<user@remote.test>"), snap).reason == "remote-domain"
+    assert decide_recipient(facts("<user@remote.test>"), snap).reason.word == "remote-domain"
 
 
 def test_domain_opt_out_skips_the_dnsbl_without_waiting_for_it():
     snap = with_policy(domains=[{"domain": "local.test", "dnsbl": "off"}])
     pending = Pending(LISTED)
-    assert decide_recipient(facts(pending=pending), snap).reason == "dnsbl-opt-out"
+    assert decide_recipient(facts(pending=pending), snap).reason.word == "dnsbl-opt-out"
     assert pending.reads == 0
 
 
@@ -283,3 +283,26 @@ def test_default_client_limit_covers_trusted_networks_and_not_inbound_mail():
     assert decide_recipient(trusted, snap, counter).code == 450
     inbound = relay_facts(ip="198.51.100.7", auth_user=None, recipient="<u@local.test>")
     assert decide_recipient(inbound, snap, counter).action is Action.PERMIT
+
+
+# ---------------------------------------------------------------- trust ---
+# Trusted networks and SMTP AUTH may send every relay form: the MTA routes
+# their mail as it always would.
+
+from test_relay import RELAY_ATTEMPTS  # noqa: E402
+
+RELAY_FORMS = [recipient for recipient, _ in RELAY_ATTEMPTS]
+
+
+@pytest.mark.parametrize("recipient", RELAY_FORMS)
+def test_trusted_network_client_may_send_every_relay_form(recipient):
+    client = ClientFacts(ipaddress.ip_address("198.51.100.5"))
+    decision = decide_recipient(RecipientFacts(client, "<s@x.test>", recipient), SNAPSHOT)
+    assert (decision.action, decision.reason.word) == (Action.PERMIT, "trusted-network")
+
+
+@pytest.mark.parametrize("recipient", RELAY_FORMS)
+def test_authenticated_client_may_send_every_relay_form(recipient):
+    client = ClientFacts(LISTED_IP, auth_user="alice")
+    decision = decide_recipient(RecipientFacts(client, "<s@x.test>", recipient), SNAPSHOT)
+    assert (decision.action, decision.reason.word) == (Action.PERMIT, "authenticated")

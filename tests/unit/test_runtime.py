@@ -1,4 +1,4 @@
-"""relaymilter.live.LiveConfig: change detection, snapshot swaps, failed reloads.
+"""relaymilter.runtime.Runtime and reload.ConfigReloader: change detection, snapshot swaps, failed reloads.
 
 refresh() is called directly, except in the one test of the watcher thread.
 File changes are made visible regardless of the file system's mtime
@@ -14,7 +14,7 @@ import time
 import pytest
 
 from relaymilter.config import load_config
-from relaymilter.live import LiveConfig
+from relaymilter.runtime import Runtime
 from relaymilter.relay import is_local_domain
 
 RUNNING_SOCKET = "inet:8894@127.0.0.1"
@@ -40,8 +40,8 @@ class Files:
     def write_domains(self, *lines: str) -> None:
         rewrite(self.domains, "".join(line + "\n" for line in lines))
 
-    def start(self) -> LiveConfig:
-        return LiveConfig.start(load_config(str(self.config)))
+    def start(self) -> Runtime:
+        return Runtime.start(load_config(str(self.config)))
 
 
 def rewrite(path, text: str) -> None:
@@ -56,7 +56,7 @@ def bump_mtime(path, before_ns: int) -> None:
     os.utime(path, ns=(later, later))
 
 
-def is_local(live: LiveConfig, domain: str) -> bool:
+def is_local(live: Runtime, domain: str) -> bool:
     return is_local_domain(domain, live.snapshot.relay_rules)
 
 
@@ -70,7 +70,7 @@ def files(tmp_path) -> Files:
 
 def reload_errors(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records
-            if record.name == "relaymilter.live" and record.levelno == logging.ERROR]
+            if record.name == "relaymilter.reload" and record.levelno == logging.ERROR]
 
 
 # ---------------------------------------------------------- unchanged files ---
@@ -222,7 +222,7 @@ def test_changed_socket_keeps_running_socket_and_warns(files, caplog):
     assert live.snapshot.config.values["milter.socket"] == RUNNING_SOCKET
     assert is_local(live, "also-new.test")   # the rest of the change applies
     warnings = [r.getMessage() for r in caplog.records
-                if r.name == "relaymilter.live" and r.levelno == logging.WARNING]
+                if r.name == "relaymilter.reload" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "milter.socket" in warnings[0]
 
 
@@ -275,7 +275,7 @@ def test_watcher_thread_makes_a_change_visible_within_two_seconds(files):
 
 def test_local_idn_with_an_idna_2003_variant_is_warned_about(files, caplog):
     files.write_config(local_domains=("straße.test",))
-    with caplog.at_level(logging.WARNING, logger="relaymilter.live"):
+    with caplog.at_level(logging.WARNING, logger="relaymilter.reload"):
         files.start()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("strasse.test" in message for message in warnings)
@@ -283,7 +283,7 @@ def test_local_idn_with_an_idna_2003_variant_is_warned_about(files, caplog):
 
 def test_no_idna_warning_when_both_forms_are_listed(files, caplog):
     files.write_config(local_domains=("straße.test", "strasse.test"))
-    with caplog.at_level(logging.WARNING, logger="relaymilter.live"):
+    with caplog.at_level(logging.WARNING, logger="relaymilter.reload"):
         files.start()
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -344,11 +344,11 @@ def test_unreadable_store_is_reported_once_and_mail_runs_without_policy(files, t
             + f'[store]\npath = "{tmp_path}/missing-dir/policy.sqlite3"\n')
     live = files.start()
     with caplog.at_level(logging.ERROR, logger="relaymilter.storewatch"):
-        assert live.load_policy() is False
-        assert live.refresh_policy() is False       # the watcher thread's first poll
-        assert live.refresh_policy() is False
+        assert live.load_domain_policy() is False
+        assert live.refresh_domain_policy() is False       # the watcher thread's first poll
+        assert live.refresh_domain_policy() is False
     errors = [r.getMessage() for r in caplog.records if r.name == "relaymilter.storewatch"]
     assert len(errors) == 1 and "running without per-domain policy" in errors[0]
     (tmp_path / "missing-dir").mkdir()
-    assert live.refresh_policy() is True           # created on first use, now readable
-    assert live.snapshot.policy.counts == {kind: 0 for kind in live.snapshot.policy.counts}
+    assert live.refresh_domain_policy() is True           # created on first use, now readable
+    assert live.snapshot.domain_policy.counts == {kind: 0 for kind in live.snapshot.domain_policy.counts}

@@ -1,7 +1,7 @@
-"""policycli - the verbs that manage the per-domain policy store.
+"""storecli - the verbs that manage the domain policy store.
 
 NAME
-    relaymilter allowlist|relay-client|hold|limit|domain|policy - edit the store
+    relaymilter allowlist|relay-client|hold|limit|domain|policy - edit the domain policy
 
 SYNOPSIS
     relaymilter allowlist add NETWORK [--domain DOMAIN] [--comment TEXT]
@@ -15,9 +15,11 @@ SYNOPSIS
     relaymilter policy import FILE [--replace]
 
 DESCRIPTION
-    Every verb takes -c FILE (the config that names [store] path) or
-    --store PATH. A change is one SQLite transaction; a running milter
-    sees it within two seconds. Bad input (a bad network, domain or user
+    The domain policy is the store's data (store.py): allowlist, relay
+    clients, holds, limits and domains. Every verb takes -c FILE (the
+    config that names [store] path) or --store PATH, and opens the store
+    with store.open_store(), whatever its backend. A change is one
+    transaction; a running milter sees it within two seconds. Bad input (a bad network, domain or user
     name, a bad import row) is refused with a message on standard error and
     exit status 1, and the store is left as it was. No store configured:
     exit status 78.
@@ -29,12 +31,13 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from relaymilter.config import ConfigError, config_path, load_config
-from relaymilter.store import PolicyStore, StoreError, StoreInputError
-
-EX_OK, EX_ERROR, EX_CONFIG = 0, 1, 78
+from relaymilter.exitcodes import EX_ERROR, EX_OK
+from relaymilter.openstore import open_store
+from relaymilter.store import Storage, StoreError, StoreInputError
 
 # (verb, help, list columns)
 KINDS = {
@@ -65,7 +68,7 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
         listing.add_argument("--json", action="store_true", help="JSON instead of a table")
         _SELECTORS[name](add, remove)
         add.add_argument("--comment", default="", help="free text kept with the entry")
-    policy = verb("policy", cmd_policy_bulk, "export or import the whole store as JSON")
+    policy = verb("policy", cmd_policy_bulk, "export or import the whole domain policy as JSON")
     actions = policy.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     export = actions.add_parser("export", help="write every entry as JSON", parents=[common])
@@ -83,7 +86,7 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("-c", "--config", dest="action_config", metavar="FILE",
                         help="config file naming [store] path")
     common.add_argument("--store", metavar="PATH",
-                        help="the policy store (default: [store] path of the config)")
+                        help="the domain policy store (default: [store] path of the config)")
     return common
 
 
@@ -149,14 +152,14 @@ def cmd_policy_bulk(args: argparse.Namespace) -> int:
     return _with_store(args, lambda store: _bulk(store, args))
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[PolicyStore], int]) -> int:
+def _with_store(args: argparse.Namespace, work: Callable[[Storage], int]) -> int:
     config_file = config_path(args.action_config or args.config)
     path = args.store or load_config(config_file).store.path
     if not path:
         raise ConfigError(config_file, "store.path",
                           "no policy store configured (set [store] path or use --store)")
     try:
-        store = PolicyStore(path)
+        store = open_store(path)
     except (StoreError, OSError) as error:
         sys.stderr.write(f"relaymilter: cannot open the policy store {path}: {error}\n")
         return EX_ERROR
@@ -185,7 +188,7 @@ def _who_of(args: argparse.Namespace) -> tuple[str, str | None]:
     return ("client", args.client) if args.client else ("user", args.user)
 
 
-def _allowlist(store: PolicyStore, args: argparse.Namespace) -> int:
+def _allowlist(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
         store.add_allowlist(args.network, args.domain, comment=args.comment)
         return EX_OK
@@ -194,7 +197,7 @@ def _allowlist(store: PolicyStore, args: argparse.Namespace) -> int:
     return _print(store.list_allowlist(), args)
 
 
-def _relay_client(store: PolicyStore, args: argparse.Namespace) -> int:
+def _relay_client(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
         store.add_relay_client(args.network, args.sender_domain, comment=args.comment)
         return EX_OK
@@ -203,7 +206,7 @@ def _relay_client(store: PolicyStore, args: argparse.Namespace) -> int:
     return _print(store.list_relay_clients(), args)
 
 
-def _hold(store: PolicyStore, args: argparse.Namespace) -> int:
+def _hold(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "list":
         return _print(store.list_holds(), args)
     kind, value = _who_of(args)
@@ -213,7 +216,7 @@ def _hold(store: PolicyStore, args: argparse.Namespace) -> int:
     return _changed(store.remove_hold(kind, value), f"{kind} {value}")
 
 
-def _limit(store: PolicyStore, args: argparse.Namespace) -> int:
+def _limit(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "list":
         return _print(store.list_limits(), args)
     kind, value = _who_of(args)
@@ -223,7 +226,7 @@ def _limit(store: PolicyStore, args: argparse.Namespace) -> int:
     return _changed(store.remove_limit(kind, value), f"{kind} {value or '(default)'}")
 
 
-def _domain(store: PolicyStore, args: argparse.Namespace) -> int:
+def _domain(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
         store.set_domain(args.domain, dnsbl=args.dnsbl, threshold=args.threshold,
                          owners=args.owner, comment=args.comment)
@@ -237,7 +240,7 @@ _KIND_ACTIONS = {"allowlist": _allowlist, "relay-client": _relay_client, "hold":
                  "limit": _limit, "domain": _domain}
 
 
-def _bulk(store: PolicyStore, args: argparse.Namespace) -> int:
+def _bulk(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "export":
         text = json.dumps(store.export(), indent=1, sort_keys=True) + "\n"
         if args.file == "-":

@@ -1,0 +1,404 @@
+"""entries - the domain policy's entries: canonical forms, validation, records.
+
+NAME
+    entries - what an entry of the domain policy is, in one spelling
+
+SYNOPSIS
+    canonical_network("192.0.2.7/24")        # IPv4Network("192.0.2.0/24")
+    canonical_domain("Bücher.Example.")      # "xn--bcher-kva.example"
+    canonical_user(" alice ")                # "alice"
+    records = validate_document(document, time.time(), default_actor())
+    records["allowlist"]                     # [AllowlistRecord, ...], sorted by key
+    SECTIONS["holds"].row_key({"kind": "user", "value": "alice"})   # ("user", "alice")
+
+DESCRIPTION
+    The domain policy is the store's data. Its entries, each with a
+    comment, its creation time (unix time) and who added it (added_by,
+    default: default_actor()):
+
+    allowlist      a client network never refused for a DNSBL listing, for
+                   every recipient domain (domain "") or for one. It never
+                   opens relaying.
+    relay_clients  a client network allowed to relay; with sender_domains,
+                   only for MAIL FROM in one of those domains.
+    holds          a client network (kind "client") or SASL user ("user")
+                   whose relaying is suspended, with a reason.
+    limits         recipients per hour a SASL user ("user") or a relaying
+                   client ("client") may send out; value "" is the default
+                   of its kind, any other value an override.
+    domains        a hosted domain: DNSBL "on" or "off" for its recipients,
+                   its own DNSBL threshold (or none), and its owners, the
+                   SASL users that may send as this domain.
+
+    Canonical forms, so that one entry has one spelling: networks as
+    address.parse_network reads them, host bits cleared (192.0.2.7/24 is
+    192.0.2.0/24), a bare address as /32 or /128, IPv4-mapped IPv6 as
+    IPv4; domains as address.normalise_domain gives them (lower case,
+    A-labels); user names stripped, 1 to 255 printable characters without
+    spaces, compared exactly. Bad input raises StoreInputError, whose
+    message says what is wrong.
+
+    Documents. An export document is a JSON object: "format" (FORMAT),
+    "version" (FORMAT_VERSION) and a list of rows per section, each row
+    an object with the section's fields. validate_document() checks a
+    whole document and names a bad row by section and number.
+
+    Records. A validated entry is a record (AllowlistRecord ...): its
+    fields canonical, its key first, its list (if any) last, with packed
+    addresses, so that a backend stores it as it is and loads it without
+    parsing. SECTIONS tells, per section, how rows become records and
+    keys. Every backend (store.py) and DomainPolicy.from_document
+    (domainpolicy.py) validate with this module and nothing else.
+
+    Pure: no I/O, no state.
+"""
+
+from __future__ import annotations
+
+import getpass
+import ipaddress
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from relaymilter.address import IPNetwork, normalise_domain, parse_network
+
+FORMAT = "relaymilter-policy"
+FORMAT_VERSION = 1
+KINDS = ("client", "user")
+MAX_NAME_LENGTH = 255
+MAX_TEXT_LENGTH = 1000              # comments and reasons
+MAX_COUNT = 2**31 - 1               # per_hour and threshold
+
+
+class StoreInputError(ValueError):
+    """An entry or import document is not valid; nothing was changed."""
+
+
+def default_actor() -> str:
+    """Who is adding entries: $SUDO_USER, else the login name, else the uid."""
+    name = os.environ.get("SUDO_USER", "").strip()
+    if not name:
+        try:
+            name = getpass.getuser().strip()
+        except (OSError, KeyError):     # no login name and no passwd entry for the uid
+            name = ""
+    return name if _is_user_name(name) else str(os.getuid())
+
+
+# ----------------------------------------------------------- canonical forms ---
+
+def canonical_network(value: Any) -> IPNetwork:
+    """"192.0.2.7/24" -> 192.0.2.0/24 (an address is /32 or /128); StoreInputError."""
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network,
+                          ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        value = str(value)
+    if not isinstance(value, str):
+        raise StoreInputError(f"{value!r} is not an IP network")
+    try:
+        return parse_network(value)
+    except ValueError as error:
+        raise StoreInputError(str(error)) from None
+
+
+def canonical_domain(value: Any) -> str:
+    """"Example.COM." -> "example.com", IDN as A-labels; StoreInputError."""
+    if not isinstance(value, str):
+        raise StoreInputError(f"{value!r} is not a domain")
+    try:
+        return normalise_domain(value.strip())
+    except ValueError as error:
+        raise StoreInputError(f"{value!r} is not a domain ({error})") from None
+
+
+def canonical_user(value: Any, field: str = "user name") -> str:
+    """A SASL user name, stripped; StoreInputError unless 1-255 printable, no spaces."""
+    name = value.strip() if isinstance(value, str) else None
+    if name is None or not _is_user_name(name):
+        raise StoreInputError(f"{value!r} is not a valid {field} "
+                              f"(1 to {MAX_NAME_LENGTH} printable characters, no spaces)")
+    return name
+
+
+def _is_user_name(name: str) -> bool:
+    return (0 < len(name) <= MAX_NAME_LENGTH and name.isprintable()
+            and not any(char.isspace() for char in name))
+
+
+def _kind(value: Any) -> str:
+    if value not in KINDS:
+        raise StoreInputError(f"kind must be 'client' or 'user', not {value!r}")
+    return value
+
+
+def _text(value: Any, field: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise StoreInputError(f"{field} must be text, not {value!r}")
+    if len(value) > MAX_TEXT_LENGTH:
+        raise StoreInputError(f"{field} is longer than {MAX_TEXT_LENGTH} characters")
+    if not value.isprintable():     # a newline would break list output and log lines
+        raise StoreInputError(f"{field} must not hold control characters: {value!r}")
+    return value.strip()
+
+
+def _count(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+        raise StoreInputError(f"{field} must be a whole number from 1 to {MAX_COUNT}, "
+                              f"not {value!r}")
+    return value
+
+
+def _names(value: Any, field: str, canonical: Callable[[Any], str]) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise StoreInputError(f"{field} must be a list, not {value!r}")
+    return tuple(sorted({canonical(item) for item in value}))
+
+
+def _stamp(row: Mapping[str, Any], now: float, actor: str) -> tuple[float, str]:
+    created = row.get("created")
+    if created is None:
+        created = now
+    elif (isinstance(created, bool) or not isinstance(created, (int, float))
+          or not math.isfinite(created) or created < 0):
+        raise StoreInputError(f"created must be a unix time, not {created!r}")
+    added_by = row.get("added_by")
+    added_by = actor if added_by in (None, "") else canonical_user(added_by, "added_by")
+    return float(created), added_by
+
+
+def _client_value(kind: str, value: Any, field: str) -> tuple[str, bytes | None, int | None]:
+    """A hold's or limit's value: (canonical text, packed, prefix length)."""
+    if kind == "client":
+        network = canonical_network(value)
+        return str(network), network.network_address.packed, network.prefixlen
+    return canonical_user(value, field), None, None
+
+
+# ------------------------------------------------------------------ records ---
+# One validated, canonical entry each: its key first, its list (if any) last.
+# Backends store these fields as they are (packed addresses included, so that
+# a load needs no parsing).
+
+class AllowlistRecord(NamedTuple):
+    family: int
+    prefixlen: int
+    packed: bytes
+    domain: str             # "" = every domain
+    network: str
+    comment: str
+    created: float
+    added_by: str
+
+
+class RelayClientRecord(NamedTuple):
+    network: str
+    packed: bytes
+    prefixlen: int
+    comment: str
+    created: float
+    added_by: str
+    sender_domains: tuple[str, ...]
+
+
+class HoldRecord(NamedTuple):
+    kind: str
+    value: str
+    packed: bytes | None
+    prefixlen: int | None
+    reason: str
+    comment: str
+    created: float
+    added_by: str
+
+
+class LimitRecord(NamedTuple):
+    kind: str
+    value: str
+    packed: bytes | None
+    prefixlen: int | None
+    per_hour: int
+    comment: str
+    created: float
+    added_by: str
+
+
+class DomainRecord(NamedTuple):
+    domain: str
+    dnsbl: str
+    threshold: int | None
+    comment: str
+    created: float
+    added_by: str
+    owners: tuple[str, ...]
+
+
+def _allow_key(row: Mapping[str, Any]) -> tuple:
+    return _allow_record(row, 0.0, "-")[:4]
+
+
+def _allow_record(row: Mapping[str, Any], now: float, actor: str) -> AllowlistRecord:
+    network = canonical_network(row.get("network"))
+    domain = row.get("domain")
+    domain = "" if domain in (None, "") else canonical_domain(domain)
+    return AllowlistRecord(network.version, network.prefixlen, network.network_address.packed,
+                           domain, str(network), _text(row.get("comment"), "comment"),
+                           *_stamp(row, now, actor))
+
+
+def _network_key(row: Mapping[str, Any]) -> tuple:
+    return (str(canonical_network(row.get("network"))),)
+
+
+def _relay_client_record(row: Mapping[str, Any], now: float, actor: str) -> RelayClientRecord:
+    network = canonical_network(row.get("network"))
+    domains = _names(row.get("sender_domains"), "sender_domains", canonical_domain)
+    return RelayClientRecord(str(network), network.network_address.packed, network.prefixlen,
+                             _text(row.get("comment"), "comment"), *_stamp(row, now, actor),
+                             domains)
+
+
+def _hold_key(row: Mapping[str, Any]) -> tuple:
+    kind = _kind(row.get("kind"))
+    return (kind, _client_value(kind, row.get("value"), "user name")[0])
+
+
+def _hold_record(row: Mapping[str, Any], now: float, actor: str) -> HoldRecord:
+    kind = _kind(row.get("kind"))
+    value = row.get("value")
+    if value in (None, ""):
+        raise StoreInputError(f"a {kind} hold needs a value (the client network or user name)")
+    return HoldRecord(kind, *_client_value(kind, value, "user name"),
+                      _text(row.get("reason"), "reason"), _text(row.get("comment"), "comment"),
+                      *_stamp(row, now, actor))
+
+
+def _limit_key(row: Mapping[str, Any]) -> tuple:
+    kind, value = _kind(row.get("kind")), row.get("value")
+    return (kind, "" if value in (None, "") else _client_value(kind, value, "user name")[0])
+
+
+def _limit_record(row: Mapping[str, Any], now: float, actor: str) -> LimitRecord:
+    kind = _kind(row.get("kind"))
+    value = row.get("value")
+    value_columns = ("", None, None) if value in (None, "") else \
+        _client_value(kind, value, "user name")
+    return LimitRecord(kind, *value_columns, _count(row.get("per_hour"), "per_hour"),
+                       _text(row.get("comment"), "comment"), *_stamp(row, now, actor))
+
+
+def _domain_key(row: Mapping[str, Any]) -> tuple:
+    return (canonical_domain(row.get("domain")),)
+
+
+def _domain_record(row: Mapping[str, Any], now: float, actor: str) -> DomainRecord:
+    domain = canonical_domain(row.get("domain"))
+    dnsbl = row.get("dnsbl")
+    dnsbl = "on" if dnsbl is None else dnsbl
+    if dnsbl not in ("on", "off"):
+        raise StoreInputError(f"dnsbl must be 'on' or 'off', not {dnsbl!r}")
+    threshold = row.get("threshold")
+    threshold = None if threshold is None else _count(threshold, "threshold")
+    owners = _names(row.get("owners"), "owners", canonical_user)
+    return DomainRecord(domain, dnsbl, threshold, _text(row.get("comment"), "comment"),
+                        *_stamp(row, now, actor), owners)
+
+
+@dataclass(frozen=True)
+class Section:
+    """How one kind of entry is validated, and what its records hold."""
+
+    name: str                       # key in export documents and counts
+    record: Callable[[Mapping[str, Any], float, str], tuple]
+    required: tuple[str, ...]       # row keys an import row must have
+    fields: tuple[str, ...]         # row keys, in list()/export order
+    key_columns: tuple[str, ...]    # the record's first fields, its key
+    columns: tuple[str, ...]        # the record's fields but its list
+    row_key: Callable[[Mapping[str, Any]], tuple]   # key fields given -> the key
+    list_field: str | None = None   # the record's last field, a list of names
+
+    def key(self, record: tuple) -> tuple:
+        return record[:len(self.key_columns)]
+
+
+_STAMP_FIELDS = ("comment", "created", "added_by")
+# By name, in document order.
+SECTIONS = {section.name: section for section in (
+    Section("allowlist", _allow_record, ("network",), ("network", "domain") + _STAMP_FIELDS,
+            ("family", "prefixlen", "packed", "domain"), AllowlistRecord._fields, _allow_key),
+    Section("relay_clients", _relay_client_record, ("network",),
+            ("network", "sender_domains") + _STAMP_FIELDS, ("network",),
+            RelayClientRecord._fields[:-1], _network_key, "sender_domains"),
+    Section("holds", _hold_record, ("kind", "value"),
+            ("kind", "value", "reason") + _STAMP_FIELDS, ("kind", "value"), HoldRecord._fields,
+            _hold_key),
+    Section("limits", _limit_record, ("kind", "per_hour"),
+            ("kind", "value", "per_hour") + _STAMP_FIELDS, ("kind", "value"),
+            LimitRecord._fields, _limit_key),
+    Section("domains", _domain_record, ("domain",),
+            ("domain", "dnsbl", "threshold", "owners") + _STAMP_FIELDS, ("domain",),
+            DomainRecord._fields[:-1], _domain_key, "owners"),
+)}
+
+
+def _record(section: Section, row: Any, now: float, actor: str) -> tuple:
+    """An import row -> a record; StoreInputError for unknown, missing or bad fields."""
+    if not isinstance(row, Mapping):
+        raise StoreInputError(f"an entry is a JSON object, not {row!r}")
+    unknown = sorted(set(row) - set(section.fields))
+    if unknown:
+        raise StoreInputError(f"unknown key {unknown[0]!r} (keys: {', '.join(section.fields)})")
+    missing = [field for field in section.required if row.get(field) is None]
+    if missing:
+        raise StoreInputError(f"{missing[0]!r} is missing")
+    return section.record(row, now, actor)
+
+
+def validate_document(document: Any, now: float, actor: str,
+                      header: bool = True) -> dict[str, list[tuple]]:
+    """Every section's records, one per key (a later row wins), sorted by key.
+
+    The document has the shape export() writes; header=False lets it go
+    without "format" and "version". now and actor stamp rows that have
+    no created or added_by.
+    """
+    if not isinstance(document, Mapping):
+        raise StoreInputError("a policy document is a JSON object")
+    unknown = sorted(set(document) - {"format", "version", *SECTIONS})
+    if unknown:
+        raise StoreInputError(f"unknown section {unknown[0]!r} in the policy document "
+                              f"(sections: {', '.join(SECTIONS)})")
+    if header or "format" in document:
+        if document.get("format") != FORMAT:
+            raise StoreInputError(f"not a policy document: \"format\" must be {FORMAT!r}, "
+                                  f"not {document.get('format')!r}")
+    if header or "version" in document:
+        version = document.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) \
+                and version > FORMAT_VERSION:
+            raise StoreInputError(f"policy document version {version} is newer than this "
+                                  f"relaymilter reads ({FORMAT_VERSION})")
+        if version != FORMAT_VERSION:
+            raise StoreInputError(f"\"version\" must be {FORMAT_VERSION}, not {version!r}")
+    validated = {}
+    for name, section in SECTIONS.items():
+        rows = document.get(name)
+        if rows is None:
+            rows = []
+        if not isinstance(rows, list):
+            raise StoreInputError(f"{name} must be a list of entries")
+        by_key: dict[tuple, tuple] = {}
+        for number, row in enumerate(rows, 1):
+            try:
+                record = _record(section, row, now, actor)
+            except StoreInputError as error:
+                raise StoreInputError(f"{name} row {number}: {error}") from None
+            by_key[section.key(record)] = record
+        # In key order, a backend fills its indexes front to back.
+        validated[name] = [by_key[key] for key in sorted(by_key)]
+    return validated

@@ -1,0 +1,131 @@
+"""runtime - the running daemon's state: the snapshot in force, and who changes it.
+
+NAME
+    runtime - Runtime: owner of the current Snapshot and of the watcher thread
+
+SYNOPSIS
+    runtime = Runtime.start(config, metrics)   # raises ConfigError
+    engine = Engine(runtime)                   # reads runtime.snapshot per answer
+    runtime.load_domain_policy()               # the store, read once before serving
+    runtime.watch(interval=1.0)                # the watcher thread
+    runtime.check_health()                     # DNSBL health checks
+    runtime.stop()
+
+DESCRIPTION
+    The engine reads one reference, `snapshot`, once per answer; only the
+    watcher thread replaces it, with a complete new Snapshot, so readers
+    never lock. The jobs that produce new snapshots each have their own
+    object, and the watcher thread runs them in turn, every interval or
+    when woken by a hold request:
+
+      ConfigReloader   (reload.py)       the config file and domains file
+      StoreFollower    (storefollow.py)  the domain policy in the store
+      HoldQueue        (autohold.py)     automatic holds, written to the store
+      DnsblWatch       (dnsblwatch.py)   health checks, retired checkers
+
+    The outbound limits' counter (limits.py) is the one piece of mutable
+    state the engine writes; a reload that changes [limits] starts a new
+    one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+
+from relaymilter.autohold import HoldQueue
+from relaymilter.config import Config, LimitsConfig
+from relaymilter.dnsblwatch import DnsblWatch
+from relaymilter.domainpolicy import DomainPolicy
+from relaymilter.engine import Snapshot
+from relaymilter.limits import RecipientCounter
+from relaymilter.recorder import NO_METRICS, Recorder
+from relaymilter.reload import ConfigReloader, build_snapshot
+from relaymilter.storefollow import StoreFollower
+
+log = logging.getLogger(__name__)
+
+
+def _counter(limits: LimitsConfig) -> RecipientCounter:
+    return RecipientCounter(window=limits.window, auto_hold_factor=limits.auto_hold_factor)
+
+
+class Runtime:
+    """See the module docstring. Only the watcher thread writes `snapshot`."""
+
+    def __init__(self, snapshot: Snapshot, metrics: Recorder = NO_METRICS) -> None:
+        self.snapshot = snapshot
+        self.metrics = metrics      # metrics.py; NO_METRICS when off
+        self.counter = _counter(snapshot.config.limits)
+        self._reloader = ConfigReloader(snapshot.config, metrics)
+        self._store = StoreFollower(metrics)
+        self._holds = HoldQueue()
+        self._dnsbl = DnsblWatch()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        metrics.config_loaded(snapshot.config.path, reload=False)
+
+    @classmethod
+    def start(cls, config: Config, metrics: Recorder = NO_METRICS) -> "Runtime":
+        return cls(build_snapshot(config, metrics=metrics), metrics)
+
+    # -- the jobs, each run by the watcher thread (or a test) ---------------
+    def refresh(self) -> bool:
+        """Reload if the config or domains file changed. True when swapped."""
+        snapshot = self._reloader.reload(self.snapshot)
+        if snapshot is None:
+            return False
+        previous, self.snapshot = self.snapshot, snapshot
+        self._dnsbl.follow(previous, snapshot)
+        if previous.config.limits != snapshot.config.limits:
+            self.counter = _counter(snapshot.config.limits)
+        return True
+
+    def load_domain_policy(self) -> bool:
+        """Read the store now, on this thread (before serving). True when read."""
+        return self._swap_in(self._store.load(self.snapshot.config.store.path))
+
+    def refresh_domain_policy(self) -> bool:
+        """Follow the store (watcher thread only). True when swapped."""
+        return self._swap_in(self._store.poll(self.snapshot.config.store.path))
+
+    def _swap_in(self, policy: DomainPolicy | None) -> bool:
+        if policy is None:
+            return False
+        self.snapshot = replace(self.snapshot, domain_policy=policy)
+        return True
+
+    def request_hold(self, kind: str, value: str, reason: str) -> None:
+        """Ask the watcher thread to write a hold (any thread; never blocks)."""
+        self._holds.request(kind, value, reason)
+
+    # -- life cycle ------------------------------------------------------------
+    def watch(self, interval: float = 1.0) -> None:
+        """Start the watcher thread (a daemon thread)."""
+        def loop() -> None:
+            while not self._stop.is_set():
+                request = self._holds.take(timeout=interval)
+                if self._stop.is_set():
+                    break
+                try:
+                    if request is not None:
+                        self._store.put_on_hold(self.snapshot.config.store.path, request)
+                    self.refresh()
+                    self.refresh_domain_policy()
+                except Exception:  # keep watching: a reload bug must not end reloads
+                    log.exception("unexpected error while checking for a reload")
+            self._store.close()
+        self._thread = threading.Thread(target=loop, name="relaymilter-reload", daemon=True)
+        self._thread.start()
+
+    def check_health(self) -> None:
+        """Start the DNSBL health checks (a thread) for this and later checkers."""
+        self._dnsbl.start(self.snapshot)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._holds.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._dnsbl.stop(self.snapshot)

@@ -1,0 +1,425 @@
+"""sqlitestore - the domain policy in one SQLite file: the default Storage backend.
+
+NAME
+    sqlitestore - SQLite schema, migrations, writes, reads and the fast load
+
+SYNOPSIS
+    store = SQLiteStore("/var/lib/relaymilter/policy.sqlite3")   # or store.open_store()
+    store = SQLiteStore(path, create=False)    # StoreError unless the file exists
+    store.add_allowlist("192.0.2.0/24")        # the Storage API (store.py)
+    policy = store.load_policy()               # DomainPolicy
+    store.close()
+
+DESCRIPTION
+    SQLiteStore implements store.Storage; store.py describes the entries,
+    their validation and the API. What is SQLite's own:
+
+    Storage. One SQLite file in WAL mode, so that readers (the milter's
+    watcher) never wait for a writer (the CLI) nor the other way round;
+    a writer waits for another writer up to BUSY_TIMEOUT. Writes take the
+    lock when they begin (BEGIN IMMEDIATE), so a busy store makes them
+    wait, not fail halfway. The schema version is PRAGMA user_version;
+    MIGRATIONS[n] takes version n to n + 1, and missing ones are applied
+    in one transaction when the store is opened, creating the store on
+    first use. A store newer than this code raises StoreError, as does a
+    file that is not a policy store (PRAGMA application_id, APPLICATION_ID).
+
+    Loading. load_policy() reads everything in one read transaction.
+    SQLite hands the allowlist over aggregated, one string per family and
+    prefix length, in the order of the table's key, which is the order of
+    the lookup structure (netindex.py): no Python object per network on
+    the way (bench/store_scale.py times a million). data_version() is
+    PRAGMA data_version, which moves when another connection commits.
+
+    Errors. Every sqlite3.Error becomes a StoreError naming the file and
+    what was being done.
+
+    Threads. A SQLiteStore holds one connection and belongs to the thread
+    that made it (sqlite3 refuses other threads: StoreError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import sqlite3
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+from relaymilter.domainpolicy import DomainPolicy
+from relaymilter.entries import SECTIONS, AllowlistRecord, Section
+from relaymilter.netindex import TAG_BYTES, NetworkIndex
+from relaymilter.store import Storage, StoreError
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT = 5.0                  # seconds a writer waits for another writer
+APPLICATION_ID = 0x524D4C50         # "RMLP" in the file header: a policy store
+
+# MIGRATIONS[n] takes the schema from version n to n + 1. Append, never edit.
+# One statement ends with ";" at the end of a line (see _statements).
+# Network columns keep the canonical text (what people read) and the packed
+# address with its prefix length, so that a snapshot loads without parsing.
+# The allowlist, the one big table, is keyed in lookup order: family, prefix
+# length, then lookup_key, which is the record netindex.from_blocks() reads
+# (the address, then the number of its domain, its scope, in 4 big-endian
+# bytes). load_policy() gets each family and prefix length as one sorted
+# run of records, and SQLite does the conversion.
+MIGRATIONS = [
+    """
+    PRAGMA application_id = 1380797520;
+    CREATE TABLE allowlist_scope (
+        id     INTEGER PRIMARY KEY CHECK (id BETWEEN 0 AND 4294967295),
+        domain TEXT NOT NULL UNIQUE
+    );
+    CREATE TABLE allowlist (
+        family     INTEGER NOT NULL CHECK (family IN (4, 6)),
+        prefixlen  INTEGER NOT NULL CHECK (prefixlen BETWEEN 0 AND 128),
+        lookup_key BLOB NOT NULL
+                   CHECK (length(lookup_key) = CASE family WHEN 4 THEN 8 ELSE 20 END),
+        scope      INTEGER NOT NULL REFERENCES allowlist_scope (id),
+        network    TEXT NOT NULL,
+        comment    TEXT NOT NULL DEFAULT '',
+        created    REAL NOT NULL,
+        added_by   TEXT NOT NULL,
+        PRIMARY KEY (family, prefixlen, lookup_key),
+        CHECK (hex(substr(lookup_key, -4)) = printf('%08X', scope))
+    ) WITHOUT ROWID;
+    CREATE TABLE relay_client (
+        network   TEXT NOT NULL PRIMARY KEY,
+        packed    BLOB NOT NULL CHECK (length(packed) IN (4, 16)),
+        prefixlen INTEGER NOT NULL CHECK (prefixlen BETWEEN 0 AND 128),
+        comment   TEXT NOT NULL DEFAULT '',
+        created   REAL NOT NULL,
+        added_by  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE relay_client_domain (
+        network TEXT NOT NULL REFERENCES relay_client (network) ON DELETE CASCADE,
+        domain  TEXT NOT NULL,
+        PRIMARY KEY (network, domain)
+    ) WITHOUT ROWID;
+    CREATE TABLE hold (
+        kind      TEXT NOT NULL CHECK (kind IN ('client', 'user')),
+        value     TEXT NOT NULL,
+        packed    BLOB,
+        prefixlen INTEGER,
+        reason    TEXT NOT NULL DEFAULT '',
+        comment   TEXT NOT NULL DEFAULT '',
+        created   REAL NOT NULL,
+        added_by  TEXT NOT NULL,
+        PRIMARY KEY (kind, value),
+        CHECK ((kind = 'client') = (packed IS NOT NULL))
+    ) WITHOUT ROWID;
+    CREATE TABLE rate_limit (
+        kind      TEXT NOT NULL CHECK (kind IN ('client', 'user')),
+        value     TEXT NOT NULL,
+        packed    BLOB,
+        prefixlen INTEGER,
+        per_hour  INTEGER NOT NULL CHECK (per_hour >= 1),
+        comment   TEXT NOT NULL DEFAULT '',
+        created   REAL NOT NULL,
+        added_by  TEXT NOT NULL,
+        PRIMARY KEY (kind, value)
+    ) WITHOUT ROWID;
+    CREATE TABLE domain (
+        domain    TEXT NOT NULL PRIMARY KEY,
+        dnsbl     TEXT NOT NULL DEFAULT 'on' CHECK (dnsbl IN ('on', 'off')),
+        threshold INTEGER CHECK (threshold IS NULL OR threshold >= 1),
+        comment   TEXT NOT NULL DEFAULT '',
+        created   REAL NOT NULL,
+        added_by  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE domain_owner (
+        domain TEXT NOT NULL REFERENCES domain (domain) ON DELETE CASCADE,
+        owner  TEXT NOT NULL,
+        PRIMARY KEY (domain, owner)
+    ) WITHOUT ROWID;
+    CREATE INDEX domain_owner_by_owner ON domain_owner (owner);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class _Table(NamedTuple):
+    """Where a section's records live: store.Section gives the columns."""
+
+    name: str
+    order: str                              # ORDER BY of its list
+    child: tuple[str, str] | None = None    # (table, column) of the record's list
+
+
+# The allowlist's table differs from its records (scope, lookup_key):
+# _write_allowlist() and SQLiteStore._delete_record() know how.
+_TABLES = {
+    "allowlist": _Table("allowlist", "domain, family, lookup_key, prefixlen"),
+    "relay_clients": _Table("relay_client", "length(packed), packed, prefixlen",
+                            ("relay_client_domain", "domain")),
+    "holds": _Table("hold", "kind, length(packed), packed, prefixlen, value"),
+    "limits": _Table("rate_limit", "kind, value != '', length(packed), packed, prefixlen, value"),
+    "domains": _Table("domain", "domain", ("domain_owner", "owner")),
+}
+
+
+class SQLiteStore(Storage):
+    """See the module docstring. One connection; use it from one thread only."""
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True) -> None:
+        self.path = os.fspath(path)
+        # A URI so that create=False can say "must exist" (mode=rw).
+        uri = pathlib.Path(self.path).absolute().as_uri() + ("?mode=rwc" if create else "?mode=rw")
+        try:
+            self._connection = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                               timeout=BUSY_TIMEOUT)
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: cannot open: {error}") from None
+        try:
+            self._setup()
+        except BaseException:
+            self._connection.close()
+            raise
+
+    def close(self) -> None:
+        with self._errors("cannot close"):
+            self._connection.close()
+
+    # --------------------------------------------------------- schema ---
+
+    def _setup(self) -> None:
+        with self._errors("cannot open"):
+            connection = self._connection
+            connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            connection.execute("PRAGMA foreign_keys = ON")
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{self.path}: cannot use WAL mode (journal mode {mode})")
+            if self.schema_version() < SCHEMA_VERSION:
+                self._migrate()
+            self._check_schema()
+
+    def schema_version(self) -> int:
+        """PRAGMA user_version: the number of MIGRATIONS applied."""
+        with self._errors("cannot read"):
+            return self._connection.execute("PRAGMA user_version").fetchone()[0]
+
+    def _check_schema(self) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {version} is newer than this "
+                             f"relaymilter understands ({SCHEMA_VERSION}); upgrade relaymilter")
+        application = self._connection.execute("PRAGMA application_id").fetchone()[0]
+        if application != APPLICATION_ID:
+            raise StoreError(f"{self.path}: not a relaymilter policy store "
+                             f"(application id {application:#x})")
+
+    def _migrate(self) -> None:
+        with self._transaction("cannot create or upgrade") as connection:
+            # Read again under the write lock: another process may have
+            # migrated since we looked.
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0 and connection.execute(
+                    "SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise StoreError(f"{self.path}: not a relaymilter policy store "
+                                 "(it has tables of its own)")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in _statements(MIGRATIONS[number]):
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {number + 1}")
+            if version < SCHEMA_VERSION:
+                log.info("policy store %s: schema version %d -> %d", self.path, version,
+                         SCHEMA_VERSION)
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: {doing}: {error}") from error
+
+    @contextlib.contextmanager
+    def _transaction(self, doing: str, begin: str = "BEGIN IMMEDIATE"
+                     ) -> Iterator[sqlite3.Connection]:
+        """One transaction; rolled back on any exception. Writes take the lock
+        at BEGIN (IMMEDIATE), so a busy store makes them wait, not fail later."""
+        connection = self._connection
+        with self._errors(doing):
+            connection.execute(begin)
+            try:
+                yield connection
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+
+    # --------------------------------------------------------- writes ---
+
+    def _write_records(self, records: Mapping[str, list[tuple]], replace: bool) -> None:
+        with self._transaction("cannot write") as connection:
+            if replace:
+                for table in _TABLES.values():
+                    if table.child:
+                        connection.execute(f"DELETE FROM {table.child[0]}")
+                    connection.execute(f"DELETE FROM {table.name}")
+                connection.execute("DELETE FROM allowlist_scope")
+            for name, section_records in records.items():
+                _write(connection, SECTIONS[name], section_records)
+
+    def _delete_record(self, section: Section, key: tuple) -> bool:
+        with self._transaction("cannot write") as connection:
+            if section.name == "allowlist":
+                return _delete_allowlist(connection, *key)
+            where = " AND ".join(f"{column} = ?" for column in section.key_columns)
+            # Children go by ON DELETE CASCADE (foreign_keys is on).
+            cursor = connection.execute(
+                f"DELETE FROM {_TABLES[section.name].name} WHERE {where}", key)
+            return cursor.rowcount > 0
+
+    # ---------------------------------------------------------- reads ---
+
+    def _read_sections(self, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+        with self._transaction("cannot read", "BEGIN") as connection:
+            return {name: _read_section(connection, SECTIONS[name]) for name in names}
+
+    def data_version(self) -> int:
+        """PRAGMA data_version: moves when another connection has committed."""
+        with self._errors("cannot read"):
+            return self._connection.execute("PRAGMA data_version").fetchone()[0]
+
+    def load_policy(self) -> DomainPolicy:
+        """Everything decisions need, read in one transaction.
+
+        The big tables come aggregated by SQLite (group_concat), in key
+        order: a million allowlist networks reach Python as a few byte
+        strings per prefix length, not as a million rows (netindex.py).
+        """
+        with self._transaction("cannot read", "BEGIN") as connection:
+            allowlist = NetworkIndex.from_blocks(
+                (family, prefixlen, bytes.fromhex(records))
+                for family, prefixlen, records in connection.execute(
+                    "SELECT family, prefixlen, group_concat(hex(lookup_key), '') "
+                    "FROM allowlist GROUP BY family, prefixlen"))
+            # Both group_concat() see the rows in the same order.
+            ids, names = connection.execute(
+                "SELECT group_concat(id, ' '), group_concat(domain, ' ') "
+                "FROM allowlist_scope").fetchone()
+            scopes = {} if ids is None else dict(zip(_names_of(names), map(int, ids.split(" "))))
+            domains = [(dnsbl, threshold, _names_of(names)) for dnsbl, threshold, names
+                       in connection.execute("SELECT dnsbl, threshold, group_concat(domain, ' ') "
+                                             "FROM domain GROUP BY dnsbl, threshold")]
+            owners = [(owner, _names_of(names)) for owner, names
+                      in connection.execute("SELECT owner, group_concat(domain, ' ') "
+                                            "FROM domain_owner GROUP BY owner")]
+            return DomainPolicy.from_rows(
+                allowlist, scopes,
+                connection.execute("SELECT network, packed, prefixlen FROM relay_client"),
+                connection.execute("SELECT network, domain FROM relay_client_domain"),
+                connection.execute("SELECT kind, value, packed, prefixlen, reason FROM hold"),
+                connection.execute(
+                    "SELECT kind, value, packed, prefixlen, per_hour FROM rate_limit"),
+                domains, owners)
+
+
+def _names_of(joined: str) -> list[str]:
+    """group_concat(name, ' ') -> names, each one string object however often it is
+    used (interned): canonical domains and user names hold no space."""
+    return list(map(sys.intern, joined.split(" ")))
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration script, for execute() one at a time.
+
+    Not executescript(): it commits any open transaction first, and a
+    migration must run inside the one that re-read user_version.
+    """
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"migration ends inside a statement: {pending.strip()[:60]!r}")
+
+
+def _write(connection: sqlite3.Connection, section: Section, records: list[tuple]) -> None:
+    """Insert or replace records (and their lists) inside the caller's transaction."""
+    if not records:
+        return
+    if section.name == "allowlist":
+        _write_allowlist(connection, records)
+        return
+    table, columns = _TABLES[section.name], section.columns
+    updates = ", ".join(f"{column} = excluded.{column}" for column in columns
+                        if column not in section.key_columns)
+    connection.executemany(
+        f"INSERT INTO {table.name} ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT ({', '.join(section.key_columns)}) DO UPDATE SET {updates}",
+        (record[:len(columns)] for record in records))
+    if table.child is None:
+        return
+    child_table, child_column = table.child
+    parent = section.key_columns[0]
+    connection.executemany(f"DELETE FROM {child_table} WHERE {parent} = ?",
+                           (record[:1] for record in records))
+    connection.executemany(f"INSERT INTO {child_table} ({parent}, {child_column}) VALUES (?, ?)",
+                           ((record[0], item) for record in records for item in record[-1]))
+
+
+def _lookup_key(packed: bytes, scope: int) -> bytes:
+    return packed + scope.to_bytes(TAG_BYTES, "big")
+
+
+def _write_allowlist(connection: sqlite3.Connection, records: list[AllowlistRecord]) -> None:
+    scopes = {}
+    for domain in sorted({entry.domain for entry in records}):
+        connection.execute("INSERT OR IGNORE INTO allowlist_scope (domain) VALUES (?)", (domain,))
+        scopes[domain] = connection.execute("SELECT id FROM allowlist_scope WHERE domain = ?",
+                                            (domain,)).fetchone()[0]
+    connection.executemany(
+        "INSERT INTO allowlist (family, prefixlen, lookup_key, scope, network, comment, created, "
+        "added_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (family, prefixlen, lookup_key) DO UPDATE SET "
+        "comment = excluded.comment, created = excluded.created, added_by = excluded.added_by",
+        ((entry.family, entry.prefixlen, _lookup_key(entry.packed, scopes[entry.domain]),
+          scopes[entry.domain], entry.network, entry.comment, entry.created, entry.added_by)
+         for entry in records))
+
+
+def _delete_allowlist(connection: sqlite3.Connection, family: int, prefixlen: int,
+                      packed: bytes, domain: str) -> bool:
+    """The domain's scope number stays (finding out whether another entry uses
+    it would read the whole table)."""
+    scope = connection.execute("SELECT id FROM allowlist_scope WHERE domain = ?",
+                               (domain,)).fetchone()
+    if scope is None:
+        return False
+    return connection.execute(
+        "DELETE FROM allowlist WHERE family = ? AND prefixlen = ? AND lookup_key = ?",
+        (family, prefixlen, _lookup_key(packed, scope[0]))).rowcount > 0
+
+
+def _read_section(connection: sqlite3.Connection, section: Section) -> list[dict[str, Any]]:
+    table = _TABLES[section.name]
+    plain = [field for field in section.fields if field != section.list_field]
+    source = table.name
+    if section.name == "allowlist":
+        source = "allowlist JOIN allowlist_scope ON allowlist_scope.id = allowlist.scope"
+    entries = [dict(zip(plain, row)) for row in connection.execute(
+        f"SELECT {', '.join(plain)} FROM {source} ORDER BY {table.order}")]
+    if table.child is not None:
+        child_table, child_column = table.child
+        parent = section.key_columns[0]
+        lists: dict[str, list[str]] = {}
+        for key, item in connection.execute(
+                f"SELECT {parent}, {child_column} FROM {child_table} "
+                f"ORDER BY {parent}, {child_column}"):
+            lists.setdefault(key, []).append(item)
+        for entry in entries:
+            entry[section.list_field] = lists.get(entry[parent], [])
+        # Key order as in section.fields.
+        entries = [{name: entry[name] for name in section.fields} for entry in entries]
+    return entries

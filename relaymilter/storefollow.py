@@ -1,0 +1,99 @@
+"""storefollow - the domain policy in force follows the store named by [store].
+
+NAME
+    storefollow - StoreFollower: loads, follows and writes the store for the runtime
+
+SYNOPSIS
+    follower = StoreFollower(metrics)
+    policy = follower.load(config.store.path)     # at start, on the starting thread
+    policy = follower.poll(config.store.path)     # watcher thread: new DomainPolicy or None
+    follower.put_on_hold(config.store.path, request)
+    follower.close()
+
+DESCRIPTION
+    Wraps storewatch.StoreWatcher (one store connection, change detection,
+    errors logged once) with what a running daemon adds: [store] path may
+    change on a reload (the connection to the old store is closed, "no
+    store" gives the empty policy), the first load happens on the starting
+    thread before the watcher thread exists, and an error already reported
+    by that first load is not reported again by the watcher's connection.
+
+    Not thread-safe: load() before the watcher thread starts, everything
+    else on that thread.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from relaymilter.autohold import HoldRequest
+from relaymilter.domainpolicy import EMPTY_POLICY, DomainPolicy
+from relaymilter.recorder import NO_METRICS, Recorder
+from relaymilter.storewatch import StoreWatcher
+
+log = logging.getLogger(__name__)
+
+
+class StoreFollower:
+    """See the module docstring."""
+
+    def __init__(self, metrics: Recorder = NO_METRICS) -> None:
+        self._metrics = metrics
+        self._watcher: StoreWatcher | None = None
+        self._seen: tuple[str | None, bool] = (None, False)   # by load(): error, loaded
+        self._empty = True          # the policy last handed out is EMPTY_POLICY
+
+    def load(self, path: str | None) -> DomainPolicy | None:
+        """Read the store now, with a connection of its own; None: no store or unreadable."""
+        if path is None:
+            return None
+        watcher = StoreWatcher(path, self._metrics)
+        try:
+            policy = watcher.poll()
+        finally:
+            watcher.close()
+        # The watcher thread's own StoreWatcher starts from what this one saw.
+        self._seen = (watcher.last_error, watcher.loaded)
+        if policy is not None:
+            self._empty = False
+        return policy
+
+    def poll(self, path: str | None) -> DomainPolicy | None:
+        """The policy to swap in, or None: unchanged (or unreadable: keep the last)."""
+        if self._watcher is not None and self._watcher.path != path:
+            self._drop()
+        if path is None:
+            if self._empty:
+                return None
+            self._empty = True
+            return EMPTY_POLICY
+        policy = self._connected(path).poll()
+        if policy is not None:
+            self._empty = False
+        return policy
+
+    def put_on_hold(self, path: str | None, request: HoldRequest) -> None:
+        """Write an automatic hold; the next poll() brings it into force."""
+        if path is None:
+            log.warning("%s %s should be put on hold (%s), but there is no [store] path",
+                        request.kind, request.value, request.reason)
+            return
+        if self._watcher is not None and self._watcher.path != path:
+            self._drop()
+        if self._watcher is None:
+            self._watcher = StoreWatcher(path, self._metrics)
+        self._watcher.put_on_hold(request.kind, request.value, request.reason)
+
+    def close(self) -> None:
+        self._drop()
+
+    def _connected(self, path: str) -> StoreWatcher:
+        if self._watcher is None:
+            last_error, loaded = self._seen
+            self._watcher = StoreWatcher(path, self._metrics, last_error, loaded)
+        return self._watcher
+
+    def _drop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None

@@ -1,0 +1,59 @@
+"""domainpolicy.py: the immutable domain policy, without any store.
+
+The lookups of a domain policy loaded from a store are part of the
+Storage contract (test_storage_contract.py).
+"""
+
+import ipaddress
+import subprocess
+import sys
+
+import pytest
+
+from relaymilter.domainpolicy import EMPTY_POLICY, DomainPolicy, Hold
+from relaymilter.store import StoreInputError
+
+
+def ip(text):
+    return ipaddress.ip_address(text)
+
+
+def test_empty_policy_counts_no_entries():
+    assert EMPTY_POLICY.counts == {"allowlist": 0, "relay_clients": 0, "holds": 0,
+                                   "limits": 0, "domains": 0}
+
+
+def test_empty_policy_allows_and_restricts_nothing():
+    assert EMPTY_POLICY.held(ip("192.0.2.1"), "alice") is None
+    assert EMPTY_POLICY.relay_client(ip("192.0.2.1")) is None
+    assert EMPTY_POLICY.owned_domains("alice") is None
+    assert not EMPTY_POLICY.allowlisted(ip("192.0.2.1"), "example.com")
+    assert EMPTY_POLICY.domain_dnsbl("example.com") is None
+    assert EMPTY_POLICY.limit("user", "bob") is None
+
+
+def test_domain_policy_from_a_document_needs_no_header():
+    policy = DomainPolicy.from_document({"holds": [{"kind": "user", "value": "eve"}]})
+    assert policy.held(None, "eve") == Hold("user", "eve", "")
+    with pytest.raises(StoreInputError):
+        DomainPolicy.from_document({"holds": [{"kind": "user"}]})
+
+
+def test_a_domain_policy_from_a_document_never_changes():
+    policy = DomainPolicy.from_document({"holds": [{"kind": "user", "value": "eve"}]})
+    with pytest.raises(AttributeError):
+        policy._user_holds = {}
+    with pytest.raises(AttributeError):
+        del policy._user_holds
+    assert policy.held(None, "eve") == Hold("user", "eve", "")
+
+
+def test_the_engine_side_imports_no_database_module():
+    # The engine imports domainpolicy, the milter's watcher storewatch:
+    # sqlite3 comes only with a store that is opened (store.open_store).
+    code = ("import sys, relaymilter.domainpolicy, relaymilter.store, relaymilter.storewatch; "
+            "print(sorted(name for name in ('sqlite3', '_sqlite3', 'relaymilter.sqlitestore') "
+            "if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
