@@ -33,6 +33,7 @@ from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.dnsbl import report_lines
 from relaymilter.endpoint import parse_socket
 from relaymilter.engine import Engine
+from relaymilter.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
 from relaymilter.reload import build_dnsbl, build_snapshot
 from relaymilter.runtime import Runtime
 from relaymilter.metrics import MetricsListener, MetricsUnavailable, make_recorder
@@ -41,7 +42,6 @@ from relaymilter.storecli import add_policy_verbs
 from relaymilter.address import parse_ip
 from relaymilter.relay import RelayRules, Trust, client_trust
 
-EX_OK, EX_SOFTWARE_OTHER, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 64, 69, 78
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 log = logging.getLogger("relaymilter")

@@ -95,3 +95,12 @@ def test_relaymilter_8_names_every_verb():
                  and isinstance(action.choices, dict))
     for verb in verbs.choices:
         assert f"relaymilter {verb.replace('-', chr(92) + '-')}" in page, verb
+
+
+def test_hacking_md_maps_every_module_of_the_package():
+    hacking = (ROOT / "HACKING.md").read_text(encoding="utf-8")
+    modules = [path.name for path in (ROOT / "relaymilter").glob("*.py")
+               if not path.name.startswith("__")]
+    assert len(modules) > 20
+    missing = [name for name in modules if f"`{name}`" not in hacking]
+    assert not missing, f"HACKING.md does not name {missing}"

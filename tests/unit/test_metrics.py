@@ -155,6 +155,8 @@ def test_every_reason_the_guide_names_is_a_reason():
     assert len(table) >= 10 and "rate-limit" in named
     words = {reason.word for reason in Reason}
     assert named <= words, named - words
+    undocumented = [word for word in words if f"`{word}`" not in guide]
+    assert not undocumented, f"the guide's \"Reading the log\" does not name {undocumented}"
 
 
 @pytest.mark.parametrize("reason", ["percent-hack", "dnsbl", "hold-user", "not-listed"])
