@@ -29,6 +29,7 @@ from typing import Protocol
 from relaymilter.address import IPAddress
 from relaymilter.reason import Reason
 from relaymilter.text import printable
+from relaymilter.zones import ListingResult
 
 
 class Action(enum.Enum):
@@ -89,7 +90,8 @@ class ClientFacts:
 class PendingVerdict(Protocol):
     """The client's DNSBL lookups, started at connect (dnsbl.PendingListing)."""
 
-    def result(self): ...   # -> zones.ListingResult, by the lookups' deadline
+    def result(self) -> ListingResult:
+        """The verdict, by the lookups' deadline at the latest."""
 
 
 @dataclass(frozen=True, slots=True)
