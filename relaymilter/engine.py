@@ -1,7 +1,7 @@
 """engine - facts about one SMTP transaction + a snapshot -> the answer.
 
 NAME
-    engine - the policy engine both front ends (milter, policy service) call
+    engine - the decision engine both front ends (milter, policy service) call
 
 SYNOPSIS
     engine = Engine(runtime)                  # runtime.py: snapshot, counter, metrics
@@ -15,7 +15,7 @@ DESCRIPTION
     gets back into its protocol's reply. Everything that follows a decision
     happens here, once, for both front ends: dry run ([decisions] dry_run),
     the automatic hold a limit asks for, the log line (logline.py) and the
-    metrics. The front ends hold no policy of their own.
+    metrics. The front ends make no decision of their own.
 
     decide_recipient() is the pure part: no pymilter, no sockets, no clock,
     no store. Order at RCPT (docs/guide.md, "Decision order"):

@@ -9,7 +9,7 @@ DESCRIPTION
     the client is, HELO, MAIL FROM, SASL login), hands them to the engine
     at each RCPT TO and turns the Decision it gets back into a reply. Dry
     run, holds, the log line and metrics are the engine's (one answer path
-    for both front ends); this module holds no policy of its own.
+    for both front ends); this module makes no decision of its own.
 
     Protocol economy: connect, HELO and MAIL are "no reply" stages (the MTA
     does not wait for us); headers, body and unknown commands are negotiated
@@ -230,7 +230,7 @@ class RelayMilter(Milter.Base):
         """getsymval(), but a value that is not UTF-8 becomes UNDECODABLE.
 
         pymilter raises UnicodeDecodeError for such a macro (Postfix with
-        smtputf8_enable = no passes raw 8-bit addresses). The policy then
+        smtputf8_enable = no passes raw 8-bit addresses). The engine then
         meets a value it cannot parse and answers for bad syntax.
         """
         try:

@@ -10,7 +10,7 @@ SYNOPSIS
     watcher.close()
 
 DESCRIPTION
-    Owned by one thread (the reload watcher in live.py): a store connection
+    Owned by one thread (the watcher of runtime.py, through storefollow.py): a store connection
     is never shared between threads. The store is opened with
     store.open_store(), whatever its backend. poll() is cheap when nothing
     changed: one data_version() (SQLite: `PRAGMA data_version`), which
