@@ -10,9 +10,9 @@ SYNOPSIS
     watcher.close()
 
 DESCRIPTION
-    Owned by one thread (the watcher of runtime.py, through storefollow.py): a store connection
-    is never shared between threads. The store is opened with
-    store.open_store(), whatever its backend. poll() is cheap when nothing
+    Owned by one thread (the watcher of runtime.py, through
+    storefollow.py): a store connection is never shared between threads.
+    The store is opened with openstore.open_store(), whatever its backend. poll() is cheap when nothing
     changed: one data_version() (SQLite: `PRAGMA data_version`), which
     moves when another connection (the CLI, an import, this process's hold
     writer) commits. When it moved, the whole store is read into a new
