@@ -390,7 +390,7 @@ def time_decisions(policy, placed, domains: int, count: int, batch: int, rounds:
         reasons = {}
         for label, snapshot in snapshots.items():
             # After the rounds: a limit reached would show here.
-            seen = {decide_recipient(one, snapshot, counters[case, label]).reason
+            seen = {decide_recipient(one, snapshot, counters[case, label]).reason.word
                     for one in facts}
             expected = CASES[case][label == "empty"]
             if seen != {expected}:
