@@ -114,7 +114,11 @@ class RecipientFacts:
 # ------------------------------------------------------------ decisions ---
 
 def permit(reason: Reason) -> Decision:
-    return Decision(Action.PERMIT, reason)
+    """The permit for reason: one shared object each (a Decision never changes)."""
+    return _PERMITS[reason]
+
+
+_PERMITS = {reason: Decision(Action.PERMIT, reason) for reason in Reason}
 
 
 def relay_denied(recipient_path: str, reason: Reason) -> Decision:

@@ -48,15 +48,15 @@ class Trust(enum.Enum):
     AUTHENTICATED = "authenticated"
     RELAY_CLIENT = "relay-client"       # a domain-policy entry (domainpolicy.py)
 
-    @property
-    def reason(self) -> Reason:
-        """The reason of a permit this trust grants (not for UNTRUSTED)."""
-        return _TRUST_REASONS[self]
+    reason: Reason      # the reason of a permit this trust grants (None for UNTRUSTED)
 
 
-_TRUST_REASONS = {Trust.TRUSTED_NETWORK: Reason.TRUSTED_NETWORK,
-                  Trust.AUTHENTICATED: Reason.AUTHENTICATED,
-                  Trust.RELAY_CLIENT: Reason.RELAY_CLIENT}
+# A plain attribute, not a property: read for every permitted relay.
+for _trust, _reason in ((Trust.UNTRUSTED, None), (Trust.TRUSTED_NETWORK, Reason.TRUSTED_NETWORK),
+                        (Trust.AUTHENTICATED, Reason.AUTHENTICATED),
+                        (Trust.RELAY_CLIENT, Reason.RELAY_CLIENT)):
+    _trust.reason = _reason
+del _trust, _reason
 
 
 @dataclass(frozen=True, slots=True)
