@@ -129,6 +129,9 @@ def _client_address(text: str) -> IPAddress | None:
         return None                      # never trusted
 
 
+UNKNOWN_CLIENT = ClientFacts(address=None)
+
+
 def client_facts(attributes: dict[str, str]) -> ClientFacts:
     """The client as Postfix describes it in the request."""
     address = _client_address(attributes.get("client_address", ""))
@@ -157,7 +160,7 @@ class PolicyConnection(socketserver.StreamRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self._message: tuple[str, str] | None = None    # (instance, client address)
+        self._message: tuple[str | None, IPAddress | None] | None = None  # (instance, client)
         self._listing = None
         self._requests = RequestReader(self.rfile.read1)
 
@@ -181,8 +184,7 @@ class PolicyConnection(socketserver.StreamRequestHandler):
         if attributes.get("request") != "smtpd_access_policy" \
                 or attributes.get("protocol_state", "").upper() != "RCPT":
             return "DUNNO"
-        client = ClientFacts(address=None)
-        sender = recipient = queue_id = None
+        client, sender, recipient, queue_id = UNKNOWN_CLIENT, None, None, None
         try:
             client = client_facts(attributes)
             sender = _path(attributes.get("sender", ""))
@@ -199,13 +201,13 @@ class PolicyConnection(socketserver.StreamRequestHandler):
 
     def _pending_listing(self, attributes: dict[str, str], client: ClientFacts, engine: Engine):
         """One DNSBL lookup per message, shared by its recipients."""
-        message = (attributes.get("instance", ""), str(client.address))
-        if message != self._message or self._listing is None or not message[0]:
-            listing = engine.start_lookups(client)
-            if listing is None:
-                return None
+        message = (attributes.get("instance"), client.address)
+        if message[0] and message == self._message and self._listing is not None:
+            return self._listing
+        listing = engine.start_lookups(client)
+        if listing is not None:
             self._message, self._listing = message, listing
-        return self._listing
+        return listing
 
     def _send(self, action: str) -> bool:
         try:

@@ -65,21 +65,16 @@ class Reason(enum.Enum):
     RATE_LIMIT = ("rate-limit",)
     INTERNAL_ERROR = ("internal-error",)
 
+    # Plain attributes, not properties: read for every decision.
+    word: str               # what the decision log line says after reason=
+    label: str              # the reason label of relaymilter_decisions_total
+    grants_relay: bool      # a permit for this reason lets the client relay
+
     def __new__(cls, word: str, grants_relay: bool = False) -> "Reason":
         member = object.__new__(cls)
-        member._value_ = word
+        member._value_ = member.word = member.label = word
         member.grants_relay = grants_relay
         return member
-
-    @property
-    def word(self) -> str:
-        """What the decision log line says after reason=."""
-        return self.value
-
-    @property
-    def label(self) -> str:
-        """The value of the reason label of relaymilter_decisions_total."""
-        return self.value
 
     @classmethod
     def of_trick(cls, trick: Trick) -> "Reason":
