@@ -205,6 +205,31 @@ def transitional_variant(domain: str) -> str | None:
 _TRANSITIONAL_DEVIATIONS = {0x00DF: "ss", 0x03C2: "\u03c3", 0x200C: None, 0x200D: None}
 
 
+@functools.lru_cache(maxsize=4096)
+def mta_readings(domain: str) -> tuple[str, ...]:
+    """Other domains an MTA may read a normalised domain as; () when none.
+
+    Postfix and Sendmail map international domains the IDNA 2003 way
+    (transitional_variant) and Postfix case-folds SMTPUTF8 addresses with
+    full Unicode case folding (ß -> ss, ς -> σ, ...). Where their reading
+    differs from ours, the mail may go to the other domain: a recipient is
+    ours only if every reading is. ASCII domains have no other reading.
+    """
+    if "xn--" not in domain:
+        return ()
+    readings = set()
+    variant = transitional_variant(domain)
+    if variant:
+        readings.add(variant)
+    try:
+        folded = normalise_domain(idna.decode(domain).casefold())
+    except (idna.IDNAError, ValueError):
+        folded = domain
+    if folded != domain:
+        readings.add(folded)
+    return tuple(sorted(readings))
+
+
 def resolved_domain(address: str) -> tuple[str | None, IPAddress | None]:
     """Domain (or literal) of an MTA-resolved address such as {rcpt_addr}.
 

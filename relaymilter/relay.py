@@ -24,7 +24,9 @@ DESCRIPTION
       2. bare <postmaster> and postmaster@<local domain> are accepted;
       3. any other trick (no, empty, malformed or mapped domain) is refused;
       4. an address literal must be one configured as our own;
-      5. the domain must be local, and so must the domain the MTA itself
+      5. the domain must be local, and so must every other reading an MTA
+         may make of it (IDNA 2003, Unicode case folding: straße.test may
+         be strasse.test to Postfix), and the domain the MTA itself
          resolved the recipient to ({rcpt_addr}), when the MTA says.
 
     No I/O here; the caller supplies the rules and the MTA's answers.
@@ -36,8 +38,9 @@ import enum
 from dataclasses import dataclass
 from typing import Iterable
 
-from relaymilter.address import (IPAddress, IPNetwork, Recipient, Trick, normalise_domain,
-                                 normalise_ip, parse_ip, parse_network, resolved_domain)
+from relaymilter.address import (IPAddress, IPNetwork, Recipient, Trick, mta_readings,
+                                 normalise_domain, normalise_ip, parse_ip, parse_network,
+                                 resolved_domain)
 from relaymilter.reason import Reason
 
 class Trust(enum.Enum):
@@ -155,6 +158,9 @@ def relay_verdict(recipient: Recipient, resolved_recipient: str | None,
             return RelayVerdict(False, Reason.FOREIGN_LITERAL)
         local_reason = Reason.OWN_LITERAL
     elif recipient.domain is not None and is_local_domain(recipient.domain, rules):
+        # Without {rcpt_addr} (the policy service) this is the only lock.
+        if not all(is_local_domain(reading, rules) for reading in mta_readings(recipient.domain)):
+            return RelayVerdict(False, Reason.MTA_RESOLVES_REMOTE)
         local_reason = Reason.POSTMASTER if recipient.is_postmaster else Reason.LOCAL_DOMAIN
     else:
         return RelayVerdict(False, Reason.REMOTE_DOMAIN)

@@ -331,3 +331,32 @@ def _delivery_lines(postfix: PostfixInstance) -> str:
 def _re(recipient: str) -> str:
     import re
     return re.escape(recipient.strip("<>"))
+
+
+# ------------------------------------------------------- IDN twins (#12.2) ---
+
+@pytest.fixture(scope="module")
+def idna_2008_only(postfix_installed, public_tree, front_end):
+    """relaymilter with straße.test local but not its IDNA 2003 twin strasse.test."""
+    relay = {**RELAY, "local_domains": ["local.test", "straße.test"]}
+    service = RelaymilterProcess(public_subdirectory(public_tree, f"idna-{front_end}"),
+                                 front_end=front_end, relay=relay)
+    service.start()
+    postfix = PostfixInstance(**service.postfix_kwargs(local_domains=("local.test",)))
+    try:
+        postfix.start()
+        yield service, postfix
+    finally:
+        postfix.stop()
+        service.kill()
+
+
+@pytest.mark.parametrize("recipient", ["<user@straße.test>", "<user@STRASSE.test>"])
+def test_a_local_idn_whose_idna_2003_twin_is_not_local_is_refused(idna_2008_only, recipient):
+    # Postfix reads straße.test as strasse.test and would relay there: with
+    # the policy service as the only gate, relaymilter's own reading of the
+    # twins must refuse it (the milter has {rcpt_addr} too).
+    service, postfix = idna_2008_only
+    reply = rcpt_reply(postfix.port, recipient, smtputf8=True)
+    assert reply.code == RELAY_DENIED, reply
+    assert service.wait_for_log("mta-resolves-remote" if "ß" in recipient else "remote-domain")

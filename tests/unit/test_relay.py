@@ -8,7 +8,7 @@ from relaymilter.address import parse_recipient
 from relaymilter.relay import RelayRules, Trust, client_trust, is_local_domain, relay_verdict
 
 RULES = RelayRules.build(
-    local_domains=["local.test", ".hosted.test", "straße.test"],
+    local_domains=["local.test", ".hosted.test", "straße.test", "strasse.test"],
     trusted_networks=["127.0.0.0/8", "::1/128", "2001:db8:1::/48", "::ffff:198.51.100.0/120"],
     own_literals=["192.0.2.10"],
 )
@@ -53,7 +53,7 @@ RELAY_ATTEMPTS = [
     ("<user@notlocal.test>", "remote-domain"),
     ("<user@hosted.test>", "remote-domain"),          # ".x" means subdomains only
     ("<user@evilhosted.test>", "remote-domain"),
-    ("<user@strasse.test>", "remote-domain"),          # IDNA 2003 would call it local
+    ("<user@straße.test.remote.test>", "remote-domain"),
     ("user@remote.test", "remote-domain"),
     ("<postmaster@remote.test>", "remote-domain"),
     # percent hack
@@ -172,11 +172,34 @@ def test_bad_networks_are_refused(bad):
         RelayRules.build(trusted_networks=bad)
 
 
+ONLY_IDNA_2008 = RelayRules.build(local_domains=["straße.test", "ς.test"])
+
+
 def test_idna_2003_resolution_of_a_local_idn_is_refused_unless_listed():
     # Postfix reports user@straße.test as user@strasse.test (IDNA 2003).
-    assert verdict("<user@straße.test>", resolved="user@strasse.test").allowed is False
-    both = RelayRules.build(local_domains=["straße.test", "strasse.test"])
-    assert verdict("<user@straße.test>", resolved="user@strasse.test", rules=both).allowed
+    assert verdict("<user@straße.test>", resolved="user@strasse.test",
+                   rules=ONLY_IDNA_2008).allowed is False
+    assert verdict("<user@straße.test>", resolved="user@strasse.test").allowed
+
+
+@pytest.mark.parametrize("recipient", ["<user@straße.test>", "<user@STRAẞE.test>",
+                                       "<user@xn--strae-oqa.test>", "<user@ς.test>"])
+def test_a_local_idn_whose_mta_reading_is_not_local_is_refused_without_rcpt_addr(recipient):
+    # The policy service has no {rcpt_addr}: our own reading of the twins is the lock.
+    result = verdict(recipient, rules=ONLY_IDNA_2008)
+    assert (result.allowed, result.reason.word) == (False, "mta-resolves-remote")
+
+
+def test_the_ascii_twin_of_a_listed_idn_stays_remote_unless_listed():
+    assert verdict("<user@strasse.test>", rules=ONLY_IDNA_2008).allowed is False
+
+
+def test_mta_readings_name_the_idna_2003_and_case_folded_forms():
+    from relaymilter.address import mta_readings, normalise_domain
+    assert mta_readings(normalise_domain("straße.test")) == ("strasse.test",)
+    assert mta_readings(normalise_domain("ς.test")) == (normalise_domain("σ.test"),)
+    assert mta_readings(normalise_domain("bücher.test")) == ()
+    assert mta_readings("local.test") == ()
 
 
 def test_transitional_variant_names_the_idna_2003_form():
