@@ -22,6 +22,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import logging.handlers
 import os
@@ -33,7 +34,10 @@ from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.dnsbl import report_lines
 from relaymilter.endpoint import parse_socket
 from relaymilter.engine import Engine
-from relaymilter.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
+from relaymilter.exitcodes import (EX_CONFIG, EX_LISTED, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
+                                   EX_USAGE)
+from relaymilter.explain import Question, exemptions, exit_status, explain, open_domain_policy
+from relaymilter.explain import report_lines as explain_lines
 from relaymilter.reload import build_dnsbl, build_snapshot
 from relaymilter.runtime import Runtime
 from relaymilter.metrics import MetricsListener, MetricsUnavailable, make_recorder
@@ -41,6 +45,7 @@ from relaymilter.recorder import Recorder
 from relaymilter.storecli import add_policy_verbs
 from relaymilter.address import parse_ip
 from relaymilter.relay import RelayRules, Trust, client_trust
+from relaymilter.zones import Status
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
@@ -114,7 +119,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
-    """Ask every configured zone about one address; print the answers and verdict."""
+    """Ask every configured zone about one address; print the answers and verdict.
+
+    Exit 0 not listed, 2 listed, 75 not listed but a zone gave no answer.
+    """
     try:
         address = parse_ip(args.address)
     except ValueError:
@@ -138,7 +146,37 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     if trust is not Trust.UNTRUSTED:
         sys.stdout.write(f"# {address} is in trusted_networks: relaymilter does not look it up\n")
     sys.stdout.write("\n".join(report_lines(result)) + "\n")
+    if result.listed:
+        store = open_domain_policy(config)
+        try:
+            for entry in exemptions(store.storage, address):
+                sys.stdout.write(f"# exempted from the listing by {entry}\n")
+        finally:
+            if store.storage is not None:
+                store.storage.close()
+        return EX_LISTED
+    if any(answer.status in (Status.TIMEOUT, Status.DNS_FAILURE) for answer in result.answers):
+        sys.stdout.write(f"# not every zone answered: {address} may be listed\n")
+        return EX_TEMPFAIL
     return EX_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """The decision for one transaction and every check behind it."""
+    setup_logging(use_syslog=False, debug=False)
+    config = load_config(config_path(args.config))
+    question = Question(client=args.client, recipients=args.rcpt, helo=args.helo or "",
+                        sender=args.sender, sasl_user=args.sasl_user)
+    try:
+        report = explain(config, question)
+    except ValueError:
+        sys.stderr.write(f"relaymilter: {args.client!r} is not an IP address\n")
+        return EX_USAGE
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write("\n".join(explain_lines(report)) + "\n")
+    return exit_status(report)
 
 
 def build_snapshot_rules(config) -> RelayRules:
@@ -242,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("address", metavar="IP", help="IPv4 or IPv6 address")
     lookup.add_argument("--health", action="store_true",
                         help="first run the zones' RFC 5782 health checks")
+    explain_verb = verb("explain", cmd_explain,
+                        "the decision the config, the domain policy and DNS give now for one "
+                        "transaction, and every check behind it (exit 0 accepted, 2 refused, "
+                        "3 deferred)")
+    explain_verb.add_argument("--client", required=True, metavar="IP",
+                              help="the client's IPv4 or IPv6 address")
+    explain_verb.add_argument("--helo", metavar="NAME", help="the HELO name")
+    explain_verb.add_argument("--sender", default="<>", metavar="ADDR",
+                              help="MAIL FROM (default: <>)")
+    explain_verb.add_argument("--sasl-user", metavar="USER",
+                              help="the SASL user name, as if authenticated")
+    explain_verb.add_argument("--rcpt", required=True, action="append", metavar="ADDR",
+                              help="a recipient (repeatable)")
+    explain_verb.add_argument("--json", action="store_true", help="JSON instead of text")
     add_policy_verbs(verb)
     return parser
 

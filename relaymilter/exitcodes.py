@@ -12,3 +12,8 @@ EX_NOINPUT = 66         # a store or input file that is missing
 EX_UNAVAILABLE = 69     # a socket that cannot be opened
 EX_TEMPFAIL = 75        # DNS, a database: try again
 EX_CONFIG = 78          # a bad configuration file
+
+# Verbs that answer with their verdict (DESIGN section 4).
+EX_REFUSED = 2          # explain: a recipient would be refused (5xx)
+EX_DEFERRED = 3         # explain: a recipient would be deferred (4xx)
+EX_LISTED = 2           # lookup: the address is listed

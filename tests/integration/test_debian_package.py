@@ -210,7 +210,7 @@ def test_installed_lookup_asks_a_dnsbl_through_debians_dnspython(installed, rbld
                           '[[dnsbl.zone]]\nname = "bl.test"\n[store]\npath = ""\n')
         listed = run(["/usr/bin/relaymilter", "lookup", "127.0.0.2", "-c", str(config)])
         clean = run(["/usr/bin/relaymilter", "lookup", "127.0.0.1", "-c", str(config)])
-    assert listed.returncode == 0 and "LISTED, blocked using bl.test" in listed.stdout, \
+    assert listed.returncode == 2 and "LISTED, blocked using bl.test" in listed.stdout, \
         output_of(listed)
     assert clean.returncode == 0 and "127.0.0.1: not listed" in clean.stdout, output_of(clean)
 

@@ -198,7 +198,7 @@ def test_lookup_command_prints_each_zone_and_the_verdict(gate):
     service, postfix = gate
     output = subprocess.run([RELAYMILTER, "lookup", LISTED, "-c", str(service.config_path)],
                             capture_output=True, text=True, timeout=30)
-    assert output.returncode == 0, output.stderr
+    assert output.returncode == 2, output.stderr        # listed
     lines = output.stdout.splitlines()
     assert lines[0] == (f"{LISTED}: LISTED, blocked using BL; Listed for spam, see "
                         f"http://bl.test/{LISTED} (score 2, threshold 2)")
