@@ -27,6 +27,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import sys
 
 from relaymilter import __version__
@@ -38,7 +39,7 @@ from relaymilter.exitcodes import (EX_CONFIG, EX_LISTED, EX_OK, EX_TEMPFAIL, EX_
                                    EX_USAGE)
 from relaymilter.explain import Question, exemptions, exit_status, explain, open_domain_policy
 from relaymilter.explain import report_lines as explain_lines
-from relaymilter.reload import build_dnsbl, build_snapshot
+from relaymilter.reload import NO_LOCAL_DOMAINS, build_dnsbl, build_snapshot
 from relaymilter.runtime import Runtime
 from relaymilter.metrics import MetricsListener, MetricsUnavailable, make_recorder
 from relaymilter.recorder import Recorder
@@ -69,12 +70,32 @@ class _PostfixStyleFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+SYSLOG_SOCKET = "/dev/log"
+
+
+class SyslogUnavailable(Exception):
+    """--syslog, but no syslog daemon listens on SYSLOG_SOCKET."""
+
+
 def setup_logging(use_syslog: bool, debug: bool) -> None:
+    """Log to syslog (facility mail) or standard error. Raises SyslogUnavailable."""
     root = logging.getLogger()
     root.handlers.clear()
     if use_syslog:
+        # SysLogHandler connects lazily and then fails on every line with a
+        # traceback of its own: find out now, once.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            probe.connect(SYSLOG_SOCKET)
+        except OSError as error:
+            raise SyslogUnavailable(
+                f"--syslog: nothing listens on {SYSLOG_SOCKET} ({error.strerror}): start a "
+                "syslog daemon (rsyslog, systemd-journald), or leave --syslog out to log to "
+                "standard error") from None
+        finally:
+            probe.close()
         handler: logging.Handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         handler.setFormatter(_PostfixStyleFormatter(f"relaymilter[{os.getpid()}]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -112,6 +133,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         snapshot.dnsbl.close()
     sys.stdout.write(f"# {path}: OK ({snapshot.local_domain_count} local domains, "
                      f"{len(config.dnsbl.zones)} DNSBL zones)\n")
+    if snapshot.local_domain_count == 0:
+        sys.stdout.write(f"# warning: {NO_LOCAL_DOMAINS}\n")
     sys.stdout.write(config.effective_toml())
     for line in attach_lines(config.milter.socket):
         sys.stdout.write(f"# {line}\n")
@@ -305,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         sys.stderr.write(f"relaymilter: fatal: {error}\n")
         return EX_CONFIG
+    except SyslogUnavailable as error:
+        sys.stderr.write(f"relaymilter: fatal: {error}\n")
+        return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return EX_OK
     except BrokenPipeError:     # `relaymilter check-config | head`

@@ -52,9 +52,12 @@ DESCRIPTION
     /metrics answers in Prometheus' text format, or in OpenMetrics when the
     scraper's Accept header asks for it.
 
-    Health. GET /healthz answers JSON, status 200 when every part is ok and
-    503 otherwise, so that monitoring never has to probe the milter port:
-      {"ok": true,
+    Health. GET /healthz answers JSON, so that monitoring never has to
+    probe the milter port. HTTP 200 while decisions are being made, with
+    "status": "ok" when every part is ok and "degraded" when one is not
+    (the decisions go on from what is in force); HTTP 503 with "status":
+    "down" only when the service cannot decide (no configuration in force):
+      {"ok": true, "status": "ok",
        "config": {"ok": true, "path": "/etc/...", "loaded": "2024-05-01T12:00:00Z",
                   "error": null},
        "store": {"ok": true, "path": "/var/...", "loaded": "...", "error": null},
@@ -240,7 +243,7 @@ class PrometheusRecorder(Recorder):
         return encoder(self.registry), content_type
 
     def health(self, snapshot: "Snapshot | None") -> tuple[bool, dict[str, Any]]:
-        """(all ok, the /healthz document) for the snapshot in force."""
+        """(deciding, the /healthz document) for the snapshot in force."""
         return health_report(self.health_state, snapshot)
 
 
@@ -263,7 +266,9 @@ def health_report(state: HealthState, snapshot: "Snapshot | None") -> tuple[bool
                  for zone in checker.zones}
     dnsbl = {"ok": "disabled" not in zones.values(), "zones": zones}
     ok = config["ok"] and store["ok"] and dnsbl["ok"]
-    return ok, {"ok": ok, "config": config, "store": store, "dnsbl": dnsbl}
+    status = "down" if snapshot is None else "ok" if ok else "degraded"
+    return status != "down", {"ok": ok, "status": status, "config": config, "store": store,
+                              "dnsbl": dnsbl}
 
 
 def _iso(stamp: float | None) -> str | None:

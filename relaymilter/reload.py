@@ -47,6 +47,10 @@ from relaymilter.relay import RelayRules
 
 log = logging.getLogger(__name__)
 
+NO_LOCAL_DOMAINS = ("no local domains ([relay] local_domains and local_domains_file are "
+                    "empty): every recipient from an untrusted client is refused as relaying, "
+                    "inbound mail included")
+
 
 def read_domains_file(path: str) -> list[str]:
     """One domain a line; "#" starts a comment. Raises ConfigError on a bad line."""
@@ -98,6 +102,8 @@ def build_snapshot(config: Config, previous: Snapshot | None = None,
     if config.relay.local_domains_file:
         domains += read_domains_file(config.relay.local_domains_file)
     _warn_idna_variants(domains)
+    if not domains:
+        log.warning("%s: %s", config.path, NO_LOCAL_DOMAINS)
     rules = RelayRules.build(local_domains=domains,
                              trusted_networks=config.relay.trusted_networks,
                              own_literals=config.relay.local_address_literals,

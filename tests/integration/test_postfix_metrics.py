@@ -173,32 +173,36 @@ def test_healthz_reports_config_store_and_lists(gate):
     assert get(url + "/")[0] == 404
 
 
-def wait_for_health(url: str, status: int, timeout: float = 5.0) -> dict:
+def wait_for_health(url: str, status: int, timeout: float = 5.0,
+                    state: str | None = None) -> dict:
+    """The /healthz document once it answers HTTP status (and "status": state)."""
     deadline = time.monotonic() + timeout
     while True:
         got, _, body = get(url + "/healthz")
-        if got == status:
+        if got == status and (state is None or json.loads(body)["status"] == state):
             return json.loads(body)
         if time.monotonic() > deadline:
             raise AssertionError(f"/healthz stayed {got}: {body}")
         time.sleep(0.1)
 
 
-def test_healthz_answers_503_while_a_reload_fails_and_200_once_fixed(gate):
+def test_healthz_says_degraded_while_a_reload_fails_and_ok_once_fixed(gate):
+    # Decisions go on with the running config: 200, "degraded", never 503.
     milter, postfix, url = gate
     good = milter.config_path.read_text(encoding="utf-8")
     milter.config_path.write_text(good + "\n[relay2]\n", encoding="utf-8")
-    report = wait_for_health(url, 503)
-    assert report["config"]["ok"] is False
+    report = wait_for_health(url, 200, state="degraded")
+    assert report["config"]["ok"] is False and report["ok"] is False
     assert "relay2: unknown section" in report["config"]["error"]
+    assert rcpt_reply(postfix.port, "<user@remote.test>", addr=CLEAN).code == 554  # deciding
     milter.config_path.write_text(good + "\n# fixed\n", encoding="utf-8")
-    assert wait_for_health(url, 200)["config"]["error"] is None
+    assert wait_for_health(url, 200, state="ok")["config"]["error"] is None
     samples = scrape(url)
     assert samples[("relaymilter_config_reloads_total", (("result", "failure"),))] == 1
     assert samples[("relaymilter_config_reloads_total", (("result", "success"),))] == 1
 
 
-def test_healthz_answers_503_while_the_store_is_unreadable(public_tree):
+def test_healthz_says_degraded_while_the_store_is_unreadable(public_tree):
     directory = public_subdirectory(public_tree, "broken-store")
     port = _free_port()
     milter = RelaymilterProcess(directory, relay=RELAY,
@@ -206,8 +210,9 @@ def test_healthz_answers_503_while_the_store_is_unreadable(public_tree):
                                 metrics={"listen": f"127.0.0.1:{port}"})
     with milter:
         url = f"http://127.0.0.1:{port}"
-        report = wait_for_health(url, 503)
-        assert report["store"]["ok"] is False and "unable to open" in report["store"]["error"]
+        report = wait_for_health(url, 200, state="degraded")
+        assert report["store"]["ok"] is False
+        assert str(directory / "missing" / "policy.sqlite3") in report["store"]["error"]
         assert report["config"]["ok"] and report["dnsbl"] == {"ok": True, "zones": {}}
         assert scrape(url)[("relaymilter_store_reloads_total", (("result", "failure"),))] >= 1
 

@@ -296,8 +296,9 @@ def test_runtime_reports_loads_and_failed_reloads(tmp_path, recorder):
     assert recorder.health(live.snapshot)[0]
     config.write_text('[store]\npath = ""\nbad = 1\n', encoding="utf-8")
     assert not live.refresh()
-    ok, report = recorder.health(live.snapshot)
-    assert not ok and "store.bad: unknown key" in report["config"]["error"]
+    deciding, report = recorder.health(live.snapshot)
+    assert deciding and report["status"] == "degraded" and not report["ok"]
+    assert "store.bad: unknown key" in report["config"]["error"]
     config.write_text('[store]\npath = ""\n[relay]\nlocal_domains = ["a.test"]\n',
                       encoding="utf-8")
     assert live.refresh()
@@ -382,37 +383,44 @@ def test_health_is_ok_with_config_loaded_and_no_store():
     state = HealthState()
     state.config_path, state.config_loaded = "/etc/r.toml", 1_700_000_000.0
     ok, report = health_report(state, _snapshot({"store": {"path": ""}}))
-    assert ok and report["ok"]
+    assert ok and report["ok"] and report["status"] == "ok"
     assert report["config"] == {"ok": True, "path": "/etc/r.toml",
                                 "loaded": "2023-11-14T22:13:20Z", "error": None}
     assert report["store"]["ok"] and report["store"]["path"] is None
     assert report["dnsbl"] == {"ok": True, "zones": {}}
 
 
-def test_health_fails_while_the_store_is_unreadable():
+def test_health_is_degraded_while_the_store_is_unreadable():
     state = HealthState()
     state.store_error = "OperationalError: unable to open database file"
-    ok, report = health_report(state, _snapshot({"store": {"path": "/nonexistent/p.sqlite3"}}))
-    assert not ok
+    deciding, report = health_report(state, _snapshot({"store": {"path": "/nonexistent/p.sqlite3"}}))
+    assert deciding and (report["ok"], report["status"]) == (False, "degraded")
     assert report["store"] == {"ok": False, "path": "/nonexistent/p.sqlite3", "loaded": None,
                                "error": "OperationalError: unable to open database file"}
 
 
-def test_health_fails_while_a_zone_is_disabled():
+def test_health_is_degraded_while_a_zone_is_disabled():
     snapshot = _snapshot({"dnsbl": ZONES, "store": {"path": ""}})
     ok, report = health_report(HealthState(), snapshot)
     assert ok and report["dnsbl"]["zones"] == {"BL": "enabled"}
     snapshot.dnsbl._disabled = frozenset({"bl.test"})
-    ok, report = health_report(HealthState(), snapshot)
-    assert not ok and report["dnsbl"] == {"ok": False, "zones": {"BL": "disabled"}}
+    deciding, report = health_report(HealthState(), snapshot)
+    assert deciding and report["status"] == "degraded"
+    assert report["dnsbl"] == {"ok": False, "zones": {"BL": "disabled"}}
     snapshot.dnsbl.close()
 
 
-def test_health_fails_while_the_last_reload_failed():
+def test_health_is_degraded_while_the_last_reload_failed():
     state = HealthState()
     state.config_error = "r.toml: relay.x: unknown key"
-    ok, report = health_report(state, _snapshot({"store": {"path": ""}}))
-    assert not ok and report["config"]["error"] == "r.toml: relay.x: unknown key"
+    deciding, report = health_report(state, _snapshot({"store": {"path": ""}}))
+    assert deciding and report["status"] == "degraded"
+    assert report["config"]["error"] == "r.toml: relay.x: unknown key"
+
+
+def test_health_is_down_without_a_configuration_in_force():
+    deciding, report = health_report(HealthState(), None)
+    assert not deciding and report["status"] == "down"
 
 
 def test_client_listed_decision_counts_as_dnsbl(recorder):
