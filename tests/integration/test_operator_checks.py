@@ -25,6 +25,10 @@ def test_check_config_warns_about_an_empty_local_domains(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert f"# warning: {NO_LOCAL_DOMAINS}" in done.stdout
+    # The effective values, defaults included.
+    for line in ("timeout = 600    # takes effect at restart", 'on_error = "tempfail"',
+                 "max_entries = 100000", 'trusted_networks = ["127.0.0.0/8", "::1/128"]'):
+        assert line in done.stdout.splitlines(), line
 
 
 def test_check_config_is_silent_with_local_domains(tmp_path):
