@@ -3,12 +3,15 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
-CONFIG ?= packaging/relaymilter.toml
+# make run's config: packaging/relaymilter.toml with its store in $(DEV),
+# so that a normal user can run it (scripts/dev-config).
+DEV    ?= build/dev
+CONFIG ?= $(DEV)/relaymilter.toml
 PY      = $(VENV)/bin/python
 
 .PHONY: run test unit bench check-config man clean
 
-run: $(VENV)/.installed
+run: $(VENV)/.installed $(CONFIG)
 	@echo "relaymilter: starting with $(CONFIG); stop with Ctrl-C"
 	$(VENV)/bin/relaymilter run -c $(CONFIG)
 
@@ -23,7 +26,7 @@ bench: $(VENV)/.installed
 	scripts/install-debian-deps test
 	$(PY) bench/postfix_throughput.py
 
-check-config: $(VENV)/.installed
+check-config: $(VENV)/.installed $(CONFIG)
 	$(VENV)/bin/relaymilter check-config -c $(CONFIG)
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -32,6 +35,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+$(DEV)/relaymilter.toml: packaging/relaymilter.toml scripts/dev-config
+	$(PYTHON) scripts/dev-config packaging/relaymilter.toml $(DEV)
 
 man: $(VENV)/.installed
 	$(PY) docs/man/generate.py

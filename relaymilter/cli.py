@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 from relaymilter import __version__
 from relaymilter.config import ConfigError, config_path, load_config
@@ -46,9 +47,13 @@ from relaymilter.recorder import Recorder
 from relaymilter.storecli import add_policy_verbs
 from relaymilter.address import parse_ip
 from relaymilter.relay import RelayRules, Trust, client_trust
+from relaymilter.socketclaim import claim_socket
 from relaymilter.zones import Status
 
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# Blocked while the daemons start their threads, which inherit the mask; see _serve.
+DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# Each front end's metrics listener: one config serves both daemons at once.
+METRICS_KEYS = {"milter": "metrics.listen", "policyd": "metrics.policyd_listen"}
 
 log = logging.getLogger("relaymilter")
 
@@ -116,18 +121,19 @@ def attach_lines(milter_socket: str) -> list[str]:
     ]
 
 
-def metrics_recorder(config) -> Recorder:
+def metrics_recorder(config, front_end: str = "milter") -> Recorder:
     """The recorder [metrics] asks for; ConfigError when it cannot be had."""
     try:
-        return make_recorder(config.metrics)
+        return make_recorder(config.metrics, front_end)
     except MetricsUnavailable as error:
-        raise ConfigError(config.path, "metrics.listen", str(error)) from None
+        raise ConfigError(config.path, METRICS_KEYS[front_end], str(error)) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     config = load_config(path)
-    metrics_recorder(config)
+    metrics_recorder(config, "milter")
+    metrics_recorder(config, "policyd")
     snapshot = build_snapshot(config)
     if snapshot.dnsbl is not None:
         snapshot.dnsbl.close()
@@ -218,52 +224,94 @@ def cmd_policyd(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, front_end: str) -> int:
+    """Run one front end until SIGTERM or SIGINT; SIGHUP reloads, never stops.
+
+    Signals: every thread started here inherits SIGTERM, SIGINT and SIGHUP
+    blocked. The milter runs libmilter on a thread of its own, whose
+    signal thread collects SIGTERM and SIGINT with sigwait() and stops;
+    the main thread alone leaves SIGHUP unblocked and handles it (Linux
+    hands a signal sent to the process to its main thread first when that
+    thread does not block it), so libmilter, which would stop on SIGHUP
+    too, never sees it. The policy service handles all three on the main
+    thread (policyd.serve).
+    """
     setup_logging(args.syslog, args.debug)
     path = config_path(args.config)
     config = load_config(path)
-    recorder = metrics_recorder(config)
-    runtime = Runtime.start(config, metrics=recorder)
+    recorder = metrics_recorder(config, front_end)
     socket_text = config.milter.socket if front_end == "milter" else config.policyd.socket
-    log.info("relaymilter %s %s starting on %s with %s (%d local domains%s)", __version__,
-             front_end, socket_text, path, runtime.snapshot.local_domain_count,
-             ", dry run" if config.decisions.dry_run else "")
-    lines = attach_lines(socket_text) if front_end == "milter" else policyd_lines(socket_text)
-    for line in lines:
-        log.info("%s", line)
-    if front_end == "policyd" and config.dnsbl.zones and config.dnsbl.reject_stage == "connect":
-        log.warning("%s: dnsbl.reject_stage = \"connect\" has no effect on the policy "
-                    "service: it decides at RCPT, postmaster exempt", path)
-    if front_end == "milter":
-        # Every thread we start must inherit these blocked: libmilter collects
-        # them with sigwait() in its own thread; a thread that does not block
-        # them takes the default action and the process dies mid-conversation.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    runtime.load_domain_policy()
-    runtime.watch(interval=1.0)
-    runtime.check_health()
-    engine = Engine(runtime)
-    listener = None
+    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     try:
-        if config.metrics.address is not None:
-            listener = MetricsListener(config.metrics.address, recorder, lambda: runtime.snapshot)
+        claim_socket(socket_text)   # policyd claims again as it binds; harmless
+    except OSError as error:
+        log.error("%s", error)
+        return EX_UNAVAILABLE
+    metrics_key = METRICS_KEYS[front_end]
+    metrics_address = config.metrics.address if front_end == "milter" \
+        else config.metrics.policyd_address
+    listener = runtime = None
+    try:
+        if metrics_address is not None:
+            try:    # bound before any thread starts: a failure leaves nothing behind
+                listener = MetricsListener(metrics_address, recorder, lambda: runtime.snapshot)
+            except OSError as error:
+                log.error("%s: %s: %s", path, metrics_key, error)
+                return EX_UNAVAILABLE
+        runtime = Runtime.start(config, metrics=recorder)
+        log.info("relaymilter %s %s starting on %s with %s (%d local domains%s)", __version__,
+                 front_end, socket_text, path, runtime.snapshot.local_domain_count,
+                 ", dry run" if config.decisions.dry_run else "")
+        lines = attach_lines(socket_text) if front_end == "milter" \
+            else policyd_lines(socket_text)
+        for line in lines:
+            log.info("%s", line)
+        if front_end == "policyd" and config.dnsbl.zones \
+                and config.dnsbl.reject_stage == "connect":
+            log.warning("%s: dnsbl.reject_stage = \"connect\" has no effect on the policy "
+                        "service: it decides at RCPT, postmaster exempt", path)
+        runtime.load_domain_policy()
+        runtime.watch(interval=1.0)
+        runtime.check_health()
+        engine = Engine(runtime)
+        if listener is not None:
             listener.start()
             log.info("metrics on %s/metrics, health check on %s/healthz",
                      listener.url, listener.url)
         if front_end == "milter":
-            from relaymilter import milter  # pymilter is imported only where it is used
-            milter.serve(engine)
+            _serve_milter(engine, runtime)
         else:
             from relaymilter import policyd
-            policyd.serve(engine)
+            policyd.serve(engine, reload=runtime.reload_now)
     except OSError as error:
         log.error("%s", error)
         return EX_UNAVAILABLE
     finally:
         if listener is not None:
             listener.stop()
-        runtime.stop()
+        if runtime is not None:
+            runtime.stop()
     log.info("relaymilter stopped")
     return EX_OK
+
+
+def _serve_milter(engine: Engine, runtime: Runtime) -> None:
+    """libmilter on a thread; the main thread takes SIGHUP (see _serve). Raises OSError."""
+    from relaymilter import milter  # pymilter is imported only where it is used
+    failed: list[OSError] = []
+
+    def run() -> None:
+        try:
+            milter.serve(engine)
+        except OSError as error:
+            failed.append(error)
+
+    thread = threading.Thread(target=run, name="milter")
+    thread.start()
+    signal.signal(signal.SIGHUP, lambda signum, frame: runtime.reload_now())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    thread.join()       # interrupted by SIGHUP to run the handler, then waits on
+    if failed:
+        raise failed[0]
 
 
 def policyd_lines(policyd_socket: str) -> list[str]:

@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 from relaymilter.address import parse_network
 from relaymilter.endpoint import DNS_PORT, parse_socket, split_host_port
+from relaymilter.entries import too_wide
 from relaymilter.relay import split_domain_patterns
 from relaymilter.zones import Zone
 
@@ -208,6 +209,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("relay", "trusted_networks", list, ["127.0.0.0/8", "::1/128"],
         "Client networks that may relay anywhere (CIDR, IPv4 and IPv6).",
         _networks),
+    Key("relay", "allow_wide_trusted_networks", bool, False,
+        "Accept trusted_networks wider than /8 (IPv4) or /32 (IPv6), which let every client "
+        "in them relay anywhere; logged as a warning."),
     Key("relay", "trust_authenticated", bool, True,
         "Whether an SMTP-authenticated client ({auth_authen} set) may relay."),
     Key("relay", "local_address_literals", list, [],
@@ -254,10 +258,21 @@ SCHEMA: tuple[Key, ...] = (
     Key("policyd", "socket_mode", str, "0660",
         "Permissions of a unix policyd socket, in octal (smtpd connects as user postfix).",
         _octal_mode, restart_only=True),
+    Key("policyd", "idle_timeout", int, 330,
+        "Seconds a policy service connection may stay silent before it is closed (Postfix "
+        "closes its own idle ones after 300 s: smtpd_policy_service_max_idle).",
+        minimum=1, maximum=86400, restart_only=True),
+    Key("policyd", "max_connections", int, 200,
+        "Most policy service connections served at once (Postfix keeps one per smtpd "
+        "process); further ones wait, unanswered, until one closes; logged.",
+        minimum=1, maximum=10000, restart_only=True),
     Key("metrics", "listen", str, "",
-        "Where Prometheus metrics (/metrics) and the health check (/healthz) are served, "
-        "\"IP:PORT\" or \"[IPv6]:PORT\"; \"\" = off. Needs the prometheus_client package.",
-        _listen, restart_only=True),
+        "Where the milter (`relaymilter run`) serves Prometheus metrics (/metrics) and the "
+        "health check (/healthz), \"IP:PORT\" or \"[IPv6]:PORT\"; \"\" = off. Needs the "
+        "prometheus_client package.", _listen, restart_only=True),
+    Key("metrics", "policyd_listen", str, "",
+        "The same for the policy service (`relaymilter policyd`): its own address, so that "
+        "one config serves both daemons at once; \"\" = off.", _listen, restart_only=True),
 )
 
 SECTIONS = tuple(dict.fromkeys(key.section for key in SCHEMA))
@@ -291,6 +306,7 @@ class RelayConfig:
     local_domains: tuple[str, ...]
     local_domains_file: str | None
     trusted_networks: tuple[str, ...]
+    allow_wide_trusted_networks: bool
     trust_authenticated: bool
     local_address_literals: tuple[str, ...]
 
@@ -330,17 +346,25 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str
+    policyd_listen: str
 
     @property
     def address(self) -> tuple[str, int] | None:
-        """(ip, port) to listen on; None when metrics are off."""
+        """(ip, port) the milter listens on; None when its metrics are off."""
         return split_host_port(self.listen) if self.listen else None
+
+    @property
+    def policyd_address(self) -> tuple[str, int] | None:
+        """(ip, port) the policy service listens on; None when its metrics are off."""
+        return split_host_port(self.policyd_listen) if self.policyd_listen else None
 
 
 @dataclass(frozen=True)
 class PolicydConfig:
     socket: str
     socket_mode: str        # octal text, as written
+    idle_timeout: int
+    max_connections: int
 
     @property
     def mode(self) -> int:
@@ -425,10 +449,37 @@ def parse_config(document: dict[str, Any], path: str = "<string>") -> Config:
                 raise ConfigError(path, f"{section}.{name}", "unknown key")
     values = {key.dotted: _read_key(key, document.get(key.section, {}), path) for key in SCHEMA}
     _apply_aliases(document, values, path)
+    _check_wide_trusted_networks(values, path)
+    _check_metrics_listeners(values, path)
     if values["cache.min_ttl"] > values["cache.max_ttl"]:
         raise ConfigError(path, "cache.max_ttl", f"{values['cache.max_ttl']} is below "
                                                  f"cache.min_ttl ({values['cache.min_ttl']})")
     return _frozen(path, values)
+
+
+def _check_wide_trusted_networks(values: dict[str, Any], path: str) -> None:
+    """A trusted network wider than /8 or /32 is an open relay: refused unless
+    relay.allow_wide_trusted_networks, then warned about."""
+    wide = [text for text in values["relay.trusted_networks"] if too_wide(parse_network(text))]
+    if not wide:
+        return
+    what = (f"{', '.join(wide)} {'is' if len(wide) == 1 else 'are'} wider than /8 (IPv4) or "
+            "/32 (IPv6): every client in them may relay anywhere (an open relay)")
+    if not values["relay.allow_wide_trusted_networks"]:
+        raise ConfigError(path, "relay.trusted_networks",
+                          f"{what}; set relay.allow_wide_trusted_networks = true if that "
+                          "is meant")
+    log.warning("%s: relay.trusted_networks: %s (relay.allow_wide_trusted_networks is set)",
+                path, what)
+
+
+def _check_metrics_listeners(values: dict[str, Any], path: str) -> None:
+    """Both daemons run from one config: their metrics listeners must differ."""
+    milter, policyd = values["metrics.listen"], values["metrics.policyd_listen"]
+    if milter and policyd and split_host_port(milter) == split_host_port(policyd):
+        raise ConfigError(path, "metrics.policyd_listen",
+                          f"{policyd!r} is metrics.listen too: the milter and the policy "
+                          "service each need an address of their own")
 
 
 def _apply_aliases(document: dict[str, Any], values: dict[str, Any], path: str) -> None:

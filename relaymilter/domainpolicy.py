@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaymilter.address import IPAddress, parse_network
-from relaymilter.entries import validate_document
+from relaymilter.entries import user_key, validate_document
 from relaymilter.netindex import NetworkIndex
 
 
@@ -108,7 +108,8 @@ class DomainPolicy:
 
         Validated exactly as import_policy() validates (StoreInputError).
         """
-        records = validate_document(document, time.time(), "snapshot", header=False)
+        records = validate_document(document, time.time(), "snapshot", header=False,
+                                    allow_wide=True)
         allowlist = records["allowlist"]
         scopes = {domain: number for number, domain
                   in enumerate(sorted({entry.domain for entry in allowlist}))}
@@ -150,6 +151,9 @@ class DomainPolicy:
         limits                (kind, value, packed or None, prefix length or None, per hour)
         domains               (dnsbl "on"/"off", threshold or None, [domain, ...])
         owners                (SASL user, [domain, ...])
+
+        SASL user names are compared without regard to letter case
+        (entries.user_key): rows may spell one user in several ways.
         """
         sender_domains: dict[str, set[str]] = {}
         for network, domain in relay_client_domains:
@@ -166,7 +170,7 @@ class DomainPolicy:
             if kind == "client":
                 client_holds.append((Hold(kind, value, reason), packed, prefixlen))
             else:
-                user_holds[value] = Hold(kind, value, reason)
+                user_holds[user_key(value)] = Hold(kind, value, reason)
         hold_index = NetworkIndex.from_packed(
             (packed, prefixlen, tag) for tag, (_, packed, prefixlen) in enumerate(client_holds))
 
@@ -179,7 +183,7 @@ class DomainPolicy:
             elif kind == "client":
                 client_limits.append((packed, prefixlen, per_hour))
             else:
-                user_limits[value] = per_hour
+                user_limits[user_key(value)] = per_hour
         client_limit_index = NetworkIndex.from_packed(
             (packed, prefixlen, tag) for tag, (packed, prefixlen, _) in enumerate(client_limits))
 
@@ -188,6 +192,9 @@ class DomainPolicy:
         for dnsbl, threshold, names in domains:
             domain_settings.update(dict.fromkeys(names, DomainDnsbl(dnsbl == "on", threshold)))
         global_scope = scopes.get("")
+        owned: dict[str, set[str]] = {}
+        for owner, names in owners:
+            owned.setdefault(user_key(owner), set()).update(names)
 
         return cls(
             allowlist=allowlist,
@@ -203,7 +210,7 @@ class DomainPolicy:
             client_limit_index=client_limit_index,
             client_limits=tuple((prefixlen, per_hour) for _, prefixlen, per_hour in client_limits),
             domains=domain_settings,
-            owned={owner: frozenset(names) for owner, names in owners},
+            owned={owner: frozenset(names) for owner, names in owned.items()},
             counts={"allowlist": len(allowlist), "relay_clients": len(relay_list),
                     "holds": len(client_holds) + len(user_holds),
                     "limits": len(default_limits) + len(user_limits) + len(client_limits),
@@ -221,7 +228,7 @@ class DomainPolicy:
             if tag is not None:
                 return self._client_holds[tag]
         if user:
-            return self._user_holds.get(user)
+            return self._user_holds.get(user_key(user))
         return None
 
     def relay_client(self, client: IPAddress | None) -> RelayClient | None:
@@ -233,7 +240,7 @@ class DomainPolicy:
 
     def owned_domains(self, user: str | None) -> frozenset[str] | None:
         """The sender domains user owns; None when it owns none (unrestricted)."""
-        return self._owned.get(user) if user else None
+        return self._owned.get(user_key(user)) if user else None
 
     def allowlisted(self, client: IPAddress | None, recipient_domain: str | None) -> bool:
         """A global entry, or one for exactly recipient_domain, holds client."""
@@ -256,7 +263,7 @@ class DomainPolicy:
         """
         if kind == "user":
             if value:
-                own = self._user_limits.get(value)
+                own = self._user_limits.get(user_key(value))
                 if own is not None:
                     return own
         elif kind == "client":

@@ -57,6 +57,7 @@ from relaymilter.decision import (Action, ClientFacts, Decision, PendingVerdict,
                                   rate_limited, relay_denied, relaying_suspended,
                                   sender_not_owned)
 from relaymilter.domainpolicy import EMPTY_POLICY, DomainPolicy
+from relaymilter.entries import user_key
 from relaymilter.logline import log_decision
 from relaymilter.reason import Reason
 from relaymilter.recorder import Recorder
@@ -162,7 +163,8 @@ def _outbound(facts: RecipientFacts, trust: Trust, snapshot: Snapshot,
     limit = snapshot.domain_policy.limit(kind, value)
     if limit is None or counter is None:
         return permit(trust.reason)
-    charge = counter.charge((kind, value), limit)
+    # One count per user however the login is spelt, as the store's keys.
+    charge = counter.charge((kind, user_key(value) if kind == "user" else value), limit)
     hold = (kind, str(value)) if charge.hold_due else None
     if not charge.allowed:
         return rate_limited(hold)

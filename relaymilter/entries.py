@@ -35,8 +35,15 @@ DESCRIPTION
     192.0.2.0/24), a bare address as /32 or /128, IPv4-mapped IPv6 as
     IPv4; domains as address.normalise_domain gives them (lower case,
     A-labels); user names stripped, 1 to 255 printable characters without
-    spaces, compared exactly. Bad input raises StoreInputError, whose
-    message says what is wrong.
+    spaces, kept as written but compared without regard to letter case
+    (user_key(): "Zed@Example.COM" and "zed@example.com" are one user,
+    in the store's keys and in decisions). Bad input raises
+    StoreInputError, whose message says what is wrong.
+
+    Wide networks. A relay client wider than /8 (IPv4) or /32 (IPv6),
+    or an IPv6 network holding all of ::ffff:0:0/96 (every IPv4 address),
+    makes an open relay: records refuse one (WideNetworkError) unless
+    allow_wide is given (too_wide() says which are).
 
     Documents. An export document is a JSON object: "format" (FORMAT),
     "version" (FORMAT_VERSION) and a list of rows per section, each row
@@ -75,6 +82,26 @@ MAX_COUNT = 2**31 - 1               # per_hour and threshold
 
 class StoreInputError(ValueError):
     """An entry or import document is not valid; nothing was changed."""
+
+
+class WideNetworkError(StoreInputError):
+    """A relay client network so wide that it would open the relay; force to accept."""
+
+
+WIDEST_PREFIX = {4: 8, 6: 32}       # relay networks wider than these need forcing
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def too_wide(network: IPNetwork) -> bool:
+    """Wider than /8 (IPv4) or /32 (IPv6), or holding every IPv4-mapped address."""
+    if network.prefixlen < WIDEST_PREFIX[network.version]:
+        return True
+    return network.version == 6 and _IPV4_MAPPED.subnet_of(network)
+
+
+def user_key(name: str) -> str:
+    """The form a SASL user name is compared in: case folded ("Zed" is "zed")."""
+    return name.casefold()
 
 
 def default_actor() -> str:
@@ -152,12 +179,18 @@ def _count(value: Any, field: str) -> int:
     return value
 
 
-def _names(value: Any, field: str, canonical: Callable[[Any], str]) -> tuple[str, ...]:
+def _names(value: Any, field: str, canonical: Callable[[Any], str],
+           key: Callable[[str], str] = str) -> tuple[str, ...]:
+    """Sorted, one per key (the first spelling of a name kept)."""
     if value is None:
         return ()
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise StoreInputError(f"{field} must be a list, not {value!r}")
-    return tuple(sorted({canonical(item) for item in value}))
+    names: dict[str, str] = {}
+    for item in value:
+        name = canonical(item)
+        names.setdefault(key(name), name)
+    return tuple(sorted(names.values()))
 
 
 def _stamp(row: Mapping[str, Any], now: float, actor: str) -> tuple[float, str]:
@@ -172,12 +205,14 @@ def _stamp(row: Mapping[str, Any], now: float, actor: str) -> tuple[float, str]:
     return float(created), added_by
 
 
-def _client_value(kind: str, value: Any, field: str) -> tuple[str, bytes | None, int | None]:
-    """A hold's or limit's value: (canonical text, packed, prefix length)."""
+def _client_value(kind: str, value: Any,
+                  field: str) -> tuple[str, str, bytes | None, int | None]:
+    """A hold's or limit's value: (key, canonical text, packed, prefix length)."""
     if kind == "client":
         network = canonical_network(value)
-        return str(network), network.network_address.packed, network.prefixlen
-    return canonical_user(value, field), None, None
+        return str(network), str(network), network.network_address.packed, network.prefixlen
+    name = canonical_user(value, field)
+    return user_key(name), name, None, None
 
 
 # ------------------------------------------------------------------ records ---
@@ -208,7 +243,8 @@ class RelayClientRecord(NamedTuple):
 
 class HoldRecord(NamedTuple):
     kind: str
-    value: str
+    value_key: str          # the network, or the user name case folded (user_key)
+    value: str              # as written
     packed: bytes | None
     prefixlen: int | None
     reason: str
@@ -219,6 +255,7 @@ class HoldRecord(NamedTuple):
 
 class LimitRecord(NamedTuple):
     kind: str
+    value_key: str          # as HoldRecord.value_key; "" = the kind's default
     value: str
     packed: bytes | None
     prefixlen: int | None
@@ -268,6 +305,10 @@ def _hold_key(row: Mapping[str, Any]) -> tuple:
     return (kind, _client_value(kind, row.get("value"), "user name")[0])
 
 
+def _user_value_key(kind: str, value: Any) -> str:
+    return "" if value in (None, "") else _client_value(kind, value, "user name")[0]
+
+
 def _hold_record(row: Mapping[str, Any], now: float, actor: str) -> HoldRecord:
     kind = _kind(row.get("kind"))
     value = row.get("value")
@@ -279,14 +320,14 @@ def _hold_record(row: Mapping[str, Any], now: float, actor: str) -> HoldRecord:
 
 
 def _limit_key(row: Mapping[str, Any]) -> tuple:
-    kind, value = _kind(row.get("kind")), row.get("value")
-    return (kind, "" if value in (None, "") else _client_value(kind, value, "user name")[0])
+    kind = _kind(row.get("kind"))
+    return (kind, _user_value_key(kind, row.get("value")))
 
 
 def _limit_record(row: Mapping[str, Any], now: float, actor: str) -> LimitRecord:
     kind = _kind(row.get("kind"))
     value = row.get("value")
-    value_columns = ("", None, None) if value in (None, "") else \
+    value_columns = ("", "", None, None) if value in (None, "") else \
         _client_value(kind, value, "user name")
     return LimitRecord(kind, *value_columns, _count(row.get("per_hour"), "per_hour"),
                        _text(row.get("comment"), "comment"), *_stamp(row, now, actor))
@@ -304,7 +345,7 @@ def _domain_record(row: Mapping[str, Any], now: float, actor: str) -> DomainReco
         raise StoreInputError(f"dnsbl must be 'on' or 'off', not {dnsbl!r}")
     threshold = row.get("threshold")
     threshold = None if threshold is None else _count(threshold, "threshold")
-    owners = _names(row.get("owners"), "owners", canonical_user)
+    owners = _names(row.get("owners"), "owners", canonical_user, user_key)
     return DomainRecord(domain, dnsbl, threshold, _text(row.get("comment"), "comment"),
                         *_stamp(row, now, actor), owners)
 
@@ -335,15 +376,26 @@ SECTIONS = {section.name: section for section in (
             ("network", "sender_domains") + _STAMP_FIELDS, ("network",),
             RelayClientRecord._fields[:-1], _network_key, "sender_domains"),
     Section("holds", _hold_record, ("kind", "value"),
-            ("kind", "value", "reason") + _STAMP_FIELDS, ("kind", "value"), HoldRecord._fields,
-            _hold_key),
+            ("kind", "value", "reason") + _STAMP_FIELDS, ("kind", "value_key"),
+            HoldRecord._fields, _hold_key),
     Section("limits", _limit_record, ("kind", "per_hour"),
-            ("kind", "value", "per_hour") + _STAMP_FIELDS, ("kind", "value"),
+            ("kind", "value", "per_hour") + _STAMP_FIELDS, ("kind", "value_key"),
             LimitRecord._fields, _limit_key),
     Section("domains", _domain_record, ("domain",),
             ("domain", "dnsbl", "threshold", "owners") + _STAMP_FIELDS, ("domain",),
             DomainRecord._fields[:-1], _domain_key, "owners"),
 )}
+
+
+def refuse_wide(section: Section, record: tuple) -> None:
+    """WideNetworkError when record is a relay client too_wide() to add unforced."""
+    if section.name != "relay_clients":
+        return
+    network = ipaddress.ip_network(record[0])
+    if too_wide(network):
+        raise WideNetworkError(
+            f"relay client {network} is wider than /{WIDEST_PREFIX[network.version]}: "
+            "every client in it could relay anywhere (an open relay)")
 
 
 def _record(section: Section, row: Any, now: float, actor: str) -> tuple:
@@ -359,13 +411,14 @@ def _record(section: Section, row: Any, now: float, actor: str) -> tuple:
     return section.record(row, now, actor)
 
 
-def validate_document(document: Any, now: float, actor: str,
-                      header: bool = True) -> dict[str, list[tuple]]:
+def validate_document(document: Any, now: float, actor: str, header: bool = True,
+                      allow_wide: bool = False) -> dict[str, list[tuple]]:
     """Every section's records, one per key (a later row wins), sorted by key.
 
     The document has the shape export() writes; header=False lets it go
     without "format" and "version". now and actor stamp rows that have
-    no created or added_by.
+    no created or added_by. A relay client too_wide() is refused
+    (WideNetworkError naming the row) unless allow_wide.
     """
     if not isinstance(document, Mapping):
         raise StoreInputError("a policy document is a JSON object")
@@ -396,9 +449,46 @@ def validate_document(document: Any, now: float, actor: str,
         for number, row in enumerate(rows, 1):
             try:
                 record = _record(section, row, now, actor)
+                if not allow_wide:
+                    refuse_wide(section, record)
             except StoreInputError as error:
-                raise StoreInputError(f"{name} row {number}: {error}") from None
+                raise type(error)(f"{name} row {number}: {error}") from None
             by_key[section.key(record)] = record
         # In key order, a backend fills its indexes front to back.
         validated[name] = [by_key[key] for key in sorted(by_key)]
     return validated
+
+
+# ---------------------------------------------------------------- changes ---
+
+def label(section: Section, record: tuple) -> str:
+    """An entry as a person names it: "192.0.2.0/24 for example.com", "user Zed"."""
+    if section.name == "allowlist":
+        return record.network + (f" for {record.domain}" if record.domain else "")
+    if section.name in ("holds", "limits"):
+        return f"{record.kind} {record.value or '(default)'}"
+    return record[0]
+
+
+def changes(current: Mapping[str, list[tuple]], wanted: Mapping[str, list[tuple]],
+            replace: bool) -> dict[str, dict[str, list[str]]]:
+    """What writing wanted over current would do, per section: the labels of
+    the entries "added", "replaced" (same key, other content; created and
+    added_by do not count) and, with replace, "removed"."""
+    result = {}
+    for name, section in SECTIONS.items():
+        before = {section.key(record): _content(record) for record in current.get(name, ())}
+        after = {section.key(record): record for record in wanted.get(name, ())}
+        result[name] = {
+            "added": [label(section, record) for key, record in after.items()
+                      if key not in before],
+            "replaced": [label(section, record) for key, record in after.items()
+                         if key in before and before[key] != _content(record)],
+            "removed": [label(section, record) for record in current.get(name, ())
+                        if replace and section.key(record) not in after],
+        }
+    return result
+
+
+def _content(record: tuple) -> tuple:
+    return record._replace(created=0.0, added_by="")

@@ -12,7 +12,9 @@ SYNOPSIS
     listener.stop()
 
 DESCRIPTION
-    Off by default ([metrics] listen = ""). The modules that see an event
+    Off by default ([metrics] listen = "" for the milter, policyd_listen =
+    "" for the policy service: each daemon has a listener of its own, so
+    both run from one config). The modules that see an event
     make one call into a Recorder. With metrics off that is NO_METRICS,
     whose methods do nothing: the hot path pays one empty method call per
     event. With metrics on it is a PrometheusRecorder; prometheus_client
@@ -100,12 +102,14 @@ class MetricsUnavailable(Exception):
     """Metrics are configured, but prometheus_client cannot be imported."""
 
 
-def make_recorder(settings: "MetricsConfig") -> Recorder:
-    """NO_METRICS when metrics are off, else a PrometheusRecorder.
+def make_recorder(settings: "MetricsConfig", front_end: str = "milter") -> Recorder:
+    """NO_METRICS when the front end's metrics are off, else a PrometheusRecorder.
 
-    Raises MetricsUnavailable when prometheus_client is not installed.
+    front_end "milter" reads [metrics] listen, "policyd" [metrics]
+    policyd_listen. Raises MetricsUnavailable when prometheus_client is
+    not installed.
     """
-    if not settings.listen:
+    if not (settings.listen if front_end == "milter" else settings.policyd_listen):
         return NO_METRICS
     return PrometheusRecorder()
 

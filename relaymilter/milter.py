@@ -264,9 +264,11 @@ def _text(value: str | bytes) -> str:
 
 
 def serve(engine: Engine, name: str = "relaymilter") -> None:
-    """Run the milter until libmilter stops (SIGTERM, SIGINT, SIGHUP).
+    """Run the milter until libmilter stops (SIGTERM, SIGINT).
 
-    Raises OSError when the socket cannot be opened.
+    libmilter would stop on SIGHUP too: cli._serve runs this on a thread
+    of its own, with SIGHUP blocked, and handles SIGHUP (a reload) on the
+    main thread. Raises OSError when the socket cannot be opened.
     """
     config = engine.snapshot.config.milter
     warnings = MacroWarnings()

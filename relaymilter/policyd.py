@@ -35,13 +35,32 @@ DESCRIPTION
     the recipient as it parsed it, source routes already removed (a route
     to a local mailbox is then simply local mail).
 
+    Lines may end in LF, as Postfix writes them, or CRLF (a hand-written
+    client, a test over telnet); the empty line ends a request either way.
+
     Bad input: a line without "=", a line over MAX_LINE bytes, a request
-    over MAX_ATTRIBUTES lines or MAX_REQUEST bytes is answered "action=DEFER_IF_PERMIT Malformed
-    policy request", logged, and the connection is closed (the stream can
-    no longer be trusted). Bytes that are not UTF-8 are kept as surrogate
+    over MAX_ATTRIBUTES lines or MAX_REQUEST bytes (its empty line
+    included) is answered "action=DEFER_IF_PERMIT Malformed policy
+    request", logged, and the connection is closed (the stream can no
+    longer be trusted). Bytes that are not UTF-8 are kept as surrogate
     escapes and refused by the address parser (501 5.1.3). An exception
     while deciding is logged with its traceback and answered per
     [decisions] on_error.
+
+    Connections: Postfix opens one per smtpd process that needs the
+    service, in bursts; the listen backlog is the system's largest
+    (SOMAXCONN), so a burst of connects all succeed. A connection silent
+    for [policyd] idle_timeout seconds is closed (Postfix reconnects when
+    it needs us again). At most [policyd] max_connections are served at
+    once; further connections are not refused: they wait in the listen
+    backlog, unanswered, until a served one closes (a warning, at most
+    once a minute, says the limit was reached). Postfix waits for them up
+    to smtpd_policy_service_timeout (100 s), then answers its
+    smtpd_policy_service_default_action.
+
+    The socket: claim_socket() (socketclaim.py) first, so a second
+    instance never takes a live one's unix socket, and a TCP address in
+    use is a clear error (OSError, exit 69), not a traceback.
 """
 
 from __future__ import annotations
@@ -49,13 +68,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import socket
 import socketserver
 import threading
+import time
 from relaymilter.address import ATEXT, IPAddress, parse_ip
 from relaymilter.decision import Action, ClientFacts, Decision, RecipientFacts
 from relaymilter.endpoint import parse_socket
 from relaymilter.engine import Engine
+from relaymilter.socketclaim import claim_socket
 
 
 log = logging.getLogger(__name__)
@@ -64,6 +86,10 @@ MAX_LINE = 8192             # bytes, newline included
 MAX_ATTRIBUTES = 256        # lines in one request
 MAX_REQUEST = MAX_ATTRIBUTES * 256  # bytes: far above what Postfix sends (about 1 KB)
 MALFORMED = "DEFER_IF_PERMIT Malformed policy request"
+# The empty line that ends a request: the end of the last line, then an
+# empty one; LF or CRLF.
+_END_OF_REQUEST = re.compile(rb"\n\r?\n")
+LIMIT_WARNING_INTERVAL = 60.0   # seconds between two "max_connections reached" warnings
 
 
 class MalformedRequest(Exception):
@@ -90,12 +116,14 @@ class RequestReader:
         escapes, so no byte is lost and none crashes a decoder.
         """
         while True:
-            self._buffer = self._buffer.lstrip(b"\n")   # stray empty lines between requests
-            end = self._buffer.find(b"\n\n")
-            if end >= 0:
-                block, self._buffer = self._buffer[:end], self._buffer[end + 2:]
-                return parse_request(block)
-            if len(self._buffer) > MAX_REQUEST:
+            self._buffer = self._buffer.lstrip(b"\r\n")  # stray empty lines between requests
+            end = _END_OF_REQUEST.search(self._buffer)
+            if end is not None:
+                if end.end() > MAX_REQUEST:
+                    raise MalformedRequest(f"a request longer than {MAX_REQUEST} bytes")
+                block, self._buffer = self._buffer[:end.start()], self._buffer[end.end():]
+                return parse_request(block.removesuffix(b"\r"))
+            if len(self._buffer) >= MAX_REQUEST:    # no room left for the empty line
                 raise MalformedRequest(f"a request longer than {MAX_REQUEST} bytes")
             chunk = self._read_some(65536)
             if not chunk:
@@ -159,6 +187,7 @@ class PolicyConnection(socketserver.StreamRequestHandler):
     server: "PolicyServer"
 
     def setup(self) -> None:
+        self.timeout = self.server.idle_timeout     # StreamRequestHandler applies it
         super().setup()
         self._message: tuple[str | None, IPAddress | None] | None = None  # (instance, client)
         self._listing = None
@@ -171,6 +200,10 @@ class PolicyConnection(socketserver.StreamRequestHandler):
             except MalformedRequest as error:
                 log.warning("policy request refused: %s; closing the connection", error)
                 self._send(MALFORMED)
+                return
+            except TimeoutError:
+                log.debug("closing a policy service connection idle for %s s",
+                          self.server.idle_timeout)
                 return
             except OSError:
                 return
@@ -255,23 +288,65 @@ def _without_recipient(action: str) -> str:
 class _Server(socketserver.ThreadingMixIn):
     daemon_threads = True           # a stuck Postfix connection must not block the exit
     allow_reuse_address = True
+    request_queue_size = socket.SOMAXCONN   # smtpd processes connect in bursts
+    engine: Engine
+    idle_timeout: float
+    max_connections: int
+
+    def limit(self, max_connections: int, idle_timeout: float) -> None:
+        """Set the limits of the module docstring (before serving)."""
+        self.idle_timeout, self.max_connections = idle_timeout, max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._stopping = False
+        self._warned = -LIMIT_WARNING_INTERVAL
+
+    def get_request(self):
+        # A connection beyond max_connections is not accepted: it waits in
+        # the listen backlog until a slot frees.
+        if not self._slots.acquire(blocking=False):
+            now = time.monotonic()
+            if now - self._warned >= LIMIT_WARNING_INTERVAL:
+                self._warned = now
+                log.warning("policy service: %d connections open, [policyd] max_connections; "
+                            "new connections wait until one closes", self.max_connections)
+            while not self._slots.acquire(timeout=0.5):
+                if self._stopping:
+                    raise OSError("the policy service is stopping")
+        try:
+            return super().get_request()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def shutdown_request(self, request) -> None:
+        """Called once for every accepted connection, however it ends."""
+        try:
+            super().shutdown_request(request)
+        finally:
+            self._slots.release()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.shutdown()
 
 
 class PolicyServer:
     """The listening socket and its threads; see the module docstring."""
 
-    def __init__(self, engine: Engine, where: str, socket_mode: int = 0o660) -> None:
+    def __init__(self, engine: Engine, where: str, socket_mode: int = 0o660,
+                 max_connections: int = 200, idle_timeout: float = 330.0) -> None:
         self.engine = engine
         self.where = where
         self._server = _listen(where, socket_mode)
         self._server.engine = engine
+        self._server.limit(max_connections, idle_timeout)
 
     def serve_forever(self) -> None:
         self._server.serve_forever(poll_interval=0.5)
 
     def shutdown(self) -> None:
         """Stop serving (from another thread than serve_forever's) and close."""
-        self._server.shutdown()
+        self._server.stop()
         self._server.server_close()
         spec = parse_socket(self.where)
         if spec.kind == "unix":
@@ -285,31 +360,40 @@ class PolicyServer:
         return self._server.server_address
 
 
-def _listen(where: str, socket_mode: int) -> socketserver.BaseServer:
-    """A bound, listening threaded server for "unix:/path" or "inet[6]:PORT@HOST"."""
+def _listen(where: str, socket_mode: int) -> _Server:
+    """A bound, listening threaded server for "unix:/path" or "inet[6]:PORT@HOST".
+
+    Raises OSError naming the socket: socketclaim.SocketBusy when a live
+    process answers there, else the bind's own error.
+    """
     spec = parse_socket(where)
-    if spec.kind == "unix":
-        if os.path.exists(spec.path):
-            os.unlink(spec.path)    # a stale socket from a killed process
+    claim_socket(where)         # removes a stale unix socket, refuses a live one
+    try:
+        if spec.kind == "unix":
+            class UnixServer(_Server, socketserver.UnixStreamServer):
+                pass
+            server: _Server = UnixServer(spec.path, PolicyConnection)
+            os.chmod(spec.path, socket_mode)
+            return server
+        family = socket.AF_INET6 if spec.kind == "inet6" else socket.AF_INET
 
-        class UnixServer(_Server, socketserver.UnixStreamServer):
-            pass
-        server: socketserver.BaseServer = UnixServer(spec.path, PolicyConnection)
-        os.chmod(spec.path, socket_mode)
-        return server
-    family = socket.AF_INET6 if spec.kind == "inet6" else socket.AF_INET
-
-    class InetServer(_Server, socketserver.TCPServer):
-        address_family = family
-    return InetServer((spec.host, spec.port), PolicyConnection)
+        class InetServer(_Server, socketserver.TCPServer):
+            address_family = family
+        return InetServer((spec.host, spec.port), PolicyConnection)
+    except OSError as error:
+        raise OSError(f"cannot listen on {where}: {error.strerror or error}") from None
 
 
-def serve(engine: Engine) -> None:
-    """Serve until SIGTERM or SIGINT. Raises OSError when the socket cannot be opened."""
+def serve(engine: Engine, reload=None) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP calls reload() (runtime.reload_now).
+
+    Raises OSError when the socket cannot be opened.
+    """
     import signal
 
     settings = engine.snapshot.config.policyd
-    server = PolicyServer(engine, settings.socket, settings.mode)
+    server = PolicyServer(engine, settings.socket, settings.mode, settings.max_connections,
+                          settings.idle_timeout)
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
@@ -320,5 +404,9 @@ def serve(engine: Engine) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload())
+    # cli._serve blocked these while it started threads; this thread takes them.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     log.info("policy service listening on %s", settings.socket)
     server.serve_forever()

@@ -150,12 +150,13 @@ class ConfigReloader:
         self._stamps = tuple(_stamp(path) for path in self._watched)
         self._last_error: str | None = None
 
-    def reload(self, running: Snapshot) -> Snapshot | None:
-        """A new Snapshot if a watched file changed and the change is good, else None."""
+    def reload(self, running: Snapshot, force: bool = False) -> Snapshot | None:
+        """A new Snapshot if a watched file changed (or force: SIGHUP) and the
+        change is good, else None."""
         # Stamps are taken before reading, so a change during the read is
         # seen on the next call instead of being lost.
         stamps = tuple(_stamp(path) for path in self._watched)
-        if stamps == self._stamps:
+        if stamps == self._stamps and not force:
             return None
         config_stamp = _stamp(running.config.path)
         try:

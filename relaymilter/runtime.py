@@ -8,6 +8,7 @@ SYNOPSIS
     engine = Engine(runtime)                   # reads runtime.snapshot per answer
     runtime.load_domain_policy()               # the store, read once before serving
     runtime.watch(interval=1.0)                # the watcher thread
+    runtime.reload_now()                       # SIGHUP: reload at once, changed or not
     runtime.check_health()                     # DNSBL health checks
     runtime.stop()
 
@@ -16,7 +17,8 @@ DESCRIPTION
     watcher thread replaces it, with a complete new Snapshot, so readers
     never lock. The jobs that produce new snapshots each have their own
     object, and the watcher thread runs them in turn, every interval or
-    when woken by a hold request:
+    when woken by a hold request or by reload_now() (SIGHUP, which also
+    reloads a config file that did not change):
 
       ConfigReloader   (reload.py)       the config file and domains file
       StoreFollower    (storefollow.py)  the domain policy in the store
@@ -63,6 +65,7 @@ class Runtime:
         self._holds = HoldQueue()
         self._dnsbl = DnsblWatch()
         self._stop = threading.Event()
+        self._reload_requested = False
         self._thread: threading.Thread | None = None
         metrics.config_loaded(snapshot.config.path, reload=False)
 
@@ -71,9 +74,10 @@ class Runtime:
         return cls(build_snapshot(config, metrics=metrics), metrics)
 
     # -- the jobs, each run by the watcher thread (or a test) ---------------
-    def refresh(self) -> bool:
-        """Reload if the config or domains file changed. True when swapped."""
-        snapshot = self._reloader.reload(self.snapshot)
+    def refresh(self, force: bool = False) -> bool:
+        """Reload if the config or domains file changed, or always with force.
+        True when swapped."""
+        snapshot = self._reloader.reload(self.snapshot, force=force)
         if snapshot is None:
             return False
         previous, self.snapshot = self.snapshot, snapshot
@@ -96,6 +100,13 @@ class Runtime:
         self.snapshot = replace(self.snapshot, domain_policy=policy)
         return True
 
+    def reload_now(self) -> None:
+        """Have the watcher thread reload the config and follow the store at
+        once, changed or not (SIGHUP). Any thread, and safe in a signal
+        handler: it sets a flag and puts on a SimpleQueue, nothing else."""
+        self._reload_requested = True
+        self._holds.wake()
+
     def request_hold(self, kind: str, value: str, reason: str) -> None:
         """Ask the watcher thread to write a hold (any thread; never blocks)."""
         self._holds.request(kind, value, reason)
@@ -108,10 +119,13 @@ class Runtime:
                 request = self._holds.take(timeout=interval)
                 if self._stop.is_set():
                     break
+                forced, self._reload_requested = self._reload_requested, False
                 try:
                     if request is not None:
                         self._store.put_on_hold(self.snapshot.config.store.path, request)
-                    self.refresh()
+                    if forced:
+                        log.info("SIGHUP: reloading the configuration and the domain policy")
+                    self.refresh(force=forced)
                     self.refresh_domain_policy()
                 except Exception:  # keep watching: a reload bug must not end reloads
                     log.exception("unexpected error while checking for a reload")

@@ -23,6 +23,15 @@ DESCRIPTION
     in one transaction when the store is opened, creating the store on
     first use. A store newer than this code raises StoreError, as does a
     file that is not a policy store (PRAGMA application_id, APPLICATION_ID).
+    create=False on a missing file raises StoreMissingError and creates
+    nothing. A new store file is made FILE_MODE (0640) whatever the umask
+    (it holds user names and customer networks), and SQLite gives its
+    -wal and -shm files the mode of the store file.
+
+    User names. Holds and limits are keyed by value_key, the user name
+    case folded (entries.user_key, in SQL relaymilter_user_key(), which
+    every connection registers for the migrations); value keeps what was
+    written. domain_owner keeps owners as written; DomainPolicy folds them.
 
     Loading. load_policy() reads everything in one read transaction.
     SQLite hands the allowlist over aggregated, one string per family and
@@ -50,13 +59,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from relaymilter.domainpolicy import DomainPolicy
-from relaymilter.entries import SECTIONS, AllowlistRecord, Section
+from relaymilter.entries import SECTIONS, AllowlistRecord, Section, user_key
 from relaymilter.netindex import TAG_BYTES, NetworkIndex
-from relaymilter.store import Storage, StoreError
+from relaymilter.store import Storage, StoreError, StoreMissingError
 
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT = 5.0                  # seconds a writer waits for another writer
+FILE_MODE = 0o640                   # the store holds user names and customer networks
 APPLICATION_ID = 0x524D4C50         # "RMLP" in the file header: a policy store
 
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append, never edit.
@@ -139,6 +149,57 @@ MIGRATIONS = [
     ) WITHOUT ROWID;
     CREATE INDEX domain_owner_by_owner ON domain_owner (owner);
     """,
+    # 2: holds and limits keyed by value_key, the user name case folded
+    # (entries.user_key, the SQL function relaymilter_user_key) or the
+    # network; value keeps what was written. Of user entries that fold to
+    # one key, the newest stays.
+    """
+    CREATE TABLE hold_v2 (
+        kind      TEXT NOT NULL CHECK (kind IN ('client', 'user')),
+        value_key TEXT NOT NULL,
+        value     TEXT NOT NULL,
+        packed    BLOB,
+        prefixlen INTEGER,
+        reason    TEXT NOT NULL DEFAULT '',
+        comment   TEXT NOT NULL DEFAULT '',
+        created   REAL NOT NULL,
+        added_by  TEXT NOT NULL,
+        PRIMARY KEY (kind, value_key),
+        CHECK ((kind = 'client') = (packed IS NOT NULL))
+    ) WITHOUT ROWID;
+    INSERT INTO hold_v2 (kind, value_key, value, packed, prefixlen, reason, comment, created,
+                         added_by)
+        SELECT kind, CASE kind WHEN 'user' THEN relaymilter_user_key(value) ELSE value END,
+               value, packed, prefixlen, reason, comment, created, added_by
+        FROM hold WHERE true ORDER BY created, value
+        ON CONFLICT (kind, value_key) DO UPDATE SET value = excluded.value,
+            reason = excluded.reason, comment = excluded.comment, created = excluded.created,
+            added_by = excluded.added_by;
+    DROP TABLE hold;
+    ALTER TABLE hold_v2 RENAME TO hold;
+    CREATE TABLE rate_limit_v2 (
+        kind      TEXT NOT NULL CHECK (kind IN ('client', 'user')),
+        value_key TEXT NOT NULL,
+        value     TEXT NOT NULL,
+        packed    BLOB,
+        prefixlen INTEGER,
+        per_hour  INTEGER NOT NULL CHECK (per_hour >= 1),
+        comment   TEXT NOT NULL DEFAULT '',
+        created   REAL NOT NULL,
+        added_by  TEXT NOT NULL,
+        PRIMARY KEY (kind, value_key)
+    ) WITHOUT ROWID;
+    INSERT INTO rate_limit_v2 (kind, value_key, value, packed, prefixlen, per_hour, comment,
+                               created, added_by)
+        SELECT kind, CASE kind WHEN 'user' THEN relaymilter_user_key(value) ELSE value END,
+               value, packed, prefixlen, per_hour, comment, created, added_by
+        FROM rate_limit WHERE true ORDER BY created, value
+        ON CONFLICT (kind, value_key) DO UPDATE SET value = excluded.value,
+            per_hour = excluded.per_hour, comment = excluded.comment,
+            created = excluded.created, added_by = excluded.added_by;
+    DROP TABLE rate_limit;
+    ALTER TABLE rate_limit_v2 RENAME TO rate_limit;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -168,11 +229,17 @@ class SQLiteStore(Storage):
 
     def __init__(self, path: str | os.PathLike, *, create: bool = True) -> None:
         self.path = os.fspath(path)
+        if create:
+            self._create_private()
+        elif not os.path.exists(self.path):
+            raise StoreMissingError(f"{self.path}: cannot open: no policy store there")
         # A URI so that create=False can say "must exist" (mode=rw).
         uri = pathlib.Path(self.path).absolute().as_uri() + ("?mode=rwc" if create else "?mode=rw")
         try:
             self._connection = sqlite3.connect(uri, uri=True, isolation_level=None,
                                                timeout=BUSY_TIMEOUT)
+            self._connection.create_function("relaymilter_user_key", 1, user_key,
+                                             deterministic=True)
         except sqlite3.Error as error:
             raise StoreError(f"{self.path}: cannot open: {error}") from None
         try:
@@ -184,6 +251,26 @@ class SQLiteStore(Storage):
     def close(self) -> None:
         with self._errors("cannot close"):
             self._connection.close()
+
+    def _create_private(self) -> None:
+        """Create a missing store file FILE_MODE (or tighter, by the umask), whatever
+        the umask; SQLite gives its -wal and -shm files the same mode. Created
+        by root in a directory of another user (/var/lib/relaymilter), it
+        becomes that user's, for the daemon to read and write."""
+        try:
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 FILE_MODE)
+        except FileExistsError:
+            return
+        except OSError as error:
+            raise StoreError(f"{self.path}: cannot create: {error.strerror}") from None
+        try:
+            if os.geteuid() == 0:
+                directory = os.stat(os.path.dirname(os.path.abspath(self.path)))
+                if directory.st_uid != 0:
+                    os.fchown(descriptor, directory.st_uid, directory.st_gid)
+        finally:
+            os.close(descriptor)
 
     # --------------------------------------------------------- schema ---
 

@@ -23,12 +23,18 @@ DESCRIPTION
 
     Writes. Each write is one transaction. Adding an entry whose key
     exists replaces it, creation time and added_by included: the entry is
-    what was last said, by whom, when. Bad input raises StoreInputError,
-    whose message says what is wrong, and changes nothing.
-    import_policy() validates every row of a whole document (the shape
-    export() writes) before it writes one, then applies them all in one
-    transaction; a bad row is named by section and row number and
-    nothing is applied.
+    what was last said, by whom, when (entry() finds the one in place,
+    for callers that must not replace unawares). Bad input raises
+    StoreInputError, whose message says what is wrong, and changes
+    nothing; a relay client wider than /8 or /32 raises WideNetworkError
+    unless force=True. import_policy() validates every row of a whole
+    document (the shape export() writes) before it writes one, then
+    applies them all in one transaction; a bad row is named by section
+    and row number and nothing is applied. import_changes() says what an
+    import would add, replace and remove, and writes nothing.
+
+    User names are kept as written and compared without regard to case:
+    holds and limits on "Zed" and "zed" are one entry (entries.user_key).
 
     Backends. Storage validates entries itself, so that a backend only
     stores records already canonical: a backend implements the abstract
@@ -58,14 +64,19 @@ from typing import Any, Self
 
 from relaymilter.domainpolicy import DomainPolicy
 from relaymilter.entries import (FORMAT, FORMAT_VERSION, SECTIONS, Section, StoreInputError,
-                                 default_actor, validate_document)
+                                 WideNetworkError, changes, default_actor, refuse_wide,
+                                 validate_document)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Storage", "StoreError", "StoreInputError",
-           "default_actor"]
+           "StoreMissingError", "WideNetworkError", "default_actor"]
 
 
 class StoreError(Exception):
     """The store cannot be opened, read or written; the message says which and why."""
+
+
+class StoreMissingError(StoreError):
+    """open_store(create=False) found no store at the location; nothing was created."""
 
 
 # ------------------------------------------------------------------ storage ---
@@ -123,10 +134,12 @@ class Storage(abc.ABC):
 
     # ----------------------------------------------------------- writes ---
 
-    def _put(self, name: str, **fields: Any) -> None:
+    def _put(self, name: str, force: bool = False, **fields: Any) -> None:
         section = SECTIONS[name]
-        self._write_records({name: [section.record(fields, time.time(), default_actor())]},
-                            replace=False)
+        record = section.record(fields, time.time(), default_actor())
+        if not force:
+            refuse_wide(section, record)
+        self._write_records({name: [record]}, replace=False)
 
     def _delete(self, name: str, **key_fields: Any) -> bool:
         section = SECTIONS[name]
@@ -144,10 +157,11 @@ class Storage(abc.ABC):
         return self._delete("allowlist", network=network, domain=domain)
 
     def add_relay_client(self, network: str, sender_domains: Iterable[str] = (),
-                         comment: str = "", added_by: str | None = None) -> None:
+                         comment: str = "", added_by: str | None = None,
+                         force: bool = False) -> None:
         """Let clients in network relay; with sender_domains, only for MAIL FROM
-        in one of them."""
-        self._put("relay_clients", network=network, sender_domains=sender_domains,
+        in one of them. A network wider than /8 or /32 needs force."""
+        self._put("relay_clients", force=force, network=network, sender_domains=sender_domains,
                   comment=comment, added_by=added_by)
 
     def remove_relay_client(self, network: str) -> bool:
@@ -183,16 +197,35 @@ class Storage(abc.ABC):
     def remove_domain(self, domain: str) -> bool:
         return self._delete("domains", domain=domain)
 
-    def import_policy(self, document: Any, replace: bool = False) -> dict[str, int]:
+    def import_policy(self, document: Any, replace: bool = False,
+                      force: bool = False) -> dict[str, int]:
         """Apply an export()-shaped document in one transaction: entries per section.
 
         Every row is validated first; a bad one raises StoreInputError naming
-        its section and number, and nothing is written. replace=True deletes
-        every entry first, in the same transaction.
+        its section and number, and nothing is written (a relay client wider
+        than /8 or /32 is bad unless force). replace=True deletes every entry
+        first, in the same transaction.
         """
-        validated = validate_document(document, time.time(), default_actor())
+        validated = validate_document(document, time.time(), default_actor(), allow_wide=force)
         self._write_records(validated, replace)
         return {name: len(records) for name, records in validated.items()}
+
+    def import_changes(self, document: Any, replace: bool = False,
+                       force: bool = False) -> dict[str, dict[str, list[str]]]:
+        """What import_policy() would do, written nowhere: per section, the
+        entries "added", "replaced" and (replace) "removed" (entries.changes)."""
+        now, actor = time.time(), default_actor()
+        wanted = validate_document(document, now, actor, allow_wide=force)
+        current = validate_document(self.export(), now, actor, allow_wide=True)
+        return changes(current, wanted, replace)
+
+    def entry(self, name: str, **key_fields: Any) -> dict[str, Any] | None:
+        """The entry of section name ("holds" ...) with the key that key_fields
+        give (as the remove_*() methods take them), or None. Reads the section."""
+        section = SECTIONS[name]
+        key = section.row_key(key_fields)
+        return next((entry for entry in self._list(name) if section.row_key(entry) == key),
+                    None)
 
     # ------------------------------------------------------------ reads ---
 

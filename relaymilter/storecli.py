@@ -9,25 +9,38 @@ SYNOPSIS
     relaymilter hold add (--client NETWORK | --user USER) [--reason TEXT]
     relaymilter limit add (--client NETWORK | --user USER | --default client|user) PER_HOUR
     relaymilter domain add DOMAIN [--dnsbl on|off] [--threshold N] [--owner USER]...
+    relaymilter VERB add ... [--replace] replace an entry that says otherwise
     relaymilter VERB remove ...          same selectors as add
     relaymilter VERB list [--json]
     relaymilter policy export [FILE]     JSON to FILE or standard output
-    relaymilter policy import FILE [--replace]
+    relaymilter policy import FILE [--replace] [--force] [--dry-run]
 
 DESCRIPTION
     The domain policy is the store's data (store.py): allowlist, relay
     clients, holds, limits and domains. Every verb takes -c FILE (the
     config that names [store] path) or --store PATH, and opens the store
     with store.open_store(), whatever its backend. A change is one
-    transaction; a running milter sees it within two seconds. Bad input (a bad network, domain or user
-    name, a bad import row) is refused with a message on standard error and
-    exit status 1, and the store is left as it was. No store configured:
-    exit status 78.
+    transaction; a running milter sees it within two seconds. Bad input (a
+    bad network, domain or user name, a bad import row) is refused with a
+    message on standard error and exit status 1, and the store is left as
+    it was. No store configured: exit status 78.
+
+    Safety. Only add and import create a missing store: list, remove and
+    export on a store that does not exist exit 66 (EX_NOINPUT), import
+    --dry-run compares with an empty one, and none of them creates
+    anything. add refuses to replace an entry whose sender domains
+    (relay-client), reason (hold) or owners (domain) differ, showing it,
+    unless --replace. A relay client wider than /8 or /32 needs --force
+    (add, and import rows). A remove that matches nothing shows the
+    nearest entries. import --dry-run prints what would be added,
+    replaced and removed, per section, and changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import ipaddress
 import json
 import sys
 import time
@@ -35,9 +48,11 @@ from collections.abc import Callable
 from typing import Any
 
 from relaymilter.config import ConfigError, config_path, load_config
-from relaymilter.exitcodes import EX_ERROR, EX_OK
+from relaymilter.entries import SECTIONS, changes, default_actor, user_key, validate_document
+from relaymilter.exitcodes import EX_ERROR, EX_NOINPUT, EX_OK
 from relaymilter.openstore import open_store
-from relaymilter.store import Storage, StoreError, StoreInputError
+from relaymilter.store import (Storage, StoreError, StoreInputError, StoreMissingError,
+                               WideNetworkError)
 
 # (verb, help, list columns)
 KINDS = {
@@ -62,12 +77,16 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
         parser.set_defaults(kind=name)
         actions = parser.add_subparsers(dest="action", metavar="ACTION")
         actions.required = True
-        add = actions.add_parser("add", help="add or replace an entry", parents=[common])
+        add = actions.add_parser("add", help="add an entry", parents=[common])
         remove = actions.add_parser("remove", help="remove an entry", parents=[common])
         listing = actions.add_parser("list", help="list the entries", parents=[common])
         listing.add_argument("--json", action="store_true", help="JSON instead of a table")
         _SELECTORS[name](add, remove)
         add.add_argument("--comment", default="", help="free text kept with the entry")
+        if name in _GUARDED:
+            add.add_argument("--replace", action="store_true",
+                             help=f"replace an entry of the same key whose {_GUARDED[name][1]} "
+                                  "differ (refused without it)")
     policy = verb("policy", cmd_policy_bulk, "export or import the whole domain policy as JSON")
     actions = policy.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
@@ -78,6 +97,10 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     load.add_argument("file", help="input file, - for standard input")
     load.add_argument("--replace", action="store_true",
                       help="delete every entry first (same transaction)")
+    load.add_argument("--force", action="store_true",
+                      help="accept relay clients wider than /8 (IPv4) or /32 (IPv6)")
+    load.add_argument("--dry-run", action="store_true",
+                      help="print what would be added, replaced and removed; change nothing")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -103,6 +126,9 @@ def _relay_client_selectors(add: argparse.ArgumentParser,
         parser.add_argument("network", help="client address or CIDR network")
     add.add_argument("--sender-domain", action="append", default=[], metavar="DOMAIN",
                      help="relay only for MAIL FROM in this domain (repeatable)")
+    add.add_argument("--force", action="store_true",
+                     help="accept a network wider than /8 (IPv4) or /32 (IPv6): an open relay "
+                          "for every client in it")
 
 
 def _who(parser: argparse.ArgumentParser, default: bool = False) -> None:
@@ -140,46 +166,148 @@ def _domain_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentPar
 
 _SELECTORS = {"allowlist": _allowlist_selectors, "relay-client": _relay_client_selectors,
               "hold": _hold_selectors, "limit": _limit_selectors, "domain": _domain_selectors}
+# verb -> (section, the field an add must not replace unawares, normalised for comparing)
+_GUARDED: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "relay-client": ("relay_clients", "sender_domains", tuple),
+    "hold": ("holds", "reason", str),
+    "domain": ("domains", "owners", lambda owners: sorted(map(user_key, owners))),
+}
 
 
 # ------------------------------------------------------------ handlers ---
 
 def cmd_policy_kind(args: argparse.Namespace) -> int:
-    return _with_store(args, lambda store: _KIND_ACTIONS[args.kind](store, args))
+    return _with_store(args, lambda store: _KIND_ACTIONS[args.kind](store, args),
+                       create=args.action == "add")
 
 
 def cmd_policy_bulk(args: argparse.Namespace) -> int:
-    return _with_store(args, lambda store: _bulk(store, args))
+    dry_run = args.action == "import" and args.dry_run
+    return _with_store(args, lambda store: _bulk(store, args),
+                       create=args.action == "import" and not dry_run,
+                       if_missing=(lambda: _dry_run(None, args)) if dry_run else None)
 
 
-def _with_store(args: argparse.Namespace, work: Callable[[Storage], int]) -> int:
+def _with_store(args: argparse.Namespace, work: Callable[[Storage], int], create: bool,
+                if_missing: Callable[[], int] | None = None) -> int:
+    """work(store) on the store of args; a missing store is created only if create,
+    else if_missing() answers, else exit 66."""
     config_file = config_path(args.action_config or args.config)
     path = args.store or load_config(config_file).store.path
     if not path:
         raise ConfigError(config_file, "store.path",
                           "no policy store configured (set [store] path or use --store)")
     try:
-        store = open_store(path)
+        store = open_store(path, create=create)
+    except StoreMissingError:
+        if if_missing is not None:
+            return _guarded(if_missing)
+        sys.stderr.write(f"relaymilter: no policy store at {path} (nothing created; "
+                         "check --store or [store] path)\n")
+        return EX_NOINPUT
     except (StoreError, OSError) as error:
         sys.stderr.write(f"relaymilter: cannot open the policy store {path}: {error}\n")
         return EX_ERROR
     try:
-        return work(store)
+        return _guarded(lambda: work(store), path)
+    finally:
+        store.close()
+
+
+def _guarded(work: Callable[[], int], path: str = "") -> int:
+    try:
+        return work()
+    except WideNetworkError as error:
+        sys.stderr.write(f"relaymilter: {error}; use --force if that is meant; "
+                         "nothing changed\n")
+        return EX_ERROR
     except StoreInputError as error:
         sys.stderr.write(f"relaymilter: {error}; nothing changed\n")
         return EX_ERROR
     except StoreError as error:
         sys.stderr.write(f"relaymilter: policy store {path}: {error}\n")
         return EX_ERROR
-    finally:
-        store.close()
 
 
-def _changed(removed: bool, what: str) -> int:
+def _changed(removed: bool, what: str, store: Storage | None = None,
+             args: argparse.Namespace | None = None) -> int:
     if not removed:
-        sys.stderr.write(f"relaymilter: no such entry: {what}\n")
+        sys.stderr.write(f"relaymilter: no such entry: {what}; nothing removed\n")
+        if store is not None and args is not None:
+            nearest = _nearest(store, args)
+            if nearest:
+                sys.stderr.write("relaymilter: nearest entries:\n")
+                columns = KINDS[args.kind][1]
+                for entry in nearest:
+                    sys.stderr.write("  " + "  ".join(
+                        f"{column}={_cell(entry.get(column))}" for column in columns) + "\n")
         return EX_ERROR
     return EX_OK
+
+
+_SECTION_OF = {"allowlist": "allowlist", "relay-client": "relay_clients", "hold": "holds",
+               "limit": "limits", "domain": "domains"}
+NEAREST = 5
+
+
+def _nearest(store: Storage, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The entries a remove that matched nothing probably meant: the same
+    network for another domain, networks overlapping the one given, the same
+    name of the other kind, names spelt nearly alike."""
+    entries = getattr(store, "list_" + _SECTION_OF[args.kind])()
+    if args.kind == "domain":
+        names = difflib.get_close_matches(args.domain.strip().lower().rstrip("."),
+                                          [entry["domain"] for entry in entries], NEAREST)
+        return [entry for entry in entries if entry["domain"] in names]
+    if args.kind in ("allowlist", "relay-client"):
+        wanted = args.network
+    else:
+        wanted = _who_of(args)[1] or ""
+    found = []
+    network = _network_or_none(wanted)
+    for entry in entries:
+        value = entry.get("network", entry.get("value", ""))
+        other = _network_or_none(value)
+        if network is not None and other is not None and network.version == other.version \
+                and network.overlaps(other):
+            found.append(entry)
+        elif network is None and other is None and wanted and \
+                user_key(value) == user_key(wanted.strip()):
+            found.append(entry)
+    if not found and network is None and wanted:
+        names = difflib.get_close_matches(user_key(wanted.strip()),
+                                          [user_key(entry["value"]) for entry in entries
+                                           if _network_or_none(entry["value"]) is None],
+                                          NEAREST)
+        found = [entry for entry in entries if user_key(entry["value"]) in names]
+    return found[:NEAREST]
+
+
+def _network_or_none(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return None
+
+
+def _refuse_replacing(store: Storage, args: argparse.Namespace, **fields: Any) -> bool:
+    """True (and a message) when add would replace an entry that says otherwise
+    in its guarded field, and --replace was not given."""
+    section_name, field, normal = _GUARDED[args.kind]
+    if args.replace:
+        return False
+    existing = store.entry(section_name, **fields)
+    if existing is None:
+        return False
+    section = SECTIONS[section_name]
+    wanted = section.record(fields, 0.0, "-")._asdict()[field]
+    if normal(wanted) == normal(existing[field]):
+        return False
+    columns = KINDS[args.kind][1]
+    shown = "  ".join(f"{column}={_cell(existing.get(column))}" for column in columns)
+    sys.stderr.write(f"relaymilter: an entry exists whose {field} differ:\n  {shown}\n"
+                     f"relaymilter: add --replace to replace it; nothing changed\n")
+    return True
 
 
 def _who_of(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -193,16 +321,21 @@ def _allowlist(store: Storage, args: argparse.Namespace) -> int:
         store.add_allowlist(args.network, args.domain, comment=args.comment)
         return EX_OK
     if args.action == "remove":
-        return _changed(store.remove_allowlist(args.network, args.domain), args.network)
+        what = args.network + (f" for {args.domain}" if args.domain else "")
+        return _changed(store.remove_allowlist(args.network, args.domain), what, store, args)
     return _print(store.list_allowlist(), args)
 
 
 def _relay_client(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
-        store.add_relay_client(args.network, args.sender_domain, comment=args.comment)
+        if _refuse_replacing(store, args, network=args.network,
+                             sender_domains=args.sender_domain):
+            return EX_ERROR
+        store.add_relay_client(args.network, args.sender_domain, comment=args.comment,
+                               force=args.force)
         return EX_OK
     if args.action == "remove":
-        return _changed(store.remove_relay_client(args.network), args.network)
+        return _changed(store.remove_relay_client(args.network), args.network, store, args)
     return _print(store.list_relay_clients(), args)
 
 
@@ -211,9 +344,11 @@ def _hold(store: Storage, args: argparse.Namespace) -> int:
         return _print(store.list_holds(), args)
     kind, value = _who_of(args)
     if args.action == "add":
+        if _refuse_replacing(store, args, kind=kind, value=value, reason=args.reason):
+            return EX_ERROR
         store.add_hold(kind, value, reason=args.reason, comment=args.comment)
         return EX_OK
-    return _changed(store.remove_hold(kind, value), f"{kind} {value}")
+    return _changed(store.remove_hold(kind, value), f"{kind} {value}", store, args)
 
 
 def _limit(store: Storage, args: argparse.Namespace) -> int:
@@ -223,16 +358,19 @@ def _limit(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
         store.set_limit(kind, value, args.per_hour, comment=args.comment)
         return EX_OK
-    return _changed(store.remove_limit(kind, value), f"{kind} {value or '(default)'}")
+    return _changed(store.remove_limit(kind, value), f"{kind} {value or '(default)'}",
+                    store, args)
 
 
 def _domain(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
+        if _refuse_replacing(store, args, domain=args.domain, owners=args.owner):
+            return EX_ERROR
         store.set_domain(args.domain, dnsbl=args.dnsbl, threshold=args.threshold,
                          owners=args.owner, comment=args.comment)
         return EX_OK
     if args.action == "remove":
-        return _changed(store.remove_domain(args.domain), args.domain)
+        return _changed(store.remove_domain(args.domain), args.domain, store, args)
     return _print(store.list_domains(), args)
 
 
@@ -249,18 +387,49 @@ def _bulk(store: Storage, args: argparse.Namespace) -> int:
             with open(args.file, "w", encoding="utf-8") as output:
                 output.write(text)
         return EX_OK
-    try:
-        if args.file == "-":
-            document = json.load(sys.stdin)
-        else:
-            with open(args.file, encoding="utf-8") as source:
-                document = json.load(source)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        sys.stderr.write(f"relaymilter: cannot read {args.file}: {error}; nothing changed\n")
+    if args.dry_run:
+        return _dry_run(store, args)
+    document = _read_document(args.file)
+    if document is None:
         return EX_ERROR
-    counts = store.import_policy(document, replace=args.replace)
+    counts = store.import_policy(document, replace=args.replace, force=args.force)
     sys.stdout.write("imported " + ", ".join(f"{count} {kind}" for kind, count in counts.items())
                      + "\n")
+    return EX_OK
+
+
+def _read_document(file: str) -> Any:
+    """The JSON document in file (- for standard input); None after a message."""
+    try:
+        if file == "-":
+            return json.load(sys.stdin)
+        with open(file, encoding="utf-8") as source:
+            return json.load(source)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        sys.stderr.write(f"relaymilter: cannot read {file}: {error}; nothing changed\n")
+        return None
+
+
+def _dry_run(store: Storage | None, args: argparse.Namespace) -> int:
+    """Print what importing args.file would change in store (None: a missing
+    store, as empty), per section; write nothing."""
+    document = _read_document(args.file)
+    if document is None:
+        return EX_ERROR
+    if store is not None:
+        planned = store.import_changes(document, replace=args.replace, force=args.force)
+    else:
+        planned = changes({}, validate_document(document, time.time(), default_actor(),
+                                                allow_wide=args.force), args.replace)
+    marks = {"added": "+", "replaced": "~", "removed": "-"}
+    for name, section_changes in planned.items():
+        counts = ", ".join(f"{len(labels)} {change}" for change, labels in section_changes.items()
+                           if change != "removed" or args.replace)
+        sys.stdout.write(f"{name}: {counts}\n")
+        for change, labels in section_changes.items():
+            for text in labels:
+                sys.stdout.write(f"  {marks[change]} {text}\n")
+    sys.stdout.write("dry run: nothing changed\n")
     return EX_OK
 
 

@@ -184,10 +184,14 @@ def command_page() -> str:
         for flags, option_help in options:
             lines += [".RS", ".TP", f"\\fB{roff_text(flags)}\\fR", roff_text(option_help), ".RE"]
     lines += [".SH DECISION ORDER"] + markdown_block(guide_part("Decision order"))
+    lines += [".SH POLICY STORE GUARD RAILS"] + markdown_block(guide_part("Guard rails"))
+    lines += [".SH POLICY IMPORT FORMAT"] + markdown_block(guide_part("Import format"))
     lines += [".SH STARTING AND STOPPING"] + markdown_block(guide_part("Starting and stopping"))
     lines += [".SH EXIT STATUS",
               "0 success; 1 other failure (a bad policy entry: the store is unchanged); "
-              "64 usage; 69 the milter socket or the metrics listener is unavailable; 78 bad configuration.",
+              "64 usage; 66 no policy store where list, remove or policy export looks "
+              "(nothing is created); "
+              "69 the milter socket or the metrics listener is unavailable; 78 bad configuration.",
               ".SH ENVIRONMENT", "\\fBRELAYMILTER_CONFIG\\fR: the config file when "
               "\\fB\\-c\\fR is not given.",
               ".SH FILES", "/etc/relaymilter/relaymilter.toml", ".br",

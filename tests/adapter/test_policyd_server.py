@@ -12,7 +12,9 @@ import pytest
 from relaymilter.config import parse_config
 from relaymilter.engine import Engine
 from relaymilter.runtime import Runtime
+from relaymilter import policyd
 from relaymilter.policyd import PolicyServer
+from relaymilter.socketclaim import SocketBusy, claim_socket
 
 
 @pytest.fixture
@@ -99,3 +101,60 @@ def test_concurrent_connections_each_get_their_answers(server):
 
 def test_socket_mode_is_applied(server):
     assert stat.S_IMODE(os.stat(server.address).st_mode) == 0o600
+
+
+# ------------------------------------------------ the socket, claimed ---
+
+def test_a_second_server_on_a_live_unix_socket_is_refused_and_leaves_it(server):
+    inode = os.stat(server.address).st_ino
+    with pytest.raises(SocketBusy, match=f"cannot listen on unix:{server.address}: another "):
+        PolicyServer(server.engine, f"unix:{server.address}")
+    assert os.stat(server.address).st_ino == inode
+    assert Client(server.address).ask(rcpt("user@local.test")) == [b"action=DUNNO"]
+
+
+def test_a_stale_unix_socket_file_is_removed(tmp_path):
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    claim_socket(f"unix:{path}")
+    assert not path.exists()
+
+
+def test_a_file_that_is_not_a_socket_is_never_removed(tmp_path):
+    path = tmp_path / "precious"
+    path.write_text("data\n")
+    with pytest.raises(SocketBusy, match="exists and is not a socket"):
+        claim_socket(f"unix:{path}")
+    assert path.read_text() == "data\n"
+
+
+def test_a_tcp_address_in_use_is_refused_naming_it():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SocketBusy, match=f"cannot listen on inet:{port}@127.0.0.1: the "
+                                             "address is in use"):
+            claim_socket(f"inet:{port}@127.0.0.1")
+    claim_socket(f"inet:{port}@127.0.0.1")      # free again
+
+
+# -------------------------------------------------- connection limits ---
+
+def test_the_listen_backlog_takes_a_burst_of_connects():
+    assert policyd._Server.request_queue_size >= 128     # socketserver's own is 5
+
+
+def test_an_idle_connection_is_closed(tmp_path, server):
+    quick = PolicyServer(server.engine, f"unix:{tmp_path}/quick.sock", 0o600, idle_timeout=0.3)
+    thread = threading.Thread(target=quick.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = Client(quick.address)
+        assert client.ask(rcpt("user@local.test")) == [b"action=DUNNO"]
+        assert client.stream.readline() == b""
+    finally:
+        quick.shutdown()
+        thread.join(5)

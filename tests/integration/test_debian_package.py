@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "relaymilter"
 CONFFILE = Path("/etc/relaymilter/relaymilter.toml")
 UNIT = Path("/lib/systemd/system/relaymilter.service")
+POLICYD_UNIT = Path("/lib/systemd/system/relaymilter-policyd.service")
+SNIPPET = Path("/usr/share/doc/relaymilter/examples/postfix-main.cf.snippet")
 SPOOL_SOCKET_DIR = Path("/var/spool/postfix/relaymilter")
 STATE_DIR = Path("/var/lib/relaymilter")
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
@@ -171,7 +173,7 @@ def test_installed_sample_config_checks(installed):
 
 def test_package_ships_unit_users_directories_man_pages_and_snippets(installed):
     listed = set(run(["dpkg", "-L", PACKAGE]).stdout.split())
-    for path in (str(UNIT), "/usr/bin/relaymilter",
+    for path in (str(UNIT), str(POLICYD_UNIT), "/usr/bin/relaymilter",
                  "/usr/lib/sysusers.d/relaymilter.conf", "/usr/lib/tmpfiles.d/relaymilter.conf",
                  "/usr/share/man/man8/relaymilter.8.gz",
                  "/usr/share/man/man5/relaymilter.conf.5.gz",
@@ -179,6 +181,8 @@ def test_package_ships_unit_users_directories_man_pages_and_snippets(installed):
                  "/usr/share/doc/relaymilter/examples/sendmail.mc.snippet"):
         assert path in listed, f"{path} is not in the package"
     assert UNIT.read_text() == (ROOT / "packaging" / "systemd" / "relaymilter.service").read_text()
+    assert POLICYD_UNIT.read_text() == \
+        (ROOT / "packaging" / "systemd" / "relaymilter-policyd.service").read_text()
     user = pwd.getpwnam("relaymilter")
     assert user.pw_uid < 1000 and user.pw_shell in ("/usr/sbin/nologin", "/sbin/nologin")
     postfix_gid = grp.getgrnam("postfix").gr_gid
@@ -190,16 +194,93 @@ def test_package_ships_unit_users_directories_man_pages_and_snippets(installed):
     assert (state.st_uid, stat.S_IMODE(state.st_mode)) == (user.pw_uid, 0o750)
 
 
-def test_systemd_analyze_verify_accepts_the_unit(installed):
+@pytest.mark.parametrize("unit", [UNIT, POLICYD_UNIT], ids=lambda unit: unit.name)
+def test_systemd_analyze_verify_accepts_the_unit(installed, unit):
     analyze = shutil.which("systemd-analyze", path=SYSTEM_ENV["PATH"])
     if analyze is None:
         pytest.fail("systemd-analyze is not installed (Debian package systemd); "
                     "run `scripts/install-debian-deps test`", pytrace=False)
-    done = run([analyze, "verify", str(UNIT)])
+    done = run([analyze, "verify", str(unit)])
     # verify exits 0 even for unknown keys and bad values: read what it says.
     complaints = [line for line in (done.stdout + done.stderr).splitlines()
                   if "relaymilter" in line]
     assert done.returncode == 0 and not complaints, output_of(done)
+
+
+@pytest.mark.parametrize("unit", [UNIT, POLICYD_UNIT], ids=lambda unit: unit.name)
+def test_units_reload_with_sighup_and_share_the_runtime_directory(installed, unit):
+    text = unit.read_text()
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+    assert "RuntimeDirectoryPreserve=yes" in text    # stopping one leaves the other's
+
+
+def test_postfix_snippet_names_the_packaged_policyd_socket(installed):
+    """check_policy_service unix:relaymilter/policyd.sock is relative to
+    Postfix's queue directory: the packaged [policyd] socket, in the
+    directory tmpfiles.d makes for user relaymilter and group postfix."""
+    import tomllib
+    snippet = SNIPPET.read_text()
+    where = re.search(r"check_policy_service unix:(\S+?),", snippet).group(1)
+    queue = run(["postconf", "-h", "queue_directory"]).stdout.strip() or "/var/spool/postfix"
+    configured = tomllib.loads(CONFFILE.read_text())["policyd"]["socket"]
+    assert configured == f"unix:{queue}/{where}" == f"unix:{SPOOL_SOCKET_DIR}/policyd.sock"
+    assert SPOOL_SOCKET_DIR.is_dir()
+
+
+def test_service_user_serves_the_policy_service_on_the_packaged_socket(installed,
+                                                                       postfix_installed):
+    """As relaymilter-policyd.service runs it, with the packaged config's
+    [policyd] socket: smtpd's user may connect, others not; SIGHUP reloads,
+    never stops; SIGTERM stops with 0 and removes the socket."""
+    import tomllib
+    socket_path = Path(tomllib.loads(CONFFILE.read_text())["policyd"]["socket"][len("unix:"):])
+    directory = Path(tempfile.mkdtemp(prefix="relaymilter-deb-policyd-"))
+    directory.chmod(0o755)
+    config = directory / "relaymilter.toml"
+    config.write_text(f'[policyd]\nsocket = "unix:{socket_path}"\n'
+                      '[relay]\nlocal_domains = ["local.test"]\n[store]\npath = ""\n')
+    config.chmod(0o644)
+    log_path = directory / "policyd.log"
+    log = log_path.open("w")
+    service = subprocess.Popen(
+        ["setpriv", "--reuid=relaymilter", "--regid=relaymilter", "--init-groups",
+         "sh", "-c", 'umask 0007 && exec /usr/bin/relaymilter policyd -c "$1"', "sh",
+         str(config)], env=SYSTEM_ENV, cwd="/", stdout=log, stderr=subprocess.STDOUT)
+    request = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.9\n"
+               b"sender=s@s.test\nrecipient=u@remote.test\n\n")
+
+    def ask() -> bytes:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(str(socket_path))
+            client.sendall(request)
+            return client.recv(4096)
+    try:
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            assert service.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "no policy service socket after 20 s"
+            time.sleep(0.05)
+        mode = socket_path.stat()
+        assert stat.S_IMODE(mode.st_mode) == 0o660
+        assert mode.st_gid == grp.getgrnam("postfix").gr_gid
+        assert _connect_as("postfix", socket_path).returncode == 0
+        refused = _connect_as("nobody", socket_path)
+        assert refused.returncode == 1 and "PermissionError" in refused.stdout
+        assert ask() == b"action=554 5.7.1 Relay access denied\n\n"
+        service.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert service.poll() is None, log_path.read_text()
+        assert ask() == b"action=554 5.7.1 Relay access denied\n\n"
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=15) == 0, log_path.read_text()
+        assert not socket_path.exists()
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+        log.close()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_installed_lookup_asks_a_dnsbl_through_debians_dnspython(installed, rbldnsd_installed):

@@ -168,6 +168,30 @@ def test_held_user_is_refused_while_other_users_relay(site):
     assert site.becomes(250, lambda: probe("mallory")) < PICKUP
 
 
+def test_hold_on_a_user_applies_whatever_the_letter_case_of_the_login(site):
+    probe = lambda user: site.code("<user@remote.test>", CLEAN, login=user)
+    assert probe("zed@example.com") == 250
+    site.cli("hold", "add", "--user", "Zed@Example.COM", "--reason", "phished")
+    assert site.becomes(550, lambda: probe("zed@example.com")) < PICKUP
+    assert probe("ZED@EXAMPLE.COM") == 550
+    site.cli("hold", "add", "--user", "zed@example.com", "--reason", "phished")   # the same one
+    holds = json.loads(site.cli("hold", "list", "--json"))
+    assert [(hold["value"], hold["reason"]) for hold in holds] == [("zed@example.com",
+                                                                    "phished")]
+    site.cli("hold", "remove", "--user", "ZED@example.com")
+    assert site.becomes(250, lambda: probe("zed@example.com")) < PICKUP
+
+
+def test_owned_domains_apply_whatever_the_letter_case_of_the_login(site):
+    probe = lambda sender: site.code("<user@remote.test>", CLEAN, login="alice@example.com",
+                                     sender=sender)
+    site.cli("domain", "add", "cust.test", "--owner", "Alice@Example.COM")
+    assert site.becomes(553, lambda: probe("<alice@anything.test>")) < PICKUP
+    assert probe("<alice@cust.test>") == 250
+    site.cli("domain", "remove", "cust.test")
+    assert site.becomes(250, lambda: probe("<alice@anything.test>")) < PICKUP
+
+
 def test_held_client_network_is_refused(site):
     probe = lambda: site.code("<user@remote.test>", TRUSTED)
     assert probe() == 250

@@ -135,3 +135,17 @@ def test_run_error_line_puts_severity_after_program_tag(tmp_path):
     result = relaymilter("run", "-c", path, timeout=15)
     [line] = [line for line in result.stderr.splitlines() if "cannot serve on" in line]
     assert re.search(r"relaymilter\[\d+\]: error: cannot serve on ", line), line
+
+
+def test_store_list_on_a_missing_store_exits_66_and_creates_nothing(tmp_path):
+    result = relaymilter("hold", "list", "--store", str(tmp_path / "typo.sqlite3"))
+    assert result.returncode == 66
+    assert "no policy store at" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relay_client_add_of_the_whole_internet_exits_1_unless_forced(tmp_path):
+    store = str(tmp_path / "policy.sqlite3")
+    refused = relaymilter("relay-client", "add", "::/0", "--store", store)
+    assert refused.returncode == 1 and "--force" in refused.stderr
+    assert relaymilter("relay-client", "add", "::/0", "--force", "--store", store).returncode == 0

@@ -338,8 +338,9 @@ def test_effective_toml_prints_the_new_keys_only(tmp_path):
 
 def test_the_restart_only_keys_are_the_listeners():
     assert {key.dotted for key in SCHEMA if key.restart_only} == {
-        "milter.socket", "milter.timeout", "metrics.listen", "policyd.socket",
-        "policyd.socket_mode"}
+        "milter.socket", "milter.timeout", "metrics.listen", "metrics.policyd_listen",
+        "policyd.socket", "policyd.socket_mode", "policyd.idle_timeout",
+        "policyd.max_connections"}
 
 
 def test_keep_restart_only_with_nothing_changed_returns_the_new_config():
@@ -376,3 +377,55 @@ def test_config_does_not_load_the_dns_machinery():
                             check=True).stdout.split()
     assert "relaymilter.config" in loaded
     assert not {"relaymilter.dnsbl", "dns.resolver", "relaymilter.metrics"} & set(loaded)
+
+
+# ------------------------------------------------------- wide networks ---
+
+@pytest.mark.parametrize("network", ["0.0.0.0/0", "10.0.0.0/7", "::/0", "2001:db8::/31",
+                                     "::ffff:0:0/96", "::/64"])
+def test_trusted_network_wider_than_8_or_32_is_refused_naming_file_and_key(tmp_path, network):
+    path, error = refusal(tmp_path, f'[relay]\ntrusted_networks = ["{network}"]\n')
+    assert str(error).startswith(f"{path}: relay.trusted_networks: ")
+    assert "open relay" in str(error) and "allow_wide_trusted_networks" in str(error)
+
+
+def test_trusted_networks_of_8_and_32_need_no_override(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="relaymilter.config")
+    config = load_config(write(tmp_path, '[relay]\ntrusted_networks = '
+                                         '["10.0.0.0/8", "2001:db8::/32", "::ffff:10.0.0.0/104"]\n'))
+    assert config.relay.allow_wide_trusted_networks is False
+    assert caplog.records == []
+
+
+def test_allowed_wide_trusted_network_is_accepted_with_a_warning(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="relaymilter.config")
+    path = write(tmp_path, '[relay]\ntrusted_networks = ["0.0.0.0/0"]\n'
+                           'allow_wide_trusted_networks = true\n')
+    assert load_config(path).relay.trusted_networks == ("0.0.0.0/0",)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "relay.trusted_networks: 0.0.0.0/0 is wider than" in record.getMessage()
+
+
+# ------------------------------------------------ both daemons, one config ---
+
+def test_each_daemon_has_its_own_metrics_listener():
+    config = parse_config({"metrics": {"listen": "127.0.0.1:9894",
+                                       "policyd_listen": "[::1]:9895"}})
+    assert config.metrics.address == ("127.0.0.1", 9894)
+    assert config.metrics.policyd_address == ("::1", 9895)
+    assert parse_config({}).metrics.policyd_address is None
+
+
+def test_the_same_metrics_address_for_both_daemons_is_refused():
+    with pytest.raises(ConfigError, match=r"r.toml: metrics.policyd_listen: '127.0.0.1:9894' "
+                                          r"is metrics.listen too"):
+        parse_config({"metrics": {"listen": "127.0.0.1:9894",
+                                  "policyd_listen": "127.0.0.1:9894"}}, "r.toml")
+
+
+def test_policy_service_connection_limits_have_bounds():
+    assert (parse_config({}).policyd.idle_timeout, parse_config({}).policyd.max_connections) \
+        == (330, 200)
+    with pytest.raises(ConfigError, match="policyd.max_connections"):
+        parse_config({"policyd": {"max_connections": 0}})

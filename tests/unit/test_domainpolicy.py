@@ -57,3 +57,32 @@ def test_the_engine_side_imports_no_database_module():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_user_holds_limits_and_owners_match_the_login_whatever_its_case():
+    policy = DomainPolicy.from_document({
+        "holds": [{"kind": "user", "value": "Zed@Example.COM", "reason": "phished"}],
+        "limits": [{"kind": "user", "value": "CAROL", "per_hour": 5}],
+        "domains": [{"domain": "cust.example", "owners": ["Alice"]},
+                    {"domain": "other.example", "owners": ["alice"]}]})
+    assert policy.held(None, "zed@example.com") == Hold("user", "Zed@Example.COM", "phished")
+    assert policy.limit("user", "carol") == 5
+    assert policy.owned_domains("ALICE") == frozenset({"cust.example", "other.example"})
+    assert policy.held(None, "zed@example.org") is None
+
+
+def test_from_rows_merges_owners_spelt_in_several_cases():
+    from relaymilter.netindex import NetworkIndex
+    policy = DomainPolicy.from_rows(NetworkIndex.from_blocks(()), {}, (), (), (), (), (),
+                                    [("Bob", ["a.example"]), ("bob", ["b.example"])])
+    assert policy.owned_domains("BOB") == frozenset({"a.example", "b.example"})
+
+
+@pytest.mark.parametrize("network, wide", [
+    ("0.0.0.0/0", True), ("10.0.0.0/7", True), ("10.0.0.0/8", False), ("::/0", True),
+    ("2001:db8::/31", True), ("2001:db8::/32", False), ("::/64", True),
+    ("::ffff:0:0/96", True), ("::ffff:10.0.0.0/104", False), ("::1/128", False)])
+def test_too_wide_is_wider_than_8_or_32_or_every_ipv4_mapped_address(network, wide):
+    from relaymilter.address import parse_network
+    from relaymilter.entries import too_wide
+    assert too_wide(parse_network(network)) is wide

@@ -306,3 +306,11 @@ def test_authenticated_client_may_send_every_relay_form(recipient):
     client = ClientFacts(LISTED_IP, auth_user="alice")
     decision = decide_recipient(RecipientFacts(client, "<s@x.test>", recipient), SNAPSHOT)
     assert (decision.action, decision.reason.word) == (Action.PERMIT, "authenticated")
+
+
+def test_one_outbound_count_per_user_however_the_login_is_spelt():
+    snap = with_policy(limits=[{"kind": "user", "value": "Zed@Example.COM", "per_hour": 1}])
+    counter = RecipientCounter(window=3600)
+    first = decide_recipient(relay_facts(auth_user="zed@example.com"), snap, counter)
+    second = decide_recipient(relay_facts(auth_user="ZED@example.com"), snap, counter)
+    assert (first.action, second.action) == (Action.PERMIT, Action.DEFER)

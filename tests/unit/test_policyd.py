@@ -52,6 +52,47 @@ def test_request_without_end_beyond_the_size_limit_is_malformed():
         read_request(stream(b"a=" + b"x" * 200 + b"\n" + b"b=1\n" * (MAX_REQUEST // 4)))
 
 
+def test_requests_in_crlf_lines_are_read():
+    source = stream(b"a=1\r\nb=2\r\n\r\nc=3\r\n\r\n")
+    assert [read_request(source), read_request(source), read_request(source)] == \
+        [{"a": "1", "b": "2"}, {"c": "3"}, None]
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_a_crlf_empty_line_split_across_reads_ends_the_request(step):
+    source = stream(b"a=1\r\n\r\nb=2\n\n", step)
+    assert [read_request(source), read_request(source)] == [{"a": "1"}, {"b": "2"}]
+
+
+def sized_request(size: int) -> bytes:
+    """A request of exactly size bytes, its empty line included."""
+    count, rest = divmod(size - 1, 4000)
+    lengths = [4000 + rest] + [4000] * (count - 1)
+    return b"".join(b"x%05d=" % i + b"a" * (length - 8) + b"\n"
+                    for i, length in enumerate(lengths)) + b"\n"
+
+
+def test_a_request_of_max_request_bytes_is_read():
+    raw = sized_request(MAX_REQUEST)
+    assert len(raw) == MAX_REQUEST
+    assert len(read_request(stream(raw + b"next=1\n\n"))) == MAX_REQUEST // 4000
+
+
+@pytest.mark.parametrize("step", [65536, 1000, 7])
+def test_a_request_one_byte_over_max_request_is_malformed(step):
+    raw = sized_request(MAX_REQUEST + 1)
+    with pytest.raises(MalformedRequest, match=f"request longer than {MAX_REQUEST} bytes"):
+        read_request(stream(raw, step))
+
+
+def test_a_request_of_nearly_twice_max_request_is_malformed():
+    """Once parsed whole: the limit was only checked before a read."""
+    raw = sized_request(MAX_REQUEST - 10)[:-1] + b"y=" + b"b" * 6000 + b"\n\n"
+    raw = raw + raw[:MAX_REQUEST - 100]
+    with pytest.raises(MalformedRequest, match="request longer"):
+        read_request(stream(raw))
+
+
 def test_value_may_hold_equals_signs_and_be_empty():
     assert read_request(stream(b"sender=\nccert=a=b=c\n\n")) == {"sender": "", "ccert": "a=b=c"}
 

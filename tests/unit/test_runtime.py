@@ -352,3 +352,35 @@ def test_unreadable_store_is_reported_once_and_mail_runs_without_policy(files, t
     (tmp_path / "missing-dir").mkdir()
     assert live.refresh_domain_policy() is True           # created on first use, now readable
     assert live.snapshot.domain_policy.counts == {kind: 0 for kind in live.snapshot.domain_policy.counts}
+
+
+# ---------------------------------------------------------------- SIGHUP ---
+
+def test_refresh_with_force_reloads_an_unchanged_config(files):
+    live = files.start()
+    snapshot = live.snapshot
+    assert live.refresh(force=True) is True
+    assert live.snapshot is not snapshot and is_local(live, "config.test")
+
+
+def test_reload_now_wakes_the_watcher_at_once(files):
+    live = files.start()
+    live.watch(interval=60)         # the poll alone would not come for a minute
+    try:
+        snapshot = live.snapshot
+        live.reload_now()
+        deadline = time.monotonic() + 5
+        while live.snapshot is snapshot and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert live.snapshot is not snapshot
+    finally:
+        live.stop()
+
+
+def test_a_forced_reload_of_a_broken_config_keeps_the_running_one(files, caplog):
+    live = files.start()
+    snapshot = live.snapshot
+    files.config.write_text("[relay]\nlocal_domains = 7\n", encoding="utf-8")
+    assert live.refresh(force=True) is False
+    assert live.snapshot is snapshot
+    assert any("relay.local_domains" in error for error in reload_errors(caplog))

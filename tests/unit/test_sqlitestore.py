@@ -211,3 +211,73 @@ def test_writers_and_readers_in_other_connections_never_see_database_locked(path
     with SQLiteStore(path) as store:
         assert store.load_policy().counts["allowlist"] == 300
         assert len(store.list_holds()) == 6
+
+
+# ------------------------------------------- upgrades of older stores ---
+
+def version_1_store(path):
+    """A store as relaymilter wrote it at schema version 1, user names case-sensitive."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("PRAGMA journal_mode = WAL")
+    raw.execute("BEGIN")
+    for statement in sqlitestore._statements(sqlitestore.MIGRATIONS[0]):
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 1")
+    rows = [("client", "192.0.2.0/24", bytes([192, 0, 2, 0]), 24, "infected", 1.0),
+            ("user", "Zed@Example.COM", None, None, "phished", 2.0),
+            ("user", "zed@example.com", None, None, "older", 1.0),
+            ("user", "alice", None, None, "", 3.0)]
+    raw.executemany("INSERT INTO hold (kind, value, packed, prefixlen, reason, created, added_by)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'root')", rows)
+    raw.executemany("INSERT INTO rate_limit (kind, value, per_hour, created, added_by) "
+                    "VALUES (?, ?, ?, ?, 'root')",
+                    [("user", "", 500, 1.0), ("user", "Carol", 5, 1.0), ("user", "CAROL", 9, 2.0)])
+    raw.execute("INSERT INTO domain (domain, created, added_by) VALUES ('cust.example', 1, 'x')")
+    raw.execute("INSERT INTO domain_owner VALUES ('cust.example', 'Bob')")
+    raw.execute("COMMIT")
+    raw.close()
+
+
+def test_a_version_1_store_is_upgraded_keeping_entries_and_the_newest_of_one_user(path):
+    version_1_store(path)
+    with SQLiteStore(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION >= 2
+        assert [(entry["kind"], entry["value"], entry["reason"])
+                for entry in store.list_holds()] == [
+            ("client", "192.0.2.0/24", "infected"), ("user", "Zed@Example.COM", "phished"),
+            ("user", "alice", "")]
+        assert [(entry["value"], entry["per_hour"]) for entry in store.list_limits()] == [
+            ("", 500), ("CAROL", 9)]
+        policy = store.load_policy()
+        assert policy.held(None, "zed@example.com").reason == "phished"
+        assert policy.held(None, "ALICE").value == "alice"
+        assert policy.limit("user", "carol") == 9
+        assert policy.owned_domains("bob") == frozenset({"cust.example"})
+        store.add_hold("user", "ZED@EXAMPLE.COM", reason="again")
+        assert len(store.list_holds()) == 3
+        assert store.remove_hold("user", "zed@example.com")
+        assert store.remove_hold("client", "192.0.2.0/24")
+
+
+# -------------------------------------------------------- permissions ---
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_a_new_store_and_its_wal_and_shm_are_not_readable_by_others(path, umask):
+    import os
+    import stat
+    old = os.umask(umask)
+    try:
+        with SQLiteStore(path) as store:
+            store.add_hold("user", "alice")
+            modes = {suffix: stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode)
+                     for suffix in ("", "-wal", "-shm")}
+    finally:
+        os.umask(old)
+    assert modes == {"": 0o640, "-wal": 0o640, "-shm": 0o640}
+
+
+def test_a_missing_store_with_create_false_is_a_store_missing_error(path):
+    from relaymilter.store import StoreMissingError
+    with pytest.raises(StoreMissingError):
+        SQLiteStore(path, create=False)
+    assert not path.exists()

@@ -167,13 +167,85 @@ def test_removing_a_relay_client_removes_its_sender_domains(storage):
 def test_holds_for_clients_and_users(storage):
     storage.add_hold("client", "203.0.113.5", reason="spam run")
     storage.add_hold("user", "alice", reason="phished")
-    storage.add_hold("user", "Alice")     # user names are compared exactly
+    storage.add_hold("user", "bob")
     assert [(entry["kind"], entry["value"], entry["reason"]) for entry in storage.list_holds()] == [
-        ("client", "203.0.113.5/32", "spam run"), ("user", "Alice", ""),
-        ("user", "alice", "phished")]
+        ("client", "203.0.113.5/32", "spam run"), ("user", "alice", "phished"),
+        ("user", "bob", "")]
     assert storage.remove_hold("client", "203.0.113.5/32")
     assert storage.remove_hold("user", " alice ")
     assert not storage.remove_hold("user", "alice")
+
+
+def test_user_names_differing_in_case_are_one_hold_shown_as_last_written(storage):
+    storage.add_hold("user", "Zed@Example.COM", reason="phished")
+    storage.add_hold("user", "ZED@example.com", reason="phished again")
+    assert [(entry["value"], entry["reason"]) for entry in storage.list_holds()] == [
+        ("ZED@example.com", "phished again")]
+    assert storage.load_policy().held(None, "zed@example.com").reason == "phished again"
+    assert storage.remove_hold("user", "zed@EXAMPLE.com")
+    assert storage.list_holds() == []
+
+
+def test_user_limits_and_owners_ignore_case(storage):
+    storage.set_limit("user", "Carol", 5)
+    storage.set_limit("user", "CAROL", 7)
+    assert [(entry["value"], entry["per_hour"]) for entry in storage.list_limits()] == [
+        ("CAROL", 7)]
+    storage.set_domain("cust.example", owners=["Alice", "alice", "Bob"])
+    assert storage.list_domains()[0]["owners"] == ["Alice", "Bob"]
+    policy = storage.load_policy()
+    assert policy.limit("user", "carol") == 7
+    assert policy.owned_domains("ALICE") == frozenset({"cust.example"})
+    assert storage.remove_limit("user", "carol")
+
+
+def test_relay_clients_wider_than_8_or_32_need_force(storage):
+    from relaymilter.store import WideNetworkError
+    for network in ("0.0.0.0/0", "10.0.0.0/7", "::/0", "2001::/31", "::ffff:0:0/96", "::/80"):
+        with pytest.raises(WideNetworkError, match="open relay"):
+            storage.add_relay_client(network)
+    assert storage.list_relay_clients() == []
+    storage.add_relay_client("10.0.0.0/8")
+    storage.add_relay_client("2001:db8::/32")
+    storage.add_relay_client("0.0.0.0/0", force=True)
+    assert [entry["network"] for entry in storage.list_relay_clients()] == [
+        "0.0.0.0/0", "10.0.0.0/8", "2001:db8::/32"]
+
+
+def test_import_of_a_wide_relay_client_names_the_row_unless_forced(storage):
+    from relaymilter.store import WideNetworkError
+    wide = document(relay_clients=[{"network": "192.0.2.0/24"}, {"network": "::/0"}])
+    with pytest.raises(WideNetworkError, match="relay_clients row 2: relay client ::/0"):
+        storage.import_policy(wide)
+    assert storage.list_relay_clients() == []
+    assert storage.import_policy(wide, force=True)["relay_clients"] == 2
+
+
+def test_import_changes_tell_what_an_import_would_do_and_write_nothing(storage):
+    storage.add_hold("user", "alice", reason="phished")
+    storage.add_hold("user", "bob")
+    storage.add_allowlist("192.0.2.0/24", "example.com")
+    wanted = document(holds=[{"kind": "user", "value": "ALICE", "reason": "phished"},
+                             {"kind": "user", "value": "bob", "reason": "new reason"},
+                             {"kind": "client", "value": "203.0.113.0/24"}])
+    assert storage.import_changes(wanted, replace=True) == {
+        "allowlist": {"added": [], "replaced": [], "removed": ["192.0.2.0/24 for example.com"]},
+        "relay_clients": {"added": [], "replaced": [], "removed": []},
+        "holds": {"added": ["client 203.0.113.0/24"],
+                  "replaced": ["user ALICE", "user bob"], "removed": []},
+        "limits": {"added": [], "replaced": [], "removed": []},
+        "domains": {"added": [], "replaced": [], "removed": []}}
+    assert storage.import_changes(wanted)["allowlist"]["removed"] == []
+    assert len(storage.list_holds()) == 2 and len(storage.list_allowlist()) == 1
+
+
+def test_entry_finds_the_entry_of_a_key(storage):
+    storage.add_hold("user", "Zed", reason="phished")
+    assert storage.entry("holds", kind="user", value="zed")["reason"] == "phished"
+    assert storage.entry("holds", kind="client", value="192.0.2.1") is None
+    storage.add_relay_client("192.0.2.0/24", ["a.example"])
+    assert storage.entry("relay_clients", network="192.0.2.7/24")["sender_domains"] == [
+        "a.example"]
 
 
 def test_limits_have_a_default_per_kind_and_overrides(storage):
@@ -418,7 +490,8 @@ def test_client_holds_match_by_containment_and_come_before_user_holds(policy):
                                                          "compromised")
     assert policy.held(ip("203.0.113.66"), "mallory").kind == "client"
     assert policy.held(ip("203.0.113.67"), "mallory") == Hold("user", "mallory", "phished")
-    assert policy.held(ip("203.0.113.67"), "Mallory") is None
+    assert policy.held(ip("203.0.113.67"), "Mallory") == Hold("user", "mallory", "phished")
+    assert policy.held(ip("203.0.113.67"), "mallory2") is None
     assert policy.held(None, None) is None
     assert policy.held(None, "") is None
 
