@@ -14,7 +14,12 @@ SYNOPSIS
 DESCRIPTION
     The config file is -c FILE, else $RELAYMILTER_CONFIG, else
     /etc/relaymilter/relaymilter.toml. Exit codes follow sysexits(3):
-    0 ok, 64 usage, 69 socket unavailable, 78 bad configuration, 1 other.
+    0 ok, 64 usage, 69 socket unavailable (or in use by a running
+    instance, or a metrics listener that cannot bind), 78 bad
+    configuration, 1 other.
+
+    `run` and `policyd` stop on SIGTERM or SIGINT (exit 0); SIGHUP reloads
+    the config and the store and never stops them (see _serve).
 
     The verbs only parse arguments and call the modules that own the work.
 """

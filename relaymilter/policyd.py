@@ -199,7 +199,8 @@ class PolicyConnection(socketserver.StreamRequestHandler):
                 attributes = self._requests.next()
             except MalformedRequest as error:
                 log.warning("policy request refused: %s; closing the connection", error)
-                self._send(MALFORMED)
+                if self._send(MALFORMED):
+                    self._drain()
                 return
             except TimeoutError:
                 log.debug("closing a policy service connection idle for %s s",
@@ -241,6 +242,19 @@ class PolicyConnection(socketserver.StreamRequestHandler):
         if listing is not None:
             self._message, self._listing = message, listing
         return listing
+
+    def _drain(self) -> None:
+        """Read what the client still sends (bounded: 1 s, 4 MAX_REQUEST) before
+        closing: closing with unread input resets the connection, and the
+        client could lose the answer just sent."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(1.0)
+            for _ in range(4 * MAX_REQUEST // 65536):
+                if not self.connection.recv(65536):
+                    return
+        except OSError:
+            pass
 
     def _send(self, action: str) -> bool:
         try:

@@ -191,7 +191,8 @@ def command_page() -> str:
               "0 success; 1 other failure (a bad policy entry: the store is unchanged); "
               "64 usage; 66 no policy store where list, remove or policy export looks "
               "(nothing is created); "
-              "69 the milter socket or the metrics listener is unavailable; 78 bad configuration.",
+              "69 the milter or policy service socket is unavailable or in use (a second "
+              "instance), or the metrics listener cannot bind; 78 bad configuration.",
               ".SH ENVIRONMENT", "\\fBRELAYMILTER_CONFIG\\fR: the config file when "
               "\\fB\\-c\\fR is not given.",
               ".SH FILES", "/etc/relaymilter/relaymilter.toml", ".br",
