@@ -44,6 +44,8 @@ class Decision:
 
     dry_run        the decision is a reject or defer, answered as a permit
     hold_request   (kind, value) the engine asks to put on hold
+    hold_reason    the reason text of the hold that refused: for the log
+                   line (hold_reason=<...>), never for the SMTP reply
     """
 
     action: Action
@@ -53,6 +55,7 @@ class Decision:
     text: str | None = None
     dry_run: bool = False
     hold_request: tuple[str, str] | None = None
+    hold_reason: str | None = None
 
     @property
     def reply(self) -> str:
@@ -131,8 +134,10 @@ def bad_recipient_syntax() -> Decision:
                     "Bad recipient address syntax")
 
 
-def relaying_suspended(reason: Reason) -> Decision:
-    return Decision(Action.REJECT, reason, 550, "5.7.1", "Relaying suspended for this sender")
+def relaying_suspended(reason: Reason, hold_reason: str | None = None) -> Decision:
+    """A hold refuses: the reply is the same for every hold; its reason is logged only."""
+    return Decision(Action.REJECT, reason, 550, "5.7.1", "Relaying suspended for this sender",
+                    hold_reason=hold_reason or None)
 
 
 def sender_not_owned(sender: str) -> Decision:

@@ -110,7 +110,7 @@ def decide_recipient(facts: RecipientFacts, snapshot: Snapshot,
     hold = policy.held(client.address, client.auth_user)
     if hold is not None:
         return relaying_suspended(Reason.HOLD_CLIENT if hold.kind == "client"
-                                  else Reason.HOLD_USER)
+                                  else Reason.HOLD_USER, hold.reason)
     relay_client = None
     if trust is Trust.UNTRUSTED:
         relay_client = policy.relay_client(client.address)

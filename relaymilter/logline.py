@@ -12,10 +12,16 @@ DESCRIPTION
         Relay access denied; from=<s@example.org> to=<u@remote.example>
         helo=<client.example> reason=remote-domain
 
-    (one line). "would reject" replaces "reject" under dry_run, so that no
-    filter written for real rejects fires during a trial. Rejects, defers and
+    (one line). A SASL login adds sasl_username=<alice> (Postfix's name for
+    it) before reason=; a hold that refuses adds its reason text after it,
+    hold_reason=<...>: the admin's note is for the log, never the reply.
+    "would reject" replaces "reject" under dry_run, so that no filter
+    written for real rejects fires during a trial. Rejects, defers and
     dry-run lines are logged at INFO, permits at DEBUG. Every field a client
-    controls goes through text.printable(). Only the engine calls this.
+    controls goes through text.printable(), so CR, LF, ESC or U+2028 in a
+    queue ID, HELO, address, host name or login never split or colour a
+    line: they are written as escapes (\\x0d, \\u2028; see text.py). Only
+    the engine calls this.
 """
 
 from __future__ import annotations
@@ -47,7 +53,11 @@ def format_decision(stage: str, decision: Decision, client: ClientFacts,
     if recipient is not None:
         parts.append(f"to=<{printable(recipient.strip().strip('<>'))}>")
     parts.append(f"helo=<{printable(client.helo)}>")
+    if client.auth_user:
+        parts.append(f"sasl_username=<{printable(client.auth_user)}>")
     parts.append(f"reason={decision.reason.word}")
+    if decision.hold_reason:
+        parts.append(f"hold_reason=<{printable(decision.hold_reason)}>")
     return " ".join(parts)
 
 

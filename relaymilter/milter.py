@@ -28,6 +28,30 @@ DESCRIPTION
 
     Postfix runs the milter's connect callback again after XCLIENT, in the
     same milter conversation: connect starts a fresh session every time.
+    After QUIT_NC pymilter drops the RelayMilter and the next connect gets
+    a new one. An aborted transaction (RSET, or the MTA's ABORT) ends the
+    message state: the sender and the SASL login of MAIL. libmilter keeps
+    the MAIL macros of the aborted transaction until the MTA sends new
+    ones, so after an ABORT a MAIL's {auth_authen} counts only when that
+    MAIL's macros are shown to be fresh: {mail_addr} (requested at MAIL,
+    sent by Postfix and Sendmail with every MAIL) names this MAIL's sender.
+
+    Bytes that are not UTF-8: pymilter decodes the connect host name and
+    the HELO argument in C, before any Python runs, and for bytes that are
+    not UTF-8 calls no callback at all: it prints the UnicodeDecodeError
+    through sys.excepthook and answers libmilter with its exception policy
+    (nothing reaches the MTA in a no-reply stage). install_entry_guards()
+    (once, at the first connection) turns that into a decision: its
+    excepthook keeps the raw bytes for the connection's thread (pymilter
+    gives each connection its own thread state) and logs one escaped line,
+    no traceback; the failed callback is replayed with the bytes decoded
+    with surrogateescape (shown as \xff in logs), the client address read
+    from the {client_addr} connect macro. A connect is told from a HELO by
+    that address: a new address, or no session yet, is a new connect. Where
+    pymilter has no RelayMilter for the connection (a connect that failed
+    after QUIT_NC), the next callback makes one. Without {client_addr} the
+    client is unknown (never trusted) and the session answers [decisions]
+    on_error at RCPT: never a permit that skipped the DNSBL.
 
     DNSBL: connect starts the lookups of an untrusted client, so that their
     latency hides behind HELO and MAIL FROM; RCPT collects them. With
@@ -40,6 +64,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import sys
 import threading
 from typing import Any, Callable
 
@@ -48,13 +73,14 @@ import Milter
 from relaymilter.address import IPAddress, parse_ip
 from relaymilter.decision import Action, ClientFacts, Decision, RecipientFacts
 from relaymilter.engine import Engine
+from relaymilter.text import printable
 
 
 log = logging.getLogger(__name__)
 
 # Macros whose absence means the MTA is configured so that a check is
 # weaker than it should be; warned about once per process.
-EXPECTED_MACROS = {"connect": ("j",), "envrcpt": ("{rcpt_addr}",)}
+EXPECTED_MACROS = {"connect": ("j", "{client_addr}"), "envrcpt": ("{rcpt_addr}",)}
 
 
 # Stands for a macro value that was not UTF-8; it parses as no address.
@@ -116,6 +142,8 @@ class RelayMilter(Milter.Base):
         self._engine = engine
         self._warnings = warnings
         self._start_session(ClientFacts(address=None))
+        if not _guards_installed and _in_libmilter():
+            install_entry_guards()
 
     def _start_session(self, client: ClientFacts) -> None:
         self._client = client
@@ -123,6 +151,9 @@ class RelayMilter(Milter.Base):
         self._sender: str | None = None
         self._session_fault = False
         self._message_fault = False
+        self._aborted = False       # an ABORT since the session began: MAIL macros may be stale
+        self._connected = False
+        _entries.setdefault(threading.get_ident(), {})["milter"] = self
 
     # ------------------------------------------------------ callbacks ---
 
@@ -148,14 +179,18 @@ class RelayMilter(Milter.Base):
             return Milter.ALL_OPTS
         return Milter.CONTINUE
 
-    @Milter.symlist("j", "{daemon_name}")
+    @Milter.symlist("j", "{daemon_name}", "{client_addr}")
     @Milter.noreply
     @guarded("connect")
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         self._engine.connection()
         name = hostname if hostname and not hostname.startswith("[") else "unknown"
         self._start_session(ClientFacts(address=client_address(family, hostaddr), name=name))
+        self._connected = True
         self._require_macros("connect")
+        return self._start_lookups()
+
+    def _start_lookups(self) -> int:
         snapshot = self._engine.snapshot
         self._listing = self._engine.start_lookups(self._client, snapshot)
         if self._listing is not None and snapshot.rejects_at_connect \
@@ -166,24 +201,38 @@ class RelayMilter(Milter.Base):
     @Milter.noreply
     @guarded("helo")
     def hello(self, hostname: str) -> int:
+        self._follow_client()
         self._client = ClientFacts(self._client.address, self._client.name, hostname,
                                    self._client.auth_user)
         return Milter.CONTINUE
 
-    @Milter.symlist("{auth_authen}", "{auth_type}")
+    @Milter.symlist("{auth_authen}", "{auth_type}", "{mail_addr}")
     @Milter.noreply
     @guarded("mail")
     def envfrom(self, sender: str, *params: str) -> int:
+        self._follow_client()
         self._message_fault = False
         self._sender = _text(sender)
         auth_user = self._macro("{auth_authen}") or None
+        if auth_user is not None and self._aborted and not self._mail_macros_fresh():
+            log.warning("ignoring {auth_authen} at MAIL from %s: the MTA sent no new MAIL "
+                        "macros after an aborted transaction", self._client_label())
+            auth_user = None
         self._client = ClientFacts(self._client.address, self._client.name, self._client.helo,
                                    auth_user)
         return Milter.CONTINUE
 
+    def _mail_macros_fresh(self) -> bool:
+        """Does the {mail_addr} macro name this MAIL's sender (not an aborted one's)?"""
+        witness = self._macro("{mail_addr}")
+        if witness is None or witness == UNDECODABLE:
+            return False
+        return witness.strip().strip("<>").lower() == self._sender.strip().strip("<>").lower()
+
     @Milter.symlist("{rcpt_addr}", "i")
     @guarded("rcpt")
     def envrcpt(self, recipient: str, *params: str) -> int:
+        self._follow_client()
         recipient = _text(recipient)
         queue_id = self._macro("i") or None
         if self._session_fault or self._message_fault:
@@ -201,6 +250,82 @@ class RelayMilter(Milter.Base):
     def data(self) -> int:
         # Everything is decided at RCPT; do not be asked again for this message.
         return Milter.ACCEPT
+
+    def abort(self) -> int:
+        """The MTA aborted the transaction (RSET, a rejected message, QUIT).
+
+        The message ends here: its sender, its SASL login and its fault. The
+        client, HELO and DNSBL lookups belong to the session and stay.
+        """
+        self._sender = None
+        self._message_fault = False
+        self._aborted = True
+        self._client = ClientFacts(self._client.address, self._client.name, self._client.helo)
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        """The milter connection, or its session (QUIT_NC), ended."""
+        _entries.pop(threading.get_ident(), None)
+        return Milter.CONTINUE
+
+    # ------------------------------------------- arguments pymilter could not decode ---
+
+    def _macro_client(self) -> tuple[bool, IPAddress | None]:
+        """(sent, address) of the {client_addr} connect macro; address None: unreadable."""
+        text = self._macro("{client_addr}")
+        if text is None:
+            return False, None
+        if text[:5].lower() == "ipv6:":     # Sendmail's form
+            text = text[5:]
+        family = socket.AF_INET6 if ":" in text else socket.AF_INET
+        return True, client_address(family, text) if text != UNDECODABLE else None
+
+    def _follow_client(self) -> None:
+        """Start a new session when the connect macros name another client.
+
+        libmilter swallows a CONNECT that follows an ABORT without QUIT_NC:
+        no connect callback, but its macros replace the old ones. A client
+        address that changed under us is a new client: nothing of the old
+        session (trust, login, lookups) may stay.
+        """
+        sent, address = self._macro_client()
+        if not sent or not self._connected or address == self._client.address:
+            return
+        log.warning("the MTA began a session for %s without a connect callback; "
+                    "starting a new session", address if address is not None else "unknown")
+        self._engine.connection()
+        self._start_session(ClientFacts(address=address))
+        self._connected = True
+        self._session_fault = address is None
+        if address is not None:
+            self._start_lookups()
+
+    def unreadable_argument(self, raw: bytes) -> None:
+        """pymilter could not decode a connect host name or a HELO argument (raw).
+
+        Called by the excepthook of install_entry_guards() in place of the
+        callback pymilter did not call: see the module docstring.
+        """
+        text = raw.decode("utf-8", "surrogateescape")
+        _, address = self._macro_client()
+        if self._connected and address is not None and address == self._client.address:
+            log.warning("HELO from %s is not UTF-8: %s", self._client_label(), printable(text))
+            self._client = ClientFacts(self._client.address, self._client.name, text)
+            return
+        log.warning("connect from %s[%s]: the host name is not UTF-8%s", printable(text),
+                    address if address is not None else "unknown",
+                    "" if address is not None else
+                    "; no {client_addr} macro either: answering [decisions] on_error")
+        self._engine.connection()
+        self._start_session(ClientFacts(address=address, name=text))
+        self._connected = True
+        self._session_fault = address is None
+        if address is not None:
+            self._start_lookups()
+
+    def _client_label(self) -> str:
+        address = self._client.address
+        return f"{printable(self._client.name)}[{address if address is not None else 'unknown'}]"
 
     # -------------------------------------------------------- helpers ---
 
@@ -254,6 +379,78 @@ def _macro_requests(milter_class: type) -> tuple[tuple[int, str], ...]:
         if macros:
             requests.append((stage, " ".join(macros)))
     return tuple(requests)
+
+
+# ------------------------------------------------------- pymilter entry points ---
+
+# Per libmilter connection, keyed by its OS thread (libmilter runs one
+# thread per connection; pymilter may give one connection several Python
+# thread states, so threading.local would not do): "milter", "pending".
+_entries: dict[int, dict[str, Any]] = {}
+_guards_lock = threading.Lock()
+_guards_installed: list = []     # what was replaced, kept alive
+
+
+def install_entry_guards() -> None:
+    """Make undecodable connect and HELO arguments a decision, not a traceback.
+
+    Idempotent; called when the first RelayMilter is made (inside
+    Milter.runmilter, after it registered its callbacks). See the module
+    docstring.
+    """
+    with _guards_lock:
+        if _guards_installed:
+            return
+        previous = sys.excepthook
+
+        def excepthook(kind: type, value: BaseException, traceback: Any) -> None:
+            # pymilter's C argument building fails before any Python frame:
+            # a UnicodeDecodeError without a traceback is that, nothing else.
+            if issubclass(kind, UnicodeDecodeError) and traceback is None \
+                    and isinstance(getattr(value, "object", None), bytes):
+                try:
+                    _unreadable_argument(value.object)
+                    return
+                except Exception:
+                    log.exception("could not handle an undecodable milter argument")
+            previous(kind, value, traceback)
+
+        replaced = (previous, Milter.milter.set_helo_callback, Milter.milter.set_envfrom_callback)
+        sys.excepthook = excepthook
+        # pymilter's own entries assume connect made a RelayMilter: after a
+        # connect whose host name it could not decode, none exists.
+        Milter.milter.set_helo_callback(lambda ctx, host: _milter_of(ctx).hello(host))
+        Milter.milter.set_envfrom_callback(lambda ctx, *b: _milter_of(ctx).envfrom_bytes(*b))
+        Milter.milter.set_envrcpt_callback(lambda ctx, *b: _milter_of(ctx).envrcpt_bytes(*b))
+        Milter.milter.set_abort_callback(lambda ctx: _milter_of(ctx).abort())
+        _guards_installed.append(replaced)
+
+
+def _in_libmilter() -> bool:
+    """On one of libmilter's threads (not a test driving RelayMilter directly)?"""
+    return isinstance(threading.current_thread(), threading._DummyThread)
+
+
+def _unreadable_argument(raw: bytes) -> None:
+    entry = _entries.setdefault(threading.get_ident(), {})
+    milter = entry.get("milter")
+    if milter is None:              # no RelayMilter yet: the next callback makes one
+        entry["pending"] = entry.get("pending", ()) + (raw,)    # connect, then HELO
+    else:
+        milter.unreadable_argument(raw)
+
+
+def _milter_of(ctx: Any) -> RelayMilter:
+    """The connection's RelayMilter; made now if pymilter's connect never ran."""
+    milter = ctx.getpriv()
+    if milter is None:
+        milter = Milter.factory()
+        milter._setctx(ctx)
+        entry = _entries.setdefault(threading.get_ident(), {})
+        pending = entry.pop("pending", ()) or (b"",)
+        for raw in pending:
+            milter.unreadable_argument(raw)
+    return milter
 
 
 def _text(value: str | bytes) -> str:

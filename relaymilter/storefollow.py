@@ -30,6 +30,7 @@ from relaymilter.autohold import HoldRequest
 from relaymilter.domainpolicy import EMPTY_POLICY, DomainPolicy
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.storewatch import StoreWatcher
+from relaymilter.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,13 @@ class StoreFollower:
         """Write an automatic hold; the next poll() brings it into force."""
         if path is None:
             log.warning("%s %s should be put on hold (%s), but there is no [store] path",
-                        request.kind, request.value, request.reason)
+                        request.kind, printable(request.value), request.reason)
             return
         if self._watcher is not None and self._watcher.path != path:
             self._drop()
         if self._watcher is None:
             self._watcher = StoreWatcher(path, self._metrics)
-        self._watcher.put_on_hold(request.kind, request.value, request.reason)
+        self._watcher.put_on_hold(request.kind, printable(request.value), request.reason)
 
     def close(self) -> None:
         self._drop()

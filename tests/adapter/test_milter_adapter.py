@@ -187,8 +187,8 @@ def test_no_reply_stages_answer_noreply(install):
 def test_macros_are_requested_per_stage(install):
     ctx = install(make_live())
     open_session(ctx)
-    assert ctx._symlist[Milter.M_CONNECT] == {b"j", b"{daemon_name}"}
-    assert ctx._symlist[Milter.M_ENVFROM] == {b"{auth_authen}", b"{auth_type}"}
+    assert ctx._symlist[Milter.M_CONNECT] == {b"j", b"{daemon_name}", b"{client_addr}"}
+    assert ctx._symlist[Milter.M_ENVFROM] == {b"{auth_authen}", b"{auth_type}", b"{mail_addr}"}
     assert ctx._symlist[Milter.M_ENVRCPT] == {b"{rcpt_addr}", b"i"}
 
 
