@@ -38,20 +38,27 @@ RELAY = {
 RELAY_DENIED = 554
 
 
-@pytest.fixture(scope="module")
-def gate(postfix_installed, public_tree,
-         front_end) -> Iterator[tuple[RelaymilterProcess, PostfixInstance]]:
-    """One relaymilter and one Postfix for the read-only cases of this module."""
-    service = RelaymilterProcess(public_subdirectory(public_tree, f"gate-{front_end}"),
-                                 front_end=front_end, relay=RELAY)
+def relaymilter_and_postfix(directory: Path, front_end: str, relay: dict,
+                            postfix_domains: tuple[str, ...]
+                            ) -> Iterator[tuple[RelaymilterProcess, PostfixInstance]]:
+    """A relaymilter with [relay] relay, and a Postfix in front of it."""
+    service = RelaymilterProcess(directory, front_end=front_end, relay=relay)
     service.start()
-    postfix = PostfixInstance(**service.postfix_kwargs(local_domains=POSTFIX_DOMAINS))
+    postfix = PostfixInstance(**service.postfix_kwargs(local_domains=postfix_domains))
     try:
         postfix.start()
         yield service, postfix
     finally:
         postfix.stop()
         service.kill()
+
+
+@pytest.fixture(scope="module")
+def gate(postfix_installed, public_tree,
+         front_end) -> Iterator[tuple[RelaymilterProcess, PostfixInstance]]:
+    """One relaymilter and one Postfix for the read-only cases of this module."""
+    yield from relaymilter_and_postfix(public_subdirectory(public_tree, f"gate-{front_end}"),
+                                       front_end, RELAY, POSTFIX_DOMAINS)
 
 
 def rcpt_reply(port: int, recipient: bytes | str, addr: str | None = UNTRUSTED,
@@ -339,16 +346,8 @@ def _re(recipient: str) -> str:
 def idna_2008_only(postfix_installed, public_tree, front_end):
     """relaymilter with straße.test local but not its IDNA 2003 twin strasse.test."""
     relay = {**RELAY, "local_domains": ["local.test", "straße.test"]}
-    service = RelaymilterProcess(public_subdirectory(public_tree, f"idna-{front_end}"),
-                                 front_end=front_end, relay=relay)
-    service.start()
-    postfix = PostfixInstance(**service.postfix_kwargs(local_domains=("local.test",)))
-    try:
-        postfix.start()
-        yield service, postfix
-    finally:
-        postfix.stop()
-        service.kill()
+    yield from relaymilter_and_postfix(public_subdirectory(public_tree, f"idna-{front_end}"),
+                                       front_end, relay, ("local.test",))
 
 
 @pytest.mark.parametrize("recipient", ["<user@straße.test>", "<user@STRASSE.test>"])
