@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaymilter.address import IPAddress, parse_network
-from relaymilter.entries import user_key, validate_document
+from relaymilter.entries import too_wide, user_key, validate_document
 from relaymilter.netindex import NetworkIndex
 
 
@@ -230,6 +230,12 @@ class DomainPolicy:
         if user:
             return self._user_holds.get(user_key(user))
         return None
+
+    def wide_relay_clients(self) -> list[str]:
+        """Relay-client networks wider than /8 or /32 (entries.too_wide): each an
+        open relay for its clients, accepted only with --force."""
+        return [entry.network for entry in self._relay_clients
+                if too_wide(parse_network(entry.network))]
 
     def relay_client(self, client: IPAddress | None) -> RelayClient | None:
         """The relay client entry of the longest network holding client, or None."""

@@ -233,6 +233,7 @@ class SQLiteStore(Storage):
             self._create_private()
         elif not os.path.exists(self.path):
             raise StoreMissingError(f"{self.path}: cannot open: no policy store there")
+        self._tighten()
         # A URI so that create=False can say "must exist" (mode=rw).
         uri = pathlib.Path(self.path).absolute().as_uri() + ("?mode=rwc" if create else "?mode=rw")
         try:
@@ -271,6 +272,25 @@ class SQLiteStore(Storage):
                     os.fchown(descriptor, directory.st_uid, directory.st_gid)
         finally:
             os.close(descriptor)
+
+    def _tighten(self) -> None:
+        """A store made readable by others (an older relaymilter, a copy) becomes
+        FILE_MODE, its -wal and -shm files too; said once, on the way."""
+        for path in (self.path, self.path + "-wal", self.path + "-shm"):
+            try:
+                mode = os.stat(path).st_mode & 0o777
+            except OSError:
+                continue                    # no such file: nothing to tighten
+            if not mode & ~FILE_MODE:
+                continue
+            try:
+                os.chmod(path, mode & FILE_MODE)
+            except OSError as error:        # not ours to change: say so, go on
+                log.warning("%s is mode %04o, readable beyond its owner and group, and "
+                            "cannot be changed: %s", path, mode, error.strerror)
+                continue
+            log.warning("%s was mode %04o, readable beyond its owner and group: now %04o",
+                        path, mode, mode & FILE_MODE)
 
     # --------------------------------------------------------- schema ---
 

@@ -87,6 +87,11 @@ class StoreWatcher:
         self._metrics.store_loaded(seconds)
         log.info("policy store %s loaded in %.3fs: %s", self.path, seconds,
                  ", ".join(f"{count} {kind}" for kind, count in policy.counts.items()))
+        wide = policy.wide_relay_clients()
+        if wide:
+            log.warning("policy store %s: relay client %s wider than /8 (IPv4) or /32 (IPv6): "
+                        "every client in %s may relay anywhere (an open relay)", self.path,
+                        ", ".join(wide), "them" if len(wide) > 1 else "it")
         self.loaded = True
         return policy
 

@@ -129,6 +129,28 @@ def test_store_wal_and_shm_are_created_0640_under_umask_022(store):
     assert stat.S_IMODE(store.stat().st_mode) == 0o640
 
 
+def test_an_existing_store_readable_by_everyone_is_tightened_when_opened(store):
+    relaymilter("hold", "add", "--user", "alice", "--store", str(store))
+    for path in (store, Path(f"{store}-wal"), Path(f"{store}-shm")):
+        if path.exists():
+            path.chmod(0o644)
+    done = relaymilter("hold", "list", "--store", str(store))
+    assert "alice" in done.stdout
+    assert f"{store} was mode 0644, readable beyond its owner and group: now 0640" in done.stderr
+    assert stat.S_IMODE(store.stat().st_mode) == 0o640
+    assert "was mode" not in relaymilter("hold", "list", "--store", str(store)).stderr
+
+
+def test_a_wide_relay_client_already_in_the_store_is_warned_about_at_load(tmp_path, store):
+    relaymilter("relay-client", "add", "0.0.0.0/0", "--force", "--store", str(store))
+    service = RelaymilterProcess(tmp_path, front_end="policyd",
+                                 relay={"local_domains": ["local.test"]},
+                                 store={"path": str(store)})
+    with service:
+        service.wait_for_log(r"warning: policy store .*: relay client 0\.0\.0\.0/0 wider than "
+                             r"/8 \(IPv4\) or /32 \(IPv6\): every client in it may relay")
+
+
 # -------------------------------------------------------- #18 safety ---
 
 @pytest.mark.parametrize("words", [("hold", "list"), ("allowlist", "list", "--json"),
