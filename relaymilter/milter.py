@@ -145,8 +145,9 @@ class RelayMilter(Milter.Base):
         if not _guards_installed and _in_libmilter():
             install_entry_guards()
 
-    def _start_session(self, client: ClientFacts) -> None:
+    def _start_session(self, client: ClientFacts, client_addr_text: str | None = None) -> None:
         self._client = client
+        self._client_addr_text = client_addr_text   # the {client_addr} the session began with
         self._listing = None
         self._sender: str | None = None
         self._session_fault = False
@@ -185,7 +186,8 @@ class RelayMilter(Milter.Base):
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         self._engine.connection()
         name = hostname if hostname and not hostname.startswith("[") else "unknown"
-        self._start_session(ClientFacts(address=client_address(family, hostaddr), name=name))
+        self._start_session(ClientFacts(address=client_address(family, hostaddr), name=name),
+                            self._macro("{client_addr}"))
         self._connected = True
         self._require_macros("connect")
         return self._start_lookups()
@@ -270,35 +272,26 @@ class RelayMilter(Milter.Base):
 
     # ------------------------------------------- arguments pymilter could not decode ---
 
-    def _macro_client(self) -> tuple[bool, IPAddress | None]:
-        """(sent, address) of the {client_addr} connect macro; address None: unreadable."""
-        text = self._macro("{client_addr}")
-        if text is None:
-            return False, None
-        if text[:5].lower() == "ipv6:":     # Sendmail's form
-            text = text[5:]
-        family = socket.AF_INET6 if ":" in text else socket.AF_INET
-        return True, client_address(family, text) if text != UNDECODABLE else None
-
     def _follow_client(self) -> None:
         """Start a new session when the connect macros name another client.
 
         libmilter swallows a CONNECT that follows an ABORT without QUIT_NC:
         no connect callback, but its macros replace the old ones. A client
         address that changed under us is a new client: nothing of the old
-        session (trust, login, lookups) may stay.
+        session (trust, login, lookups) may stay. Runs at every HELO, MAIL
+        and RCPT: the macro's text is compared with the session's, and
+        parsed only when it changed.
         """
-        sent, address = self._macro_client()
-        if not sent or not self._connected or address == self._client.address:
+        text = self._macro("{client_addr}")
+        if text is None or not self._connected or text == self._client_addr_text:
+            return
+        address = _macro_address(text)
+        if address == self._client.address:
+            self._client_addr_text = text
             return
         log.warning("the MTA began a session for %s without a connect callback; "
                     "starting a new session", address if address is not None else "unknown")
-        self._engine.connection()
-        self._start_session(ClientFacts(address=address))
-        self._connected = True
-        self._session_fault = address is None
-        if address is not None:
-            self._start_lookups()
+        self._restart_session(ClientFacts(address=address), text)
 
     def unreadable_argument(self, raw: bytes) -> None:
         """pymilter could not decode a connect host name or a HELO argument (raw).
@@ -307,7 +300,8 @@ class RelayMilter(Milter.Base):
         callback pymilter did not call: see the module docstring.
         """
         text = raw.decode("utf-8", "surrogateescape")
-        _, address = self._macro_client()
+        macro = self._macro("{client_addr}")
+        address = _macro_address(macro) if macro is not None else None
         if self._connected and address is not None and address == self._client.address:
             log.warning("HELO from %s is not UTF-8: %s", self._client_label(), printable(text))
             self._client = ClientFacts(self._client.address, self._client.name, text)
@@ -316,11 +310,16 @@ class RelayMilter(Milter.Base):
                     address if address is not None else "unknown",
                     "" if address is not None else
                     "; no {client_addr} macro either: answering [decisions] on_error")
+        self._restart_session(ClientFacts(address=address, name=text), macro)
+
+    def _restart_session(self, client: ClientFacts, client_addr_text: str | None) -> None:
+        """A session begun without pymilter's connect callback: as connect would
+        begin it. An unknown client is answered [decisions] on_error at RCPT."""
         self._engine.connection()
-        self._start_session(ClientFacts(address=address, name=text))
+        self._start_session(client, client_addr_text)
         self._connected = True
-        self._session_fault = address is None
-        if address is not None:
+        self._session_fault = client.address is None
+        if client.address is not None:
             self._start_lookups()
 
     def _client_label(self) -> str:
@@ -424,6 +423,16 @@ def install_entry_guards() -> None:
         Milter.milter.set_envrcpt_callback(lambda ctx, *b: _milter_of(ctx).envrcpt_bytes(*b))
         Milter.milter.set_abort_callback(lambda ctx: _milter_of(ctx).abort())
         _guards_installed.append(replaced)
+
+
+def _macro_address(text: str) -> IPAddress | None:
+    """The address in a {client_addr} macro (Sendmail writes "IPv6:" before
+    IPv6); None when it is not readable."""
+    if text == UNDECODABLE:
+        return None
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    return client_address(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
 
 
 def _in_libmilter() -> bool:
