@@ -246,11 +246,14 @@ def _serve(args: argparse.Namespace, front_end: str) -> int:
     recorder = metrics_recorder(config, front_end)
     socket_text = config.milter.socket if front_end == "milter" else config.policyd.socket
     signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
-    try:
-        claim_socket(socket_text)   # policyd claims again as it binds; harmless
-    except OSError as error:
-        log.error("%s", error)
-        return EX_UNAVAILABLE
+    if front_end == "milter":
+        # libmilter opens its socket itself; the policy service claims its
+        # own as it binds (policyd._listen).
+        try:
+            claim_socket(socket_text)
+        except OSError as error:
+            log.error("%s", error)
+            return EX_UNAVAILABLE
     metrics_key = METRICS_KEYS[front_end]
     metrics_address = config.metrics.address if front_end == "milter" \
         else config.metrics.policyd_address
