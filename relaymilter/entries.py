@@ -66,6 +66,7 @@ import getpass
 import ipaddress
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -488,6 +489,16 @@ def changes(current: Mapping[str, list[tuple]], wanted: Mapping[str, list[tuple]
                         if replace and section.key(record) not in after],
         }
     return result
+
+
+def import_changes(current: Any, document: Any, replace: bool = False,
+                   force: bool = False) -> dict[str, dict[str, list[str]]]:
+    """What importing document over the export-shaped current (None: an empty
+    store) would change (changes()); StoreInputError for a bad document."""
+    now, actor = time.time(), default_actor()
+    wanted = validate_document(document, now, actor, allow_wide=force)
+    before = {} if current is None else validate_document(current, now, actor, allow_wide=True)
+    return changes(before, wanted, replace)
 
 
 def _content(record: tuple) -> tuple:

@@ -64,7 +64,7 @@ from typing import Any, Self
 
 from relaymilter.domainpolicy import DomainPolicy
 from relaymilter.entries import (FORMAT, FORMAT_VERSION, SECTIONS, Section, StoreInputError,
-                                 WideNetworkError, changes, default_actor, refuse_wide,
+                                 WideNetworkError, default_actor, import_changes, refuse_wide,
                                  validate_document)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Storage", "StoreError", "StoreInputError",
@@ -214,10 +214,7 @@ class Storage(abc.ABC):
                        force: bool = False) -> dict[str, dict[str, list[str]]]:
         """What import_policy() would do, written nowhere: per section, the
         entries "added", "replaced" and (replace) "removed" (entries.changes)."""
-        now, actor = time.time(), default_actor()
-        wanted = validate_document(document, now, actor, allow_wide=force)
-        current = validate_document(self.export(), now, actor, allow_wide=True)
-        return changes(current, wanted, replace)
+        return import_changes(self.export(), document, replace, force)
 
     def entry(self, name: str, **key_fields: Any) -> dict[str, Any] | None:
         """The entry of section name ("holds" ...) with the key that key_fields

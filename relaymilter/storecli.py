@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relaymilter.config import ConfigError, config_path, load_config
-from relaymilter.entries import SECTIONS, changes, default_actor, user_key, validate_document
+from relaymilter.entries import SECTIONS, import_changes, user_key
 from relaymilter.exitcodes import EX_ERROR, EX_NOINPUT, EX_OK
 from relaymilter.openstore import open_store
 from relaymilter.store import (Storage, StoreError, StoreInputError, StoreMissingError,
@@ -237,10 +237,8 @@ def _changed(removed: bool, what: str, store: Storage | None = None,
             nearest = _nearest(store, args)
             if nearest:
                 sys.stderr.write("relaymilter: nearest entries:\n")
-                columns = KINDS[args.kind][1]
                 for entry in nearest:
-                    sys.stderr.write("  " + "  ".join(
-                        f"{column}={_cell(entry.get(column))}" for column in columns) + "\n")
+                    sys.stderr.write(f"  {_entry_line(entry, args.kind)}\n")
         return EX_ERROR
     return EX_OK
 
@@ -303,9 +301,8 @@ def _refuse_replacing(store: Storage, args: argparse.Namespace, **fields: Any) -
     wanted = section.record(fields, 0.0, "-")._asdict()[field]
     if normal(wanted) == normal(existing[field]):
         return False
-    columns = KINDS[args.kind][1]
-    shown = "  ".join(f"{column}={_cell(existing.get(column))}" for column in columns)
-    sys.stderr.write(f"relaymilter: an entry exists whose {field} differ:\n  {shown}\n"
+    sys.stderr.write(f"relaymilter: an entry exists whose {field} differ:\n"
+                     f"  {_entry_line(existing, args.kind)}\n"
                      f"relaymilter: add --replace to replace it; nothing changed\n")
     return True
 
@@ -418,9 +415,8 @@ def _dry_run(store: Storage | None, args: argparse.Namespace) -> int:
         return EX_ERROR
     if store is not None:
         planned = store.import_changes(document, replace=args.replace, force=args.force)
-    else:
-        planned = changes({}, validate_document(document, time.time(), default_actor(),
-                                                allow_wide=args.force), args.replace)
+    else:       # a missing store: as an empty one
+        planned = import_changes(None, document, args.replace, args.force)
     marks = {"added": "+", "replaced": "~", "removed": "-"}
     for name, section_changes in planned.items():
         counts = ", ".join(f"{len(labels)} {change}" for change, labels in section_changes.items()
@@ -447,6 +443,11 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
         sys.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths))
                          .rstrip() + "\n")
     return EX_OK
+
+
+def _entry_line(entry: dict[str, Any], kind: str) -> str:
+    """One entry as column=value pairs, in the columns of its verb's list."""
+    return "  ".join(f"{column}={_cell(entry.get(column))}" for column in KINDS[kind][1])
 
 
 def _cell(value: Any) -> str:
