@@ -134,8 +134,8 @@ def explain(config: Config, question: Question) -> dict[str, Any]:
             "store": store.note,
             "dry_run": config.decisions.dry_run,
             "dnsbl": _dnsbl(listing, snapshot, store, address),
-            "recipients": [_recipient(config, snapshot, client, question.sender, text, listing,
-                                      counter) for text in question.recipients],
+            "recipients": [_recipient(config, snapshot, client, trust, question.sender, text,
+                                      listing, counter) for text in question.recipients],
         }
     finally:
         if snapshot.dnsbl is not None:
@@ -167,8 +167,8 @@ def _dnsbl(listing, snapshot, store: _Store, address: IPAddress) -> dict[str, An
             "exempting_entries": exemptions(store.storage, address) if result.listed else []}
 
 
-def _recipient(config: Config, snapshot, client: ClientFacts, sender: str, text: str,
-               listing, counter: RecipientCounter) -> dict[str, Any]:
+def _recipient(config: Config, snapshot, client: ClientFacts, trust: Trust, sender: str,
+               text: str, listing, counter: RecipientCounter) -> dict[str, Any]:
     facts = RecipientFacts(client=client, sender=sender, recipient=text, listing=listing)
     decision = enforce(decide_recipient(facts, snapshot, counter), config.decisions.dry_run)
     entry: dict[str, Any] = {"recipient": text, "decision": _decision(decision)}
@@ -187,7 +187,6 @@ def _recipient(config: Config, snapshot, client: ClientFacts, sender: str, text:
     entry["domain_dnsbl"] = None if setting is None else {"enabled": setting.enabled,
                                                           "threshold": setting.threshold}
     entry["allowlisted"] = policy.allowlisted(client.address, recipient.domain)
-    trust = client_trust(client.address, client.auth_user, snapshot.relay_rules)
     if not verdict.allowed and trust is not Trust.UNTRUSTED:
         kind, value = (("user", client.auth_user) if trust is Trust.AUTHENTICATED
                        else ("client", client.address))
