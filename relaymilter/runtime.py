@@ -92,7 +92,8 @@ class Runtime:
 
     def refresh_domain_policy(self) -> bool:
         """Follow the store (watcher thread only). True when swapped."""
-        return self._swap_in(self._store.poll(self.snapshot.config.store.path))
+        snapshot = self.snapshot
+        return self._swap_in(self._store.poll(snapshot.config.store.path, snapshot.domain_policy))
 
     def _swap_in(self, policy: DomainPolicy | None) -> bool:
         if policy is None:

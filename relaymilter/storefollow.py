@@ -6,7 +6,7 @@ NAME
 SYNOPSIS
     follower = StoreFollower(metrics)
     policy = follower.load(config.store.path)     # at start, on the starting thread
-    policy = follower.poll(config.store.path)     # watcher thread: new DomainPolicy or None
+    policy = follower.poll(config.store.path, in_force)   # watcher thread: new or None
     follower.put_on_hold(config.store.path, request)
     follower.close()
 
@@ -42,7 +42,6 @@ class StoreFollower:
         self._metrics = metrics
         self._watcher: StoreWatcher | None = None
         self._seen: tuple[str | None, bool] = (None, False)   # by load(): error, loaded
-        self._empty = True          # the policy last handed out is EMPTY_POLICY
 
     def load(self, path: str | None) -> DomainPolicy | None:
         """Read the store now, with a connection of its own; None: no store or unreadable."""
@@ -55,23 +54,14 @@ class StoreFollower:
             watcher.close()
         # The watcher thread's own StoreWatcher starts from what this one saw.
         self._seen = (watcher.last_error, watcher.loaded)
-        if policy is not None:
-            self._empty = False
         return policy
 
-    def poll(self, path: str | None) -> DomainPolicy | None:
+    def poll(self, path: str | None, in_force: DomainPolicy) -> DomainPolicy | None:
         """The policy to swap in, or None: unchanged (or unreadable: keep the last)."""
-        if self._watcher is not None and self._watcher.path != path:
-            self._drop()
         if path is None:
-            if self._empty:
-                return None
-            self._empty = True
-            return EMPTY_POLICY
-        policy = self._connected(path).poll()
-        if policy is not None:
-            self._empty = False
-        return policy
+            self._drop()
+            return None if in_force is EMPTY_POLICY else EMPTY_POLICY
+        return self._connected(path).poll()
 
     def put_on_hold(self, path: str | None, request: HoldRequest) -> None:
         """Write an automatic hold; the next poll() brings it into force."""
@@ -79,16 +69,15 @@ class StoreFollower:
             log.warning("%s %s should be put on hold (%s), but there is no [store] path",
                         request.kind, printable(request.value), request.reason)
             return
-        if self._watcher is not None and self._watcher.path != path:
-            self._drop()
-        if self._watcher is None:
-            self._watcher = StoreWatcher(path, self._metrics)
-        self._watcher.put_on_hold(request.kind, printable(request.value), request.reason)
+        self._connected(path).put_on_hold(request.kind, request.value, request.reason)
 
     def close(self) -> None:
         self._drop()
 
     def _connected(self, path: str) -> StoreWatcher:
+        """The watcher of the store at path; one of another path ([store] changed) goes."""
+        if self._watcher is not None and self._watcher.path != path:
+            self._drop()
         if self._watcher is None:
             last_error, loaded = self._seen
             self._watcher = StoreWatcher(path, self._metrics, last_error, loaded)

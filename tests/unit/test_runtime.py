@@ -384,3 +384,17 @@ def test_a_forced_reload_of_a_broken_config_keeps_the_running_one(files, caplog)
     assert live.refresh(force=True) is False
     assert live.snapshot is snapshot
     assert any("relay.local_domains" in error for error in reload_errors(caplog))
+
+
+def test_an_automatic_hold_is_stored_as_the_login_was_written(tmp_path):
+    # The log line escapes a login; the store must keep it as it is, or the
+    # hold would never match the login it was written for.
+    from relaymilter.autohold import HoldRequest
+    from relaymilter.openstore import open_store
+    from relaymilter.storefollow import StoreFollower
+    path = str(tmp_path / "policy.sqlite3")
+    follower = StoreFollower()
+    follower.put_on_hold(path, HoldRequest("user", "jürgen@exämple.test", "over its limit"))
+    follower.close()
+    with open_store(path) as store:
+        assert [hold["value"] for hold in store.list_holds()] == ["jürgen@exämple.test"]
