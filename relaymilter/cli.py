@@ -50,6 +50,7 @@ from relaymilter.runtime import Runtime
 from relaymilter.metrics import MetricsListener, MetricsUnavailable, make_recorder
 from relaymilter.recorder import Recorder
 from relaymilter.storecli import add_policy_verbs
+from relaymilter.text import one_line
 from relaymilter.address import parse_ip
 from relaymilter.relay import RelayRules, Trust, client_trust
 from relaymilter.socketclaim import claim_socket
@@ -70,13 +71,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _PostfixStyleFormatter(logging.Formatter):
-    """INFO lines bare, others prefixed "warning: ", "error: " as Postfix does."""
+    """INFO lines bare, others prefixed "warning: ", "error: " as Postfix does.
+
+    Every message is made one line (text.one_line): client text that a log
+    call forgot to escape still cannot split or forge a line. A traceback,
+    formatted apart, keeps its lines.
+    """
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        message = one_line(record.message)
         # The severity goes after "relaymilter[PID]: ", where Postfix puts it.
         if record.levelno >= logging.WARNING:
+            message = f"{record.levelname.lower()}: {message}"
+        if message is not record.message:
             record = logging.makeLogRecord(record.__dict__)
-            record.message = f"{record.levelname.lower()}: {record.message}"
+            record.message = message
         return super().formatMessage(record)
 
 

@@ -30,7 +30,6 @@ from relaymilter.autohold import HoldRequest
 from relaymilter.domainpolicy import EMPTY_POLICY, DomainPolicy
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.storewatch import StoreWatcher
-from relaymilter.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ class StoreFollower:
         """Write an automatic hold; the next poll() brings it into force."""
         if path is None:
             log.warning("%s %s should be put on hold (%s), but there is no [store] path",
-                        request.kind, printable(request.value), request.reason)
+                        request.kind, request.value, request.reason)
             return
         self._connected(path).put_on_hold(request.kind, request.value, request.reason)
 

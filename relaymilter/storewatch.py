@@ -35,7 +35,6 @@ from relaymilter.domainpolicy import DomainPolicy
 from relaymilter.openstore import open_store
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.store import Storage, StoreError
-from relaymilter.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +103,11 @@ class StoreWatcher:
             # data_version does not move for this connection's own commits.
             self._version = None
         except (StoreError, OSError) as error:
-            log.error("could not put %s %s on hold in %s: %s", kind, printable(value), self.path,
+            log.error("could not put %s %s on hold in %s: %s", kind, value, self.path,
                       error)
             self._drop()
             return
-        log.warning("%s %s put on hold: %s", kind, printable(value), reason)
+        log.warning("%s %s put on hold: %s", kind, value, reason)
 
     def close(self) -> None:
         self._drop()

@@ -30,6 +30,15 @@ def printable(text: str) -> str:
     return "".join(char if " " <= char <= "~" else _escape(char) for char in text)
 
 
+def one_line(text: str) -> str:
+    """text with its unprintable characters (control characters, line and
+    paragraph separators, bytes that were not UTF-8) written as escapes;
+    printable non-ASCII stays. The last line of defence of every log line."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
 def _escape(char: str) -> str:
     code = ord(char)
     if 0xDC80 <= code <= 0xDCFF:        # surrogateescape: the original byte

@@ -149,3 +149,22 @@ def test_relay_client_add_of_the_whole_internet_exits_1_unless_forced(tmp_path):
     refused = relaymilter("relay-client", "add", "::/0", "--store", store)
     assert refused.returncode == 1 and "--force" in refused.stderr
     assert relaymilter("relay-client", "add", "::/0", "--force", "--store", store).returncode == 0
+
+
+def test_every_log_message_is_one_line_whatever_a_log_call_forgot_to_escape():
+    import logging
+    from relaymilter.cli import _PostfixStyleFormatter
+    formatter = _PostfixStyleFormatter("relaymilter[1]: %(message)s")
+    forged = logging.makeLogRecord({"msg": "put on hold: %s", "args": ("mallory\r\nfake: ok",),
+                                    "levelno": logging.WARNING, "levelname": "WARNING"})
+    assert formatter.format(forged) == r"relaymilter[1]: warning: put on hold: mallory\x0d\x0afake: ok"
+    kept = logging.makeLogRecord({"msg": "local domain stra\u00dfe.test", "levelno": logging.INFO})
+    assert formatter.format(kept) == "relaymilter[1]: local domain stra\u00dfe.test"
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        import sys
+        failed = logging.makeLogRecord({"msg": "internal error", "levelno": logging.ERROR,
+                                        "levelname": "ERROR", "exc_info": sys.exc_info()})
+    lines = formatter.format(failed).splitlines()
+    assert lines[0] == "relaymilter[1]: error: internal error" and lines[-1] == "RuntimeError: boom"
