@@ -53,6 +53,7 @@ from relaymilter.storecli import add_policy_verbs
 from relaymilter.text import one_line
 from relaymilter.address import parse_ip
 from relaymilter.relay import RelayRules, Trust, client_trust
+from relaymilter.sessionwatch import SessionWatch
 from relaymilter.socketclaim import claim_socket
 from relaymilter.zones import Status
 
@@ -295,7 +296,7 @@ def _serve(args: argparse.Namespace, front_end: str) -> int:
             log.info("metrics on %s/metrics, health check on %s/healthz",
                      listener.url, listener.url)
         if front_end == "milter":
-            _serve_milter(engine, runtime)
+            _serve_milter(engine, runtime, recorder)
         else:
             from relaymilter import policyd
             policyd.serve(engine, reload=runtime.reload_now)
@@ -311,10 +312,12 @@ def _serve(args: argparse.Namespace, front_end: str) -> int:
     return EX_OK
 
 
-def _serve_milter(engine: Engine, runtime: Runtime) -> None:
+def _serve_milter(engine: Engine, runtime: Runtime, recorder: Recorder) -> None:
     """libmilter on a thread; the main thread takes SIGHUP (see _serve). Raises OSError."""
     from relaymilter import milter  # pymilter is imported only where it is used
     failed: list[OSError] = []
+    settings = runtime.snapshot.config.milter
+    sessions = SessionWatch(parse_socket(settings.socket), settings.session_timeout, recorder)
 
     def run() -> None:
         try:
@@ -324,9 +327,13 @@ def _serve_milter(engine: Engine, runtime: Runtime) -> None:
 
     thread = threading.Thread(target=run, name="milter")
     thread.start()
+    sessions.start()
     signal.signal(signal.SIGHUP, lambda signum, frame: runtime.reload_now())
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    thread.join()       # interrupted by SIGHUP to run the handler, then waits on
+    try:
+        thread.join()   # interrupted by SIGHUP to run the handler, then waits on
+    finally:
+        sessions.stop()
     if failed:
         raise failed[0]
 

@@ -195,6 +195,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("milter", "timeout", int, 600,
         "Seconds libmilter waits for the MTA before it drops a connection.",
         minimum=1, maximum=86400, restart_only=True),
+    Key("milter", "session_timeout", int, 1800,
+        "Seconds one milter connection (one SMTP session of the MTA) may last, however its "
+        "bytes trickle; then it is closed and the MTA answers the rest of that session with "
+        "its milter default action.", minimum=5, maximum=86400, restart_only=True),
     Key("decisions", "on_error", str, "tempfail",
         "What an internal fault answers, in the milter and the policy service: "
         "tempfail (451 4.3.0) or accept.", _one_of("tempfail", "accept")),
@@ -291,6 +295,7 @@ ALIASES: dict[str, str] = {
 class MilterConfig:
     socket: str
     timeout: int
+    session_timeout: int
 
 
 @dataclass(frozen=True)

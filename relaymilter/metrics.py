@@ -155,6 +155,9 @@ class PrometheusRecorder(Recorder):
         self._connections = counter(
             "relaymilter_connections", "Milter connect callbacks (Postfix repeats connect "
             "after XCLIENT).", registry=registry)
+        self._sessions_closed = counter(
+            "relaymilter_milter_sessions_closed", "Milter connections closed for lasting "
+            "over [milter] session_timeout.", registry=registry)
         self._decisions = counter(
             "relaymilter_decisions", "Decisions answered, by stage (connect, rcpt), action "
             "and reason.", ("stage", "action", "reason"), registry=registry)
@@ -200,6 +203,9 @@ class PrometheusRecorder(Recorder):
     # -- events ------------------------------------------------------------
     def connection(self) -> None:
         self._connections.inc()
+
+    def milter_session_closed(self) -> None:
+        self._sessions_closed.inc()
 
     def decision(self, stage: str, action: str, reason: str) -> None:
         self._decisions.labels(stage, action, reason).inc()

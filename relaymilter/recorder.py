@@ -18,6 +18,9 @@ class Recorder:
     def connection(self) -> None:
         """The milter's connect callback ran."""
 
+    def milter_session_closed(self) -> None:
+        """A milter connection was closed for lasting over [milter] session_timeout."""
+
     def decision(self, stage: str, action: str, reason: str) -> None:
         """A decision was answered at stage "connect" or "rcpt".
 

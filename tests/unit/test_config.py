@@ -268,7 +268,8 @@ def test_decisions_are_read_from_their_own_section(tmp_path, caplog):
 
 
 def test_the_milter_section_no_longer_holds_decisions():
-    assert [field.name for field in dataclasses.fields(MilterConfig)] == ["socket", "timeout"]
+    assert [field.name for field in dataclasses.fields(MilterConfig)] == ["socket", "timeout",
+                                                                      "session_timeout"]
 
 
 @pytest.mark.parametrize("old, new", ALIASES.items())
@@ -338,7 +339,8 @@ def test_effective_toml_prints_the_new_keys_only(tmp_path):
 
 def test_the_restart_only_keys_are_the_listeners():
     assert {key.dotted for key in SCHEMA if key.restart_only} == {
-        "milter.socket", "milter.timeout", "metrics.listen", "metrics.policyd_listen",
+        "milter.socket", "milter.timeout", "milter.session_timeout", "metrics.listen",
+        "metrics.policyd_listen",
         "policyd.socket", "policyd.socket_mode", "policyd.idle_timeout",
         "policyd.max_connections"}
 
