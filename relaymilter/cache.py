@@ -17,8 +17,9 @@ DESCRIPTION
     CACHE      a live entry: an already completed future holding it;
     IN_FLIGHT  a lookup of the same key is running: the SAME future, so a
                burst of connections from one client costs one DNS query;
-    DNS        otherwise lookup() is submitted to the caller's executor and
-               its future is remembered as in flight.
+    DNS        otherwise lookup() is submitted to the caller's executor (or,
+               without one, returns the future of a lookup it started) and
+               that future is remembered as in flight.
 
     When the lookup completes with a value, the value is stored for its
     `ttl` attribute (seconds, from the DNS answer; a negative answer carries
@@ -110,8 +111,13 @@ class LookupCache:
         """The lifetime an answer with this TTL gets here."""
         return min(max(ttl, self.min_ttl), self.max_ttl)
 
-    def fetch(self, key: Hashable, lookup: Callable[[], Value], executor: Executor) -> Fetch:
-        """The value for key: cached, joined in flight, or looked up now."""
+    def fetch(self, key: Hashable, lookup: Callable[[], Value] | Callable[[], Future],
+              executor: Executor | None = None) -> Fetch:
+        """The value for key: cached, joined in flight, or looked up now.
+
+        With an executor, lookup() returns the value and runs there;
+        without, lookup() starts the lookup and returns its Future.
+        """
         with self._lock:
             if key in self._entries:    # `in` checks expiry; [] would not
                 self._hits += 1
@@ -128,7 +134,7 @@ class LookupCache:
                 self._coalesced += 1
                 return Fetch(running, FetchSource.IN_FLIGHT)
             self._misses += 1
-            future = executor.submit(lookup)
+            future = executor.submit(lookup) if executor is not None else lookup()
             self._in_flight[key] = future
         # Outside the lock: a future that is already done runs the callback
         # here and now, and the callback takes the lock.

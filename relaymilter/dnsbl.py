@@ -91,24 +91,18 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, Sequence
-
-import dns.exception
-import dns.message
-import dns.rdatatype
-import dns.resolver
-try:
-    from dns.nameserver import Do53Nameserver
-except ImportError:         # dnspython < 2.4 (Debian 12 has 2.3): no nameserver objects
-    Do53Nameserver = None
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 from relaymilter.address import IPAddress, normalise_ip, parse_ip
 from relaymilter.cache import Fetch, FetchSource, LookupCache
-from relaymilter.endpoint import DNS_PORT, split_host_port
+from relaymilter.dnsclient import DnsAnswer, DnsError, DnsFailure, DnsResolver, DnsTimeout
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.text import printable
 from relaymilter.zones import PROBLEMS, ListingResult, Status, Zone, ZoneAnswer, classify, summarise
 
+
+if TYPE_CHECKING:
+    from relaymilter.ioloop import IoLoop
 
 log = logging.getLogger(__name__)
 
@@ -145,104 +139,51 @@ def clean_txt(text: str) -> str:
 
 # --------------------------------------------------------------- resolver ---
 
-class DnsError(Exception):
-    """No usable answer; the message never holds the query name."""
-
-
-class DnsTimeout(DnsError):
-    """No answer within the lifetime."""
-
-
-class DnsFailure(DnsError):
-    """SERVFAIL, REFUSED, no usable nameserver, a malformed answer."""
-
-
-@dataclass(frozen=True)
-class DnsAnswer:
-    """One query's answer: records as text, and how long it may be kept.
-
-    An empty records tuple is NXDOMAIN (nxdomain=True) or NODATA; its ttl
-    is then the negative TTL from the SOA in the authority section.
-    """
-
-    records: tuple[str, ...]
-    ttl: int
-    nxdomain: bool = False
-
-
 class Resolver(Protocol):
-    """Answers one question; raises DnsTimeout or DnsFailure, nothing else."""
+    """Starts one question; the future ends in a DnsAnswer (or convert(answer)),
+    DnsTimeout or DnsFailure, nothing else. dnsclient.DnsResolver is the real one."""
 
-    def query(self, name: str, rdtype: str, lifetime: float | None = None) -> DnsAnswer: ...
-
-
-def negative_ttl(response: dns.message.Message | None) -> int:
-    """RFC 2308: min(SOA TTL, SOA MINIMUM) from the authority section, else 0."""
-    if response is not None:
-        for rrset in response.authority:
-            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
-                return min(rrset.ttl, rrset[0].minimum)
-    return 0
+    def submit(self, name: str, rdtype: str, lifetime: float | None = None,
+               convert: Callable[[DnsAnswer], object] | None = None
+               ) -> concurrent.futures.Future: ...
 
 
-class DnsResolver:
-    """The real resolver (dnspython).
+class ThreadedResolver:
+    """A resolver that only answers blocking query() calls, run on a bounded pool.
 
-    nameservers [] reads /etc/resolv.conf; otherwise "ip", "ip:port" or
-    "[ipv6]:port". timeout is each query's default lifetime, shared by at
-    least two tries. dnspython's own cache is off: cache.py does the
-    caching, TTL-clamped and shared between threads.
+    For stand-ins in tests and anything else without submit(): at most
+    workers of its queries run at once, the rest wait their turn.
     """
 
-    def __init__(self, nameservers: Sequence[str] = (), timeout: float = 2.0) -> None:
-        if nameservers:
-            resolver = dns.resolver.Resolver(configure=False)
-            servers = [split_host_port(text, default_port=DNS_PORT) for text in nameservers]
-            if Do53Nameserver is not None:
-                resolver.nameservers = [Do53Nameserver(ip, port) for ip, port in servers]
-            else:                   # dnspython 2.3: addresses, and their ports apart
-                resolver.nameservers = [ip for ip, _ in servers]
-                resolver.nameserver_ports = {ip: port for ip, port in servers}
-        else:
-            resolver = dns.resolver.Resolver()
-        resolver.cache = None
-        resolver.lifetime = timeout
-        # Each try gets a share of the lifetime, so a lost packet is sent
-        # again and a dead first nameserver leaves time for the next one.
-        resolver.timeout = timeout / max(2, len(resolver.nameservers))
-        resolver.retry_servfail = False
-        self.timeout = timeout
+    def __init__(self, resolver: object, workers: int) -> None:
         self._resolver = resolver
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                           thread_name_prefix="dnsbl")
 
-    def query(self, name: str, rdtype: str, lifetime: float | None = None) -> DnsAnswer:
-        absolute = name if name.endswith(".") else name + "."    # no search list
-        try:
-            answer = self._resolver.resolve(absolute, rdtype, search=False,
-                                            raise_on_no_answer=False,
-                                            lifetime=self.timeout if lifetime is None else lifetime)
-        except dns.resolver.NXDOMAIN as error:
-            responses = list(error.responses().values())
-            return DnsAnswer((), negative_ttl(responses[0] if responses else None), nxdomain=True)
-        except dns.exception.Timeout:
-            raise DnsTimeout("no answer within the lifetime") from None
-        except dns.resolver.NoNameservers:
-            raise DnsFailure("no nameserver answered (SERVFAIL, REFUSED or unreachable)") from None
-        except (dns.exception.DNSException, OSError) as error:
-            raise DnsFailure(type(error).__name__) from None
-        if answer.rrset is None:
-            return DnsAnswer((), negative_ttl(answer.response))
-        ttl = min(rrset.ttl for rrset in answer.response.answer)
-        return DnsAnswer(tuple(_record_text(rdata) for rdata in answer.rrset), ttl)
+    def submit(self, name: str, rdtype: str, lifetime: float | None = None,
+               convert: Callable[[DnsAnswer], object] | None = None
+               ) -> concurrent.futures.Future:
+        return self._pool.submit(self._query, name, rdtype, lifetime, convert)
 
+    def _query(self, name: str, rdtype: str, lifetime: float | None,
+               convert: Callable[[DnsAnswer], object] | None) -> object:
+        answer = self._resolver.query(name, rdtype, lifetime)
+        return answer if convert is None else convert(answer)
 
-def _record_text(rdata: object) -> str:
-    strings = getattr(rdata, "strings", None)
-    if strings is not None:     # TXT: the character-strings, joined
-        return b"".join(strings).decode("utf-8", "replace")
-    return rdata.to_text()      # A: dotted quad
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- results ---
+
+def _zone_lookup(answer: DnsAnswer) -> "ZoneLookup":
+    return ZoneLookup(answer.records, answer.ttl, answer.nxdomain)
+
+
+def _txt_lookup(answer: DnsAnswer) -> "TxtLookup":
+    texts = dict.fromkeys(answer.records)
+    return TxtLookup(clean_txt(" / ".join(texts)) if texts else None, answer.ttl)
+
 
 @dataclass(frozen=True)
 class ZoneLookup:
@@ -351,13 +292,12 @@ class DnsblChecker:
         self.zones = tuple(zones)
         self.timeout = timeout
         self.threshold = threshold
+        if not hasattr(resolver, "submit"):
+            resolver = ThreadedResolver(resolver, max_workers or default_workers(len(self.zones)))
         self._resolver = resolver
         self._cache = cache
         self._timer = timer
         self._metrics = metrics
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_workers or default_workers(len(self.zones)),
-            thread_name_prefix="dnsbl")
         self._problems = RateLimiter(log_interval, timer)
         self._health_lock = threading.Lock()     # one health round at a time
         self._disabled: frozenset[str] = frozenset()    # swapped, never mutated
@@ -382,8 +322,7 @@ class DnsblChecker:
             # The query name is built only for a lookup that runs: a cache hit,
             # most connections, never needs it.
             fetch = self._cache.fetch((zone.name, client_key),
-                                      functools.partial(self._look_up_zone, address, zone),
-                                      self._executor)
+                                      functools.partial(self._ask_zone, address, zone))
             if zone.weight > 0 and fetch.source is not FetchSource.CACHE:
                 fetch.future.add_done_callback(
                     functools.partial(self._txt_when_listed, zone, address))
@@ -394,29 +333,19 @@ class DnsblChecker:
         """start() and result() in one (the `lookup` command)."""
         return self.start(client).result()
 
-    def _look_up_zone(self, address: IPAddress, zone: Zone) -> ZoneLookup:
-        """Runs in the pool: a zone's A query, timed for the metrics."""
+    def _ask_zone(self, address: IPAddress, zone: Zone) -> concurrent.futures.Future:
+        """A zone's A query, started now and timed for the metrics."""
         started = self._timer()
-        try:
-            return self._look_up(query_name(address, zone.name))
-        finally:
-            self._metrics.dns_query(zone.display_name, self._timer() - started)
-
-    def _look_up(self, name: str) -> ZoneLookup:
-        """Runs in the pool: the A query."""
-        answer = self._resolver.query(name, "A", self.timeout)
-        return ZoneLookup(answer.records, answer.ttl, answer.nxdomain)
-
-    def _look_up_txt(self, name: str) -> TxtLookup:
-        """Runs in the pool: the TXT query of a listing."""
-        answer = self._resolver.query(name, "TXT", self.timeout)
-        texts = dict.fromkeys(answer.records)
-        return TxtLookup(clean_txt(" / ".join(texts)) if texts else None, answer.ttl)
+        future = self._resolver.submit(query_name(address, zone.name), "A", self.timeout,
+                                       _zone_lookup)
+        future.add_done_callback(
+            lambda _: self._metrics.dns_query(zone.display_name, self._timer() - started))
+        return future
 
     def _fetch_txt(self, zone: Zone, address: IPAddress) -> Fetch:
-        return self._cache.fetch((zone.name, str(address), "TXT"),
-                                 functools.partial(self._look_up_txt, query_name(address, zone.name)),
-                                 self._executor)
+        return self._cache.fetch((zone.name, str(address), "TXT"), functools.partial(
+            self._resolver.submit, query_name(address, zone.name), "TXT", self.timeout,
+            _txt_lookup))
 
     def _txt_when_listed(self, zone: Zone, address: IPAddress, done: concurrent.futures.Future) -> None:
         """A-answer callback: ask TXT at once when the zone lists the client."""
@@ -447,6 +376,20 @@ class DnsblChecker:
         status = classify(zone, found.addresses)
         return ZoneAnswer(zone, status, found.addresses, found.ttl, found.nxdomain,
                           source=fetch.source)
+
+    def _txt_futures(self, address: IPAddress,
+                     lookups: tuple[tuple[Zone, Fetch | None], ...]) -> list:
+        """The TXT lookups of the blocklists whose answered A lists the client."""
+        futures = []
+        for zone, fetch in lookups:
+            if zone.weight <= 0 or fetch is None or not _succeeded(fetch.future):
+                continue
+            if classify(zone, fetch.future.result().addresses) is Status.LISTED:
+                try:
+                    futures.append(self._fetch_txt(zone, address).future)
+                except RuntimeError:
+                    pass        # the resolver is closed (a reload): no TXT
+        return futures
 
     def _with_txt(self, address: IPAddress, answers: list[ZoneAnswer],
                   deadline: float) -> list[ZoneAnswer]:
@@ -507,8 +450,8 @@ class DnsblChecker:
     def check_health(self) -> tuple["HealthReport", ...]:
         """One RFC 5782 test-point round for every zone; see the docstring."""
         with self._health_lock:
-            futures = {(zone.name, point): self._executor.submit(
-                           self._resolver.query, probe_name(point, zone.name), "A", self.timeout)
+            futures = {(zone.name, point): self._resolver.submit(
+                           probe_name(point, zone.name), "A", self.timeout)
                        for zone in self.zones for point in TEST_POINTS}
             # Each query ends within the resolver's lifetime; the margin
             # covers its overshoot. Anything later counts as a timeout.
@@ -543,13 +486,14 @@ class DnsblChecker:
 
     # -- life cycle ----------------------------------------------------------
     def close(self) -> None:
-        """End the pool; lookups still running finish on their own.
+        """Close the resolver; lookups still running finish on their own.
 
-        Lookups still queued are cancelled and read as DNS_FAILURE (fail
-        open); start() on a closed checker raises RuntimeError, so a reload
-        swaps the reference to the new checker before closing the old one.
+        Lookups still queued (a ThreadedResolver's) are cancelled and read
+        as DNS_FAILURE (fail open); start() on a closed checker raises
+        RuntimeError, so a reload swaps the reference to the new checker
+        before closing the old one.
         """
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._resolver.close()
 
     def __enter__(self) -> "DnsblChecker":
         return self
@@ -569,6 +513,55 @@ class PendingListing:
         self._lookups = lookups
         self._lock = threading.Lock()
         self._result: ListingResult | None = None
+
+    def ready(self) -> bool:
+        """Would result() return without waiting? Every zone has answered, and
+        so has the TXT of every listing (asked now if it was not), or the
+        deadline has passed."""
+        if self._result is not None or self._checker._timer() >= self.deadline:
+            return True
+        futures = [fetch.future for _, fetch in self._lookups if fetch is not None]
+        if not all(future.done() for future in futures):
+            return False
+        return all(future.done() for future in self._checker._txt_futures(self.client,
+                                                                           self._lookups))
+
+    def when_ready(self, io: "IoLoop", callback: Callable[[], None]) -> None:
+        """Call callback() once, on io's loop, as soon as ready() is true.
+
+        For a caller on the loop, which must never block in result(): the
+        answers arrive on the loop, and a timer there fires at the deadline.
+        """
+        fired = False
+        timer = None
+
+        def fire() -> None:
+            nonlocal fired
+            if not fired:
+                fired = True
+                if timer is not None:
+                    timer.cancel()
+                callback()
+
+        def check(_: object = None) -> None:
+            if fired:
+                return
+            if self.ready():
+                fire()
+                return
+            futures = [fetch.future for _, fetch in self._lookups if fetch is not None]
+            if all(future.done() for future in futures):    # waiting for TXT
+                futures = self._checker._txt_futures(self.client, self._lookups)
+            for future in futures:
+                if not future.done():
+                    future.add_done_callback(lambda _: io.call(check))
+
+        def arm() -> None:
+            nonlocal timer
+            timer = io.loop.call_at(self.deadline, fire)    # both on time.monotonic
+            check()
+
+        io.call(arm)
 
     def result(self) -> ListingResult:
         """The verdict; blocks at most until the deadline set by start().
@@ -593,6 +586,10 @@ class PendingListing:
         result = summarise(self.client, answers, checker.threshold)
         checker._record(result)
         return result
+
+
+def _succeeded(future: concurrent.futures.Future) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 # ----------------------------------------------------------------- health ---

@@ -65,14 +65,17 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
 import logging
 import os
 import re
 import socket
-import socketserver
 import threading
 import time
+
+from relaymilter import ioloop
 from relaymilter.address import ATEXT, IPAddress, parse_ip
 from relaymilter.decision import Action, ClientFacts, Decision, RecipientFacts
 from relaymilter.endpoint import parse_socket
@@ -90,45 +93,45 @@ MALFORMED = "DEFER_IF_PERMIT Malformed policy request"
 # empty one; LF or CRLF.
 _END_OF_REQUEST = re.compile(rb"\n\r?\n")
 LIMIT_WARNING_INTERVAL = 60.0   # seconds between two "max_connections reached" warnings
+BACKLOG = socket.SOMAXCONN      # smtpd processes connect in bursts
+DRAIN_SECONDS = 1.0
 
 
 class MalformedRequest(Exception):
     """The request breaks the protocol; the text says how."""
 
 
-class RequestReader:
-    """Splits a stream into requests: blocks of lines ended by an empty line.
+class RequestSplitter:
+    """Cuts the bytes of a connection into requests: blocks of lines ended by an empty line.
 
-    read_some is a function returning at most n bytes, b"" at end of stream
-    (a BufferedReader's read1, a socket's recv). Whole chunks are searched
-    for the empty line instead of reading line by line: a request is some
-    25 lines, and a Python loop per line would cost more than the decision.
+    feed() what arrives, then next() until it returns None. The whole
+    buffer is searched for the empty line instead of reading line by line:
+    a request is some 25 lines, and a Python loop per line would cost more
+    than the decision.
     """
 
-    def __init__(self, read_some) -> None:
-        self._read_some = read_some
+    def __init__(self) -> None:
         self._buffer = b""
 
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+
     def next(self) -> dict[str, str] | None:
-        """The next request's attributes; None at end of stream.
+        """The next complete request's attributes; None until one is complete.
 
         Raises MalformedRequest. Values are decoded as UTF-8 with surrogate
         escapes, so no byte is lost and none crashes a decoder.
         """
-        while True:
-            self._buffer = self._buffer.lstrip(b"\r\n")  # stray empty lines between requests
-            end = _END_OF_REQUEST.search(self._buffer)
-            if end is not None:
-                if end.end() > MAX_REQUEST:
-                    raise MalformedRequest(f"a request longer than {MAX_REQUEST} bytes")
-                block, self._buffer = self._buffer[:end.start()], self._buffer[end.end():]
-                return parse_request(block.removesuffix(b"\r"))
-            if len(self._buffer) >= MAX_REQUEST:    # no room left for the empty line
+        self._buffer = self._buffer.lstrip(b"\r\n")      # stray empty lines between requests
+        end = _END_OF_REQUEST.search(self._buffer)
+        if end is not None:
+            if end.end() > MAX_REQUEST:
                 raise MalformedRequest(f"a request longer than {MAX_REQUEST} bytes")
-            chunk = self._read_some(65536)
-            if not chunk:
-                return None     # end of stream, possibly mid-request: nothing to answer
-            self._buffer += chunk
+            block, self._buffer = self._buffer[:end.start()], self._buffer[end.end():]
+            return parse_request(block.removesuffix(b"\r"))
+        if len(self._buffer) >= MAX_REQUEST:        # no room left for the empty line
+            raise MalformedRequest(f"a request longer than {MAX_REQUEST} bytes")
+        return None
 
 
 def parse_request(block: bytes) -> dict[str, str]:
@@ -181,88 +184,155 @@ def action_for(decision: Decision) -> str:
     return f"{decision.code} {decision.dsn} {decision.text}"
 
 
-class PolicyConnection(socketserver.StreamRequestHandler):
-    """One Postfix connection, many requests; runs in a thread of its own."""
+class PolicyConnection(asyncio.Protocol):
+    """One Postfix connection, many requests answered in order, on the I/O loop."""
 
-    server: "PolicyServer"
-
-    def setup(self) -> None:
-        self.timeout = self.server.idle_timeout     # StreamRequestHandler applies it
-        super().setup()
+    def __init__(self, server: "PolicyServer") -> None:
+        self._server = server
+        self._requests = RequestSplitter()
+        self.transport: asyncio.Transport | None = None
         self._message: tuple[str | None, IPAddress | None] | None = None  # (instance, client)
         self._listing = None
-        self._requests = RequestReader(self.rfile.read1)
+        self._waiting = False       # a request waits for its DNSBL verdict
+        self._ended = False         # the client sent EOF
+        self._drain_left = 0        # bytes still read and dropped after a malformed request
+        self._last_read = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
-    def handle(self) -> None:
-        while True:
+    # -- asyncio -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport      # type: ignore[assignment]
+        self._last_read = time.monotonic()
+        self._server.opened(self)
+
+    def admitted(self) -> None:
+        """Served from now on (the server's max_connections let it in)."""
+        self._arm_idle_timer(self._server.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = time.monotonic()
+        if self._drain_left:
+            self._drain_left = max(0, self._drain_left - len(data))
+            if not self._drain_left:
+                self.transport.close()
+            return
+        self._requests.feed(data)
+        if not self._waiting:
+            self._answer_requests()
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        if not self._waiting and not self._drain_left:
+            return False        # asyncio closes the connection
+        return True             # the answer still due is written first
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._server.closed(self)
+
+    # -- requests ------------------------------------------------------------
+    def _answer_requests(self) -> None:
+        """Answer every complete request, in order, until one must wait for DNS."""
+        while not self._waiting and not self.transport.is_closing():
             try:
                 attributes = self._requests.next()
             except MalformedRequest as error:
                 log.warning("policy request refused: %s; closing the connection", error)
-                if self._send(MALFORMED):
-                    self._drain()
-                return
-            except TimeoutError:
-                log.debug("closing a policy service connection idle for %s s",
-                          self.server.idle_timeout)
-                return
-            except OSError:
+                self._send(MALFORMED)
+                self._drain()
                 return
             if attributes is None:
+                if self._ended:
+                    self.transport.close()
                 return
-            if not self._send(self._answer(attributes)):
-                return
+            self._answer(attributes)
 
-    def _answer(self, attributes: dict[str, str]) -> str:
-        engine = self.server.engine
+    def _answer(self, attributes: dict[str, str]) -> None:
         if attributes.get("request") != "smtpd_access_policy" \
                 or attributes.get("protocol_state", "").upper() != "RCPT":
-            return "DUNNO"
-        client, sender, recipient, queue_id = UNKNOWN_CLIENT, None, None, None
+            self._send("DUNNO")
+            return
+        facts = None
         try:
             client = client_facts(attributes)
-            sender = _path(attributes.get("sender", ""))
-            recipient = _path(attributes.get("recipient", ""))
-            queue_id = attributes.get("queue_id") or None
-            facts = RecipientFacts(client=client, sender=sender, recipient=recipient,
-                                   queue_id=queue_id,
-                                   listing=self._pending_listing(attributes, client, engine))
-            return _without_recipient(action_for(engine.answer_recipient(facts)))
-        except Exception:               # the edge: one traceback, then on_error
-            log.exception("internal error while deciding a policy request")
-            engine.internal_error("policyd")
-            return action_for(engine.answer_fault(client, sender, recipient, queue_id))
+            facts = RecipientFacts(client=client, sender=_path(attributes.get("sender", "")),
+                                   recipient=_path(attributes.get("recipient", "")),
+                                   queue_id=attributes.get("queue_id") or None,
+                                   listing=self._pending_listing(attributes, client))
+        except Exception:
+            self._fault(facts, attributes)
+            return
+        listing = facts.listing
+        if listing is None or listing.ready():
+            self._decide(facts)
+            return
+        self._waiting = True
+        listing.when_ready(self._server.io, functools.partial(self._verdict_in, facts))
 
-    def _pending_listing(self, attributes: dict[str, str], client: ClientFacts, engine: Engine):
+    def _verdict_in(self, facts: RecipientFacts) -> None:
+        self._waiting = False
+        if self.transport.is_closing():
+            return
+        self._decide(facts)
+        self._answer_requests()
+
+    def _decide(self, facts: RecipientFacts) -> None:
+        try:
+            action = _without_recipient(action_for(self._server.engine.answer_recipient(facts)))
+        except Exception:
+            self._fault(facts, None)
+            return
+        self._send(action)
+
+    def _fault(self, facts: RecipientFacts | None, attributes: dict[str, str] | None) -> None:
+        """The edge: one traceback, then [decisions] on_error."""
+        log.exception("internal error while deciding a policy request")
+        engine = self._server.engine
+        engine.internal_error("policyd")
+        if facts is not None:
+            fault = engine.answer_fault(facts.client, facts.sender, facts.recipient,
+                                        facts.queue_id)
+        else:
+            fault = engine.answer_fault(UNKNOWN_CLIENT, None, None, None)
+        self._send(action_for(fault))
+
+    def _pending_listing(self, attributes: dict[str, str], client: ClientFacts):
         """One DNSBL lookup per message, shared by its recipients."""
         message = (attributes.get("instance"), client.address)
         if message[0] and message == self._message and self._listing is not None:
             return self._listing
-        listing = engine.start_lookups(client)
+        listing = self._server.engine.start_lookups(client)
         if listing is not None:
             self._message, self._listing = message, listing
         return listing
 
-    def _drain(self) -> None:
-        """Read what the client still sends (bounded: 1 s, 4 MAX_REQUEST) before
-        closing: closing with unread input resets the connection, and the
-        client could lose the answer just sent."""
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(1.0)
-            for _ in range(4 * MAX_REQUEST // 65536):
-                if not self.connection.recv(65536):
-                    return
-        except OSError:
-            pass
+    # -- the connection ------------------------------------------------------
+    def _send(self, action: str) -> None:
+        self.transport.write(f"action={action}\n\n".encode("utf-8", "surrogateescape"))
 
-    def _send(self, action: str) -> bool:
-        try:
-            self.wfile.write(f"action={action}\n\n".encode("utf-8", "surrogateescape"))
-            self.wfile.flush()
-        except OSError:
-            return False
-        return True
+    def _drain(self) -> None:
+        """Read and drop what the client still sends (bounded: 1 s, 4 MAX_REQUEST)
+        before closing: closing with unread input resets the connection, and
+        the client could lose the answer just sent."""
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._drain_left = 4 * MAX_REQUEST
+        self._server.io.loop.call_later(DRAIN_SECONDS, self.transport.close)
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        self._idle_timer = self._server.io.loop.call_later(delay, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # One timer per connection, moved on only when it fires: reading a
+        # request costs a time stamp, not a timer.
+        silent = time.monotonic() - self._last_read
+        timeout = self._server.idle_timeout
+        if self._waiting or silent < timeout:
+            self._arm_idle_timer(timeout - silent if not self._waiting else timeout)
+            return
+        log.debug("closing a policy service connection idle for %s s", timeout)
+        self.transport.close()
 
 
 @functools.lru_cache(maxsize=8192)
@@ -299,103 +369,115 @@ def _without_recipient(action: str) -> str:
     return action
 
 
-class _Server(socketserver.ThreadingMixIn):
-    daemon_threads = True           # a stuck Postfix connection must not block the exit
-    allow_reuse_address = True
-    request_queue_size = socket.SOMAXCONN   # smtpd processes connect in bursts
-    engine: Engine
-    idle_timeout: float
-    max_connections: int
-
-    def limit(self, max_connections: int, idle_timeout: float) -> None:
-        """Set the limits of the module docstring (before serving)."""
-        self.idle_timeout, self.max_connections = idle_timeout, max_connections
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._stopping = False
-        self._warned = -LIMIT_WARNING_INTERVAL
-
-    def get_request(self):
-        # A connection beyond max_connections is not accepted: it waits in
-        # the listen backlog until a slot frees.
-        if not self._slots.acquire(blocking=False):
-            now = time.monotonic()
-            if now - self._warned >= LIMIT_WARNING_INTERVAL:
-                self._warned = now
-                log.warning("policy service: %d connections open, [policyd] max_connections; "
-                            "new connections wait until one closes", self.max_connections)
-            while not self._slots.acquire(timeout=0.5):
-                if self._stopping:
-                    raise OSError("the policy service is stopping")
-        try:
-            return super().get_request()
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def shutdown_request(self, request) -> None:
-        """Called once for every accepted connection, however it ends."""
-        try:
-            super().shutdown_request(request)
-        finally:
-            self._slots.release()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self.shutdown()
-
-
 class PolicyServer:
-    """The listening socket and its threads; see the module docstring."""
+    """The listening socket and its connections, on the I/O loop; see the module docstring."""
 
     def __init__(self, engine: Engine, where: str, socket_mode: int = 0o660,
-                 max_connections: int = 200, idle_timeout: float = 330.0) -> None:
+                 max_connections: int = 200, idle_timeout: float = 330.0,
+                 io: ioloop.IoLoop | None = None) -> None:
         self.engine = engine
         self.where = where
-        self._server = _listen(where, socket_mode)
-        self._server.engine = engine
-        self._server.limit(max_connections, idle_timeout)
+        self.io = io or ioloop.shared()
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._socket = _listen(where, socket_mode)
+        self.address = self._socket.getsockname()
+        # Owned by the loop thread:
+        self._served: set[PolicyConnection] = set()
+        self._queued: collections.deque[PolicyConnection] = collections.deque()
+        self._warned = -LIMIT_WARNING_INTERVAL
+        self._listener: asyncio.AbstractServer | None = None
+        self._stopped = threading.Event()
+        asyncio.run_coroutine_threadsafe(self._start(), self.io.loop).result()
 
     def serve_forever(self) -> None:
-        self._server.serve_forever(poll_interval=0.5)
+        """Wait while the I/O loop serves, until shutdown() (from another thread)."""
+        self._stopped.wait()
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        make = functools.partial(PolicyConnection, self)
+        if self._socket.family == socket.AF_UNIX:
+            self._listener = await loop.create_unix_server(make, sock=self._socket,
+                                                           backlog=BACKLOG)
+        else:
+            self._listener = await loop.create_server(make, sock=self._socket, backlog=BACKLOG)
 
     def shutdown(self) -> None:
-        """Stop serving (from another thread than serve_forever's) and close."""
-        self._server.stop()
-        self._server.server_close()
+        """Stop serving and close every connection; safe from a signal handler."""
+        closed = threading.Event()
+
+        def close() -> None:
+            self._listener.close()
+            for connection in [*self._served, *self._queued]:
+                connection.transport.close()
+            closed.set()
+
+        self.io.call(close)
+        if not self.io.on_loop:
+            closed.wait(5)
         spec = parse_socket(self.where)
         if spec.kind == "unix":
             try:
                 os.unlink(spec.path)
             except OSError:
                 pass
+        self._stopped.set()
 
-    @property
-    def address(self):
-        return self._server.server_address
+    # -- connections (the loop thread) ---------------------------------------
+    def opened(self, connection: PolicyConnection) -> None:
+        """A new connection: served, or queued unread beyond max_connections."""
+        if len(self._served) < self.max_connections:
+            self._served.add(connection)
+            connection.admitted()
+            return
+        connection.transport.pause_reading()
+        self._queued.append(connection)
+        now = time.monotonic()
+        if now - self._warned >= LIMIT_WARNING_INTERVAL:
+            self._warned = now
+            log.warning("policy service: %d connections open, [policyd] max_connections; "
+                        "new connections wait until one closes", self.max_connections)
+
+    def closed(self, connection: PolicyConnection) -> None:
+        if connection in self._served:
+            self._served.discard(connection)
+        else:
+            try:
+                self._queued.remove(connection)
+            except ValueError:
+                pass
+        while self._queued and len(self._served) < self.max_connections:
+            waiting = self._queued.popleft()
+            self._served.add(waiting)
+            waiting.transport.resume_reading()
+            waiting.admitted()
 
 
-def _listen(where: str, socket_mode: int) -> _Server:
-    """A bound, listening threaded server for "unix:/path" or "inet[6]:PORT@HOST".
+def _listen(where: str, socket_mode: int) -> socket.socket:
+    """A bound socket for "unix:/path" or "inet[6]:PORT@HOST" (the loop listens on it).
 
     Raises OSError naming the socket: socketclaim.SocketBusy when a live
     process answers there, else the bind's own error.
     """
     spec = parse_socket(where)
     claim_socket(where)         # removes a stale unix socket, refuses a live one
+    if spec.kind == "unix":
+        bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        bound = socket.socket(socket.AF_INET6 if spec.kind == "inet6" else socket.AF_INET,
+                              socket.SOCK_STREAM)
+        bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         if spec.kind == "unix":
-            class UnixServer(_Server, socketserver.UnixStreamServer):
-                pass
-            server: _Server = UnixServer(spec.path, PolicyConnection)
+            bound.bind(spec.path)
             os.chmod(spec.path, socket_mode)
-            return server
-        family = socket.AF_INET6 if spec.kind == "inet6" else socket.AF_INET
-
-        class InetServer(_Server, socketserver.TCPServer):
-            address_family = family
-        return InetServer((spec.host, spec.port), PolicyConnection)
+        else:
+            bound.bind((spec.host, spec.port))
     except OSError as error:
+        bound.close()
         raise OSError(f"cannot listen on {where}: {error.strerror or error}") from None
+    return bound
 
 
 def serve(engine: Engine, reload=None) -> None:
@@ -413,8 +495,7 @@ def serve(engine: Engine, reload=None) -> None:
     def stop(signum: int, frame: object) -> None:
         if not stopping.is_set():
             stopping.set()
-            # shutdown() waits for serve_forever(), which runs on this thread.
-            threading.Thread(target=server.shutdown, name="policyd-stop").start()
+            server.shutdown()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -17,7 +17,7 @@ import pytest
 from relaymilter.cache import FetchSource, LookupCache
 from relaymilter.dnsbl import (
     MAX_TXT_LENGTH, TEST_POINTS, DnsAnswer, DnsblChecker, DnsFailure, DnsTimeout, Health,
-    HealthMonitor, RateLimiter, clean_txt, default_workers, judge_health, negative_ttl,
+    HealthMonitor, RateLimiter, clean_txt, default_workers, judge_health,
     probe_name, query_name, report_lines, reverse_labels,
 )
 from relaymilter.recorder import Recorder
@@ -167,27 +167,6 @@ def test_clean_txt_keeps_printable_ascii_and_bounds_the_length():
     assert clean_txt("Listed\r\n250 fake\x00 ok") == "Listed\\x0d\\x0a250 fake\\x00 ok"
     assert clean_txt("caf\u00e9") == "caf\\u00e9"
     assert len(clean_txt("x" * 1000)) == MAX_TXT_LENGTH
-
-
-# --------------------------------------------------------------- resolver ---
-
-def _response_with_soa(ttl, minimum):
-    response = dns.message.make_response(dns.message.make_query("2.0.0.127.bl.test", "A"))
-    response.authority.append(dns.rrset.from_text(
-        "bl.test.", ttl, "IN", "SOA", f"ns.bl.test. hostmaster.bl.test. 1 600 300 86400 {minimum}"))
-    return response
-
-
-@pytest.mark.parametrize("ttl, minimum, expected", [(3600, 900, 900), (120, 900, 120),
-                                                    (0, 900, 0)])
-def test_negative_ttl_is_the_smaller_of_soa_ttl_and_minimum(ttl, minimum, expected):
-    assert negative_ttl(_response_with_soa(ttl, minimum)) == expected
-
-
-def test_negative_ttl_without_soa_is_zero():
-    response = dns.message.make_response(dns.message.make_query("x.bl.test", "A"))
-    assert negative_ttl(response) == 0
-    assert negative_ttl(None) == 0
 
 
 # ---------------------------------------------------------------- checker ---

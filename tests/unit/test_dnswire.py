@@ -79,11 +79,12 @@ def test_a_name_dns_cannot_carry_is_refused(name):
 
 # ----------------------------------------------------------------- answers ---
 
-def test_nxdomain_carries_the_negative_ttl_of_its_soa():
-    answer = read_answer(wire(response(rcode=dns.rcode.NXDOMAIN, soa=(300, 60))), QID, asked())
-    assert answer == WireAnswer(NXDOMAIN, (), 60)
-    answer = read_answer(wire(response(rcode=dns.rcode.NXDOMAIN, soa=(30, 600))), QID, asked())
-    assert answer.ttl == 30
+@pytest.mark.parametrize("ttl, minimum, expected", [(3600, 900, 900), (120, 900, 120),
+                                                    (0, 900, 0)])
+def test_nxdomain_carries_the_smaller_of_soa_ttl_and_minimum(ttl, minimum, expected):
+    answer = read_answer(wire(response(rcode=dns.rcode.NXDOMAIN, soa=(ttl, minimum))), QID,
+                         asked())
+    assert answer == WireAnswer(NXDOMAIN, (), expected)
 
 
 def test_nxdomain_without_a_soa_has_ttl_0():

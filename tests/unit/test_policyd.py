@@ -9,7 +9,7 @@ import pytest
 from relaymilter.decision import Action, Decision, bad_recipient_syntax, internal_fault, permit
 from relaymilter.reason import Reason
 from relaymilter.policyd import (MAX_ATTRIBUTES, MAX_LINE, MAX_REQUEST, MalformedRequest,
-                                 RequestReader, action_for, client_facts)
+                                 RequestSplitter, action_for, client_facts)
 
 
 class Trickle:
@@ -23,12 +23,27 @@ class Trickle:
         return chunk
 
 
-def stream(text: bytes, step: int = 65536) -> RequestReader:
-    return RequestReader(Trickle(text, step))
+class Fed:
+    """A RequestSplitter fed from a Trickle, as the connection feeds it what arrives."""
+
+    def __init__(self, source: Trickle) -> None:
+        self.source, self.splitter = source, RequestSplitter()
 
 
-def read_request(reader: RequestReader):
-    return reader.next()
+def stream(text: bytes, step: int = 65536) -> Fed:
+    return Fed(Trickle(text, step))
+
+
+def read_request(fed: Fed):
+    """The next request; None when the stream ends before one is complete."""
+    while True:
+        request = fed.splitter.next()
+        if request is not None:
+            return request
+        chunk = fed.source(65536)
+        if not chunk:
+            return None
+        fed.splitter.feed(chunk)
 
 
 # ------------------------------------------------------------- requests ---
