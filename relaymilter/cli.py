@@ -325,10 +325,12 @@ def _serve_milter(engine: Engine, runtime: Runtime, recorder: Recorder) -> None:
         except OSError as error:
             failed.append(error)
 
-    thread = threading.Thread(target=run, name="milter")
-    thread.start()
     sessions.start()
     signal.signal(signal.SIGHUP, lambda signum, frame: runtime.reload_now())
+    thread = threading.Thread(target=run, name="milter")
+    thread.start()
+    # At once: a HUP that arrives before this thread takes it would go to
+    # libmilter's signal thread, which stops on it.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     try:
         thread.join()   # interrupted by SIGHUP to run the handler, then waits on

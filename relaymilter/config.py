@@ -268,7 +268,7 @@ SCHEMA: tuple[Key, ...] = (
         minimum=1, maximum=86400, restart_only=True),
     Key("policyd", "max_connections", int, 200,
         "Most policy service connections served at once (Postfix keeps one per smtpd "
-        "process); further ones wait, unanswered, until one closes; logged.",
+        "process); further ones are accepted but not read until one closes; logged.",
         minimum=1, maximum=10000, restart_only=True),
     Key("metrics", "listen", str, "",
         "Where the milter (`relaymilter run`) serves Prometheus metrics (/metrics) and the "

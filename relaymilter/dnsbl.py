@@ -48,23 +48,20 @@ DESCRIPTION
     goes into an SMTP reply.
 
     Timing. start() asks every enabled zone at once, through the cache
-    (cache.py: TTL-clamped, coalesced) and the checker's own thread pool,
-    and fixes the deadline: start time + timeout, for all zones together.
-    result() waits for the lookups only until that deadline; a lookup still
-    running then is a TIMEOUT. The waiting thread never blocks past the
-    deadline, whatever the DNS threads do; the lookup itself runs on, is
-    bounded by the resolver's lifetime (= timeout), and its answer still
-    lands in the cache for the next connection.
+    (cache.py: TTL-clamped, coalesced) and the resolver, and fixes the
+    deadline: start time + timeout, for all zones together. The resolver
+    (dnsclient.DnsResolver) sends the queries from the process's I/O loop
+    and returns at once, so start() never waits for DNS. result() waits
+    for the lookups only until that deadline; a lookup still running then
+    is a TIMEOUT. The waiting thread never blocks past the deadline; the
+    lookup itself runs on, bounded by the resolver's lifetime (= timeout),
+    and an answer by then still lands in the cache for the next
+    connection. A caller on the I/O loop itself (the policy service) must
+    not wait: it asks ready(), and when_ready() calls it back on the loop.
 
-    Thread pool. DEFAULT_WORKERS_PER_ZONE (8) workers per zone, at least 8,
-    at most MAX_WORKERS (128). One connection needs one worker per zone for
-    its lookups to run in parallel; 8 per zone keeps 8 connections' cache
-    misses running at once, which at a typical 20-50 ms per query is
-    hundreds of new clients a second, while cache hits and coalesced
-    lookups take no worker at all. Past that, lookups queue and the clients
-    are answered "not listed" at their deadline (fail open); the cap bounds
-    the threads that a hanging list server can tie up, each for at most the
-    resolver's lifetime.
+    A resolver with only a blocking query() (a test's stand-in) runs on a
+    ThreadedResolver: a pool of DEFAULT_WORKERS_PER_ZONE (8) threads per
+    zone, at least 8, at most MAX_WORKERS (128).
 
     Health. check_health() asks each zone its RFC 5782 test points,
     127.0.0.2 (must be listed) and 127.0.0.1 (must not be), and the IPv6

@@ -5,7 +5,7 @@ NAME
 
 SYNOPSIS
     server = PolicyServer(engine, "unix:/var/spool/postfix/private/relaymilter", 0o660)
-    server.serve_forever()          # until server.shutdown() from another thread
+    server.serve_forever()          # serving on the I/O loop until server.shutdown()
 
 DESCRIPTION
     Postfix's policy protocol: a request is "name=value" lines and an empty
@@ -47,15 +47,20 @@ DESCRIPTION
     while deciding is logged with its traceback and answered per
     [decisions] on_error.
 
-    Connections: Postfix opens one per smtpd process that needs the
-    service, in bursts; the listen backlog is the system's largest
+    Connections: all of them are served by the process's I/O loop
+    (ioloop.py), the loop the DNS queries run on, not by a thread each: a
+    request is read, decided and answered in one callback, and a request
+    whose DNSBL verdict is not in yet waits on the loop (when_ready) while
+    other connections are served; requests on one connection are answered
+    in order. Postfix opens one connection per smtpd process that needs
+    the service, in bursts; the listen backlog is the system's largest
     (SOMAXCONN), so a burst of connects all succeed. A connection silent
     for [policyd] idle_timeout seconds is closed (Postfix reconnects when
     it needs us again). At most [policyd] max_connections are served at
-    once; further connections are not refused: they wait in the listen
-    backlog, unanswered, until a served one closes (a warning, at most
-    once a minute, says the limit was reached). Postfix waits for them up
-    to smtpd_policy_service_timeout (100 s), then answers its
+    once; further connections are not refused: they are accepted but not
+    read, unanswered, until a served one closes (a warning, at most once a
+    minute, says the limit was reached). Postfix waits for them up to
+    smtpd_policy_service_timeout (100 s), then answers its
     smtpd_policy_service_default_action.
 
     The socket: claim_socket() (socketclaim.py) first, so a second
