@@ -114,7 +114,7 @@ class SubkeyError(ValueError):
         self.subkey = subkey
 
 
-ZONE_FIELDS = {"name": str, "display_name": str, "weight": int, "codes": list}
+ZONE_FIELDS = {"name": str, "display_name": str, "weight": int, "codes": list, "txt": str}
 
 
 def _zones(tables: list[dict[str, Any]]) -> tuple[Zone, ...]:
@@ -133,7 +133,8 @@ def _zones(tables: list[dict[str, Any]]) -> tuple[Zone, ...]:
             raise SubkeyError(where, "a zone needs a name")
         try:
             zone = Zone.build(table["name"], weight=table.get("weight", 1),
-                              codes=table.get("codes"), display_name=table.get("display_name"))
+                              codes=table.get("codes"), display_name=table.get("display_name"),
+                              txt=table.get("txt", "listed"))
         except ValueError as error:
             raise SubkeyError(where, str(error)) from None
         if any(other.name == zone.name for other in zones):
@@ -238,7 +239,7 @@ SCHEMA: tuple[Key, ...] = (
         minimum=10, maximum=86400),
     Key("dnsbl", "zone", dict, [],
         "The lists, as [[dnsbl.zone]] tables: name, display_name, weight "
-        "(negative = allowlist), codes.", _zones),
+        "(negative = allowlist), codes, txt (listed, with-a, off).", _zones),
     Key("cache", "max_entries", int, 100000,
         "Most DNS answers kept; the least recently used go first.", minimum=1, maximum=10_000_000),
     Key("cache", "min_ttl", int, 60,
@@ -412,7 +413,8 @@ class Config:
                     lines += [f"[[{key.dotted}]]", f"name = {_toml_value(zone.name)}",
                               f"display_name = {_toml_value(zone.display_name)}",
                               f"weight = {zone.weight}",
-                              f"codes = {_toml_value([str(code) for code in zone.codes])}", ""]
+                              f"codes = {_toml_value([str(code) for code in zone.codes])}",
+                              f"txt = {_toml_value(zone.txt)}", ""]
         return "\n".join(lines)
 
 

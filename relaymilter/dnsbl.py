@@ -44,7 +44,9 @@ DESCRIPTION
     depend on it: result() waits for TXT only until the same deadline, and a
     listing stands without it. That costs a listed client one more round
     trip; a clean client costs no TXT query at all (Postfix does the same).
-    TXT is cleaned to printable ASCII and at most 200 characters, since it
+    A zone with txt = "with-a" has its TXT asked together with A, when a
+    new client connects: no round trip after a listing, one more query per
+    new client; with txt = "off" it is never asked. TXT is cleaned to printable ASCII and at most 200 characters, since it
     goes into an SMTP reply.
 
     Timing. start() asks every enabled zone at once, through the cache
@@ -320,9 +322,12 @@ class DnsblChecker:
             # most connections, never needs it.
             fetch = self._cache.fetch((zone.name, client_key),
                                       functools.partial(self._ask_zone, address, zone))
-            if zone.weight > 0 and fetch.source is not FetchSource.CACHE:
-                fetch.future.add_done_callback(
-                    functools.partial(self._txt_when_listed, zone, address))
+            if zone.shows_txt and fetch.source is not FetchSource.CACHE:
+                if zone.txt == "with-a":
+                    self._fetch_txt(zone, address)      # no round trip after a listing
+                else:
+                    fetch.future.add_done_callback(
+                        functools.partial(self._txt_when_listed, zone, address))
             lookups.append((zone, fetch))
         return PendingListing(self, address, tuple(lookups), deadline)
 
@@ -379,7 +384,7 @@ class DnsblChecker:
         """The TXT lookups of the blocklists whose answered A lists the client."""
         futures = []
         for zone, fetch in lookups:
-            if zone.weight <= 0 or fetch is None or not _succeeded(fetch.future):
+            if not zone.shows_txt or fetch is None or not _succeeded(fetch.future):
                 continue
             if classify(zone, fetch.future.result().addresses) is Status.LISTED:
                 try:
@@ -392,7 +397,7 @@ class DnsblChecker:
                   deadline: float) -> list[ZoneAnswer]:
         """Add TXT to the blocklists' listings, waiting until the deadline at most."""
         wanted = {index: answer for index, answer in enumerate(answers)
-                  if answer.status is Status.LISTED and answer.zone.weight > 0}
+                  if answer.status is Status.LISTED and answer.zone.shows_txt}
         if not wanted:
             return answers
         fetches = {}

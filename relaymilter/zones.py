@@ -114,6 +114,9 @@ def _parse_code(entry: str) -> CodeRange:
 
 # ------------------------------------------------------------------ zones ---
 
+TXT_MODES = ("listed", "with-a", "off")
+
+
 @dataclass(frozen=True)
 class Zone:
     """One DNSBL or DNSWL zone.
@@ -123,16 +126,26 @@ class Zone:
     weight        added to the score when the zone lists the client;
                   negative for an allowlist
     codes         answer addresses that mean "listed"
+    txt           when a blocklist's TXT record (the reply text) is asked:
+                  "listed" (after an A answer that lists the client),
+                  "with-a" (together with A: no extra round trip, one more
+                  query per new client), "off" (never)
     """
 
     name: str
     display_name: str
     weight: int
     codes: tuple[CodeRange, ...] = DEFAULT_CODES
+    txt: str = "listed"
+
+    @property
+    def shows_txt(self) -> bool:
+        """Is this zone's TXT record ever asked (a blocklist whose txt is not off)?"""
+        return self.weight > 0 and self.txt != "off"
 
     @classmethod
     def build(cls, name: str, weight: int = 1, codes: Iterable[str] | None = None,
-              display_name: str | None = None) -> "Zone":
+              display_name: str | None = None, txt: str = "listed") -> "Zone":
         """A zone from config values; raises ValueError saying what is wrong."""
         zone_name = normalise_zone_name(name)
         if isinstance(weight, bool) or not isinstance(weight, int):
@@ -141,7 +154,9 @@ class Zone:
         if not shown or not shown.isprintable():
             raise ValueError(f"display_name {display_name!r} must be printable and not empty")
         ranges = DEFAULT_CODES if codes is None else parse_codes(codes)
-        return cls(name=zone_name, display_name=shown, weight=weight, codes=ranges)
+        if txt not in TXT_MODES:
+            raise ValueError(f"txt must be one of {', '.join(TXT_MODES)}, not {txt!r}")
+        return cls(name=zone_name, display_name=shown, weight=weight, codes=ranges, txt=txt)
 
     def lists(self, address: ipaddress.IPv4Address) -> bool:
         return any(address in code for code in self.codes)

@@ -137,3 +137,21 @@ def test_a_checker_is_not_fooled_by_a_spoof_that_says_listed():
             checker.close()
         assert not result.listed
         assert [answer.status for answer in result.answers] == [Status.NOT_LISTED]
+
+
+@pytest.mark.parametrize("txt, round_trips", [("listed", 2), ("with-a", 1)])
+def test_a_listed_clients_txt_costs_a_round_trip_unless_asked_with_a(txt, round_trips):
+    delay = 0.3
+    zone = Zone.build("bl.trick", weight=1, txt=txt)
+    with TrickDnsServer(address=LISTED, txt="Listed, see https://bl.trick/",
+                        delay=delay) as server:
+        checker = DnsblChecker([zone], DnsResolver([server.nameserver], timeout=2.0),
+                               LookupCache(100, 60, 3600), timeout=2.0)
+        try:
+            started = time.monotonic()
+            result = checker.lookup("127.0.0.2")
+            took = time.monotonic() - started
+        finally:
+            checker.close()
+    assert result.listed and result.txt == "Listed, see https://bl.trick/"
+    assert round_trips * delay <= took < (round_trips + 0.6) * delay

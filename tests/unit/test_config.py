@@ -204,6 +204,14 @@ def test_parse_config_names_string_origin_by_default():
     assert str(caught.value) == "<string>: milter.bogus: unknown key"
 
 
+def test_a_zone_txt_mode_is_read_and_a_wrong_one_named():
+    config = parse_config({"dnsbl": {"zone": [{"name": "bl.example", "txt": "with-a"}]}})
+    assert config.dnsbl.zones[0].txt == "with-a"
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"dnsbl": {"zone": [{"name": "bl.example", "txt": "always"}]}})
+    assert str(caught.value).startswith("<string>: dnsbl.zone[1]: txt must be one of listed")
+
+
 # ----------------------------------------------------------- effective TOML ---
 
 def assert_round_trips(config):

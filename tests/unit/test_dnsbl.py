@@ -179,6 +179,32 @@ def test_listed_client_is_listed_with_txt(make_checker, resolver):
     assert statuses(result) == {"bl.test": Status.LISTED, "wl.test": Status.NOT_LISTED}
 
 
+def test_txt_with_a_is_asked_with_every_new_client_and_used_when_listed(make_checker,
+                                                                        resolver):
+    with_a = Zone.build("bl.test", weight=1, txt="with-a")
+    resolver.set(CLIENT, "bl.test", "127.0.0.2", txt="Listed with A")
+    resolver.set("192.0.2.11", "bl.test")
+    checker = make_checker(zones=[with_a, WL])
+    assert checker.lookup(CLIENT).txt == "Listed with A"
+    assert not checker.lookup("192.0.2.11").listed
+    assert resolver.count(query_name(CLIENT, "bl.test"), "TXT") == 1
+    assert resolver.count(query_name("192.0.2.11", "bl.test"), "TXT") == 1
+    assert resolver.count(query_name(CLIENT, "wl.test"), "TXT") == 0
+
+
+def test_txt_off_is_never_asked_and_the_listing_stands_without_it(make_checker, resolver):
+    silent = Zone.build("bl.test", weight=1, txt="off")
+    resolver.set(CLIENT, "bl.test", "127.0.0.2", txt="never shown")
+    result = make_checker(zones=[silent]).lookup(CLIENT)
+    assert result.listed and result.txt is None
+    assert resolver.count(query_name(CLIENT, "bl.test"), "TXT") == 0
+
+
+def test_an_unknown_txt_mode_is_refused():
+    with pytest.raises(ValueError, match="txt must be one of listed, with-a, off"):
+        Zone.build("bl.test", txt="always")
+
+
 def test_txt_is_asked_only_for_listing_shaped_answers(make_checker, resolver):
     resolver.set(CLIENT, "bl.test", "127.0.0.2")
     make_checker(zones=[BL, WL]).lookup(CLIENT)
