@@ -101,6 +101,7 @@ class LookupCache:
         self.max_entries = max_entries
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
+        self.timer = timer
         self._lock = threading.Lock()
         self._entries: cachetools.TLRUCache = cachetools.TLRUCache(
             maxsize=max_entries, ttu=self._expiry, timer=timer)
@@ -140,6 +141,12 @@ class LookupCache:
         # here and now, and the callback takes the lock.
         future.add_done_callback(lambda done: self._finish(key, done))
         return Fetch(future, FetchSource.DNS)
+
+    def count_hits(self, count: int) -> None:
+        """Hits a caller answered from what it kept of earlier fetches (dnsbl's
+        verdicts), counted as the fetches they stand for."""
+        with self._lock:
+            self._hits += count
 
     def stats(self) -> CacheStats:
         with self._lock:

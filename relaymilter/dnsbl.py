@@ -175,13 +175,14 @@ class ThreadedResolver:
 
 # ---------------------------------------------------------------- results ---
 
-def _zone_lookup(answer: DnsAnswer) -> "ZoneLookup":
-    return ZoneLookup(answer.records, answer.ttl, answer.nxdomain)
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A returning client's result, kept until the first of its answers expires."""
 
-
-def _txt_lookup(answer: DnsAnswer) -> "TxtLookup":
-    texts = dict.fromkeys(answer.records)
-    return TxtLookup(clean_txt(" / ".join(texts)) if texts else None, answer.ttl)
+    result: ListingResult
+    expires: float              # on the cache's clock
+    disabled: frozenset[str]    # the disabled zones it was made with
+    fetches: int                # the cache hits it stands for
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class ZoneLookup:
     addresses: tuple[str, ...]
     ttl: int
     nxdomain: bool
+    at: float = 0.0         # when it was answered, on the cache's clock
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,7 @@ class TxtLookup:
 
     txt: str | None
     ttl: int
+    at: float = 0.0
 
 
 
@@ -297,6 +300,9 @@ class DnsblChecker:
         self._cache = cache
         self._timer = timer
         self._metrics = metrics
+        self._verdicts: dict[str, Verdict] = {}    # lock-free reads; writes under the lock
+        self._verdicts_lock = threading.Lock()
+        self._verdicts_max = max(1, cache.max_entries // max(1, len(self.zones)))
         self._problems = RateLimiter(log_interval, timer)
         self._health_lock = threading.Lock()     # one health round at a time
         self._disabled: frozenset[str] = frozenset()    # swapped, never mutated
@@ -312,8 +318,13 @@ class DnsblChecker:
         address = client_address(client)
         deadline = self._timer() + self.timeout
         disabled = self._disabled     # one read: a health round may swap it
-        lookups: list[tuple[Zone, Fetch | None]] = []
         client_key = str(address)
+        verdict = self._verdicts.get(client_key)
+        if verdict is not None and verdict.disabled is disabled \
+                and self._cache.timer() < verdict.expires:
+            self._cache.count_hits(verdict.fetches)
+            return PendingListing(self, address, (), deadline, verdict.result)
+        lookups: list[tuple[Zone, Fetch | None]] = []
         for zone in self.zones:
             if zone.name in disabled:
                 lookups.append((zone, None))
@@ -339,7 +350,7 @@ class DnsblChecker:
         """A zone's A query, started now and timed for the metrics."""
         started = self._timer()
         future = self._resolver.submit(query_name(address, zone.name), "A", self.timeout,
-                                       _zone_lookup)
+                                       self._zone_lookup)
         future.add_done_callback(
             lambda _: self._metrics.dns_query(zone.display_name, self._timer() - started))
         return future
@@ -347,7 +358,34 @@ class DnsblChecker:
     def _fetch_txt(self, zone: Zone, address: IPAddress) -> Fetch:
         return self._cache.fetch((zone.name, str(address), "TXT"), functools.partial(
             self._resolver.submit, query_name(address, zone.name), "TXT", self.timeout,
-            _txt_lookup))
+            self._txt_lookup))
+
+    def _zone_lookup(self, answer: DnsAnswer) -> ZoneLookup:
+        return ZoneLookup(answer.records, answer.ttl, answer.nxdomain, self._cache.timer())
+
+    def _txt_lookup(self, answer: DnsAnswer) -> TxtLookup:
+        texts = dict.fromkeys(answer.records)
+        return TxtLookup(clean_txt(" / ".join(texts)) if texts else None, answer.ttl,
+                         self._cache.timer())
+
+    def _remember(self, result: ListingResult, lookups: tuple[tuple[Zone, Fetch | None], ...],
+                  txt_fetches: list[Fetch]) -> None:
+        """Keep a returning client's verdict: one whose every answer came from the
+        cache, none a problem. A client seen once (a storm) is never kept here."""
+        fetches = [fetch for _, fetch in lookups if fetch is not None] + txt_fetches
+        if not fetches or any(fetch.source is not FetchSource.CACHE
+                              or not _succeeded(fetch.future) for fetch in fetches) \
+                or any(answer.status in PROBLEMS for answer in result.answers):
+            return
+        clamp = self._cache.clamp_ttl
+        expires = min(value.at + clamp(value.ttl)
+                      for value in (fetch.future.result() for fetch in fetches))
+        verdict = Verdict(result, expires, self._disabled, len(fetches))
+        key = str(result.client)
+        with self._verdicts_lock:
+            if key not in self._verdicts and len(self._verdicts) >= self._verdicts_max:
+                del self._verdicts[next(iter(self._verdicts))]  # the oldest
+            self._verdicts[key] = verdict
 
     def _txt_when_listed(self, zone: Zone, address: IPAddress, done: concurrent.futures.Future) -> None:
         """A-answer callback: ask TXT at once when the zone lists the client."""
@@ -394,12 +432,13 @@ class DnsblChecker:
         return futures
 
     def _with_txt(self, address: IPAddress, answers: list[ZoneAnswer],
-                  deadline: float) -> list[ZoneAnswer]:
-        """Add TXT to the blocklists' listings, waiting until the deadline at most."""
+                  deadline: float) -> tuple[list[ZoneAnswer], list[Fetch]]:
+        """Add TXT to the blocklists' listings, waiting until the deadline at most;
+        the answers, and the TXT fetches made."""
         wanted = {index: answer for index, answer in enumerate(answers)
                   if answer.status is Status.LISTED and answer.zone.shows_txt}
         if not wanted:
-            return answers
+            return answers, []
         fetches = {}
         for index, answer in wanted.items():
             try:
@@ -415,7 +454,7 @@ class DnsblChecker:
             future = fetch.future
             if future.done() and not future.cancelled() and future.exception() is None:
                 answers[index] = dataclasses.replace(answers[index], txt=future.result().txt)
-        return answers
+        return answers, list(fetches.values())
 
     def _record(self, result: ListingResult) -> None:
         """Count every zone's status (metrics); log problems, rate-limited."""
@@ -508,11 +547,13 @@ class PendingListing:
     """A client's lookups in flight; result() collects them by the deadline."""
 
     def __init__(self, checker: DnsblChecker, client: IPAddress,
-                 lookups: tuple[tuple[Zone, Fetch | None], ...], deadline: float) -> None:
+                 lookups: tuple[tuple[Zone, Fetch | None], ...], deadline: float,
+                 known: ListingResult | None = None) -> None:
         self.client = client
         self.deadline = deadline
         self._checker = checker
         self._lookups = lookups
+        self._known = known         # a kept verdict: nothing to wait for
         self._lock = threading.Lock()
         self._result: ListingResult | None = None
 
@@ -520,7 +561,8 @@ class PendingListing:
         """Would result() return without waiting? Every zone has answered, and
         so has the TXT of every listing (asked now if it was not), or the
         deadline has passed."""
-        if self._result is not None or self._checker._timer() >= self.deadline:
+        if self._known is not None or self._result is not None \
+                or self._checker._timer() >= self.deadline:
             return True
         futures = [fetch.future for _, fetch in self._lookups if fetch is not None]
         if not all(future.done() for future in futures):
@@ -573,7 +615,11 @@ class PendingListing:
         """
         with self._lock:
             if self._result is None:
-                self._result = self._collect()
+                if self._known is not None:
+                    self._result = self._known
+                    self._checker._record(self._known)
+                else:
+                    self._result = self._collect()
             return self._result
 
     def _collect(self) -> ListingResult:
@@ -584,9 +630,10 @@ class PendingListing:
             if remaining > 0:
                 concurrent.futures.wait(futures, timeout=remaining)
         answers = [checker._zone_answer(zone, fetch) for zone, fetch in self._lookups]
-        answers = checker._with_txt(self.client, answers, self.deadline)
+        answers, txt_fetches = checker._with_txt(self.client, answers, self.deadline)
         result = summarise(self.client, answers, checker.threshold)
         checker._record(result)
+        checker._remember(result, self._lookups, txt_fetches)
         return result
 
 

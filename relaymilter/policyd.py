@@ -144,16 +144,19 @@ def parse_request(block: bytes) -> dict[str, str]:
     text = block.decode("utf-8", "surrogateescape")
     if "\r" in text:
         text = text.replace("\r\n", "\n")
-    lines = text.split("\n")
-    if len(lines) > MAX_ATTRIBUTES:
+    if text.count("\n") >= MAX_ATTRIBUTES:
         raise MalformedRequest(f"more than {MAX_ATTRIBUTES} attributes")
-    if max(map(len, lines)) > MAX_LINE:
+    lines = text.split("\n")
+    if len(max(lines, key=len)) > MAX_LINE:
         raise MalformedRequest(f"a line longer than {MAX_LINE} bytes")
-    pairs = [line.partition("=") for line in lines]
-    for line, (name, equals, _) in zip(lines, pairs):
-        if not equals or not name:
-            raise MalformedRequest(f"a line that is not name=value: {line[:60]!r}")
-    return {name: value for name, _, value in pairs}
+    try:
+        attributes = dict([line.split("=", 1) for line in lines])
+    except ValueError:      # a line without "="
+        attributes = {"": ""}
+    if "" in attributes:
+        line = next(line for line in lines if not line.partition("=")[0] or "=" not in line)
+        raise MalformedRequest(f"a line that is not name=value: {line[:60]!r}")
+    return attributes
 
 
 @functools.lru_cache(maxsize=4096)

@@ -363,6 +363,46 @@ def test_nxdomain_is_cached_for_its_negative_ttl(make_checker, resolver):
     assert resolver.count(query_name(CLIENT, "bl.test")) == 2
 
 
+def test_a_returning_clients_verdict_is_kept_until_its_first_answer_expires(make_checker,
+                                                                            resolver):
+    cache_clock = FakeTimer()
+    resolver.set(CLIENT, "bl.test", "127.0.0.2", ttl=300)
+    resolver.answers[(query_name(CLIENT, "bl.test"), "TXT")] = DnsAnswer(("Listed",), 100)
+    checker = make_checker(cache_timer=cache_clock)
+    checker.lookup(CLIENT)                  # asked
+    checker.lookup(CLIENT)                  # from the cache, and kept
+    hits = checker.cache.stats().hits
+    cache_clock.now += 99
+    kept = checker.lookup(CLIENT)
+    assert kept.listed and kept.txt == "Listed"
+    assert checker.cache.stats().hits == hits + 2     # A and TXT, as the cache would count
+    cache_clock.now += 1                    # the TXT answer's 100 s are over
+    again = checker.lookup(CLIENT)
+    assert again.listed and again.txt == "Listed"
+    assert resolver.count(query_name(CLIENT, "bl.test"), "TXT") == 2
+    assert resolver.count(query_name(CLIENT, "bl.test"), "A") == 1
+
+
+def test_a_client_seen_once_is_not_kept_and_kept_verdicts_are_bounded(make_checker, resolver):
+    checker = make_checker()
+    checker._verdicts_max = 5
+    clients = [f"192.0.2.{index}" for index in range(1, 21)]
+    for client in clients:
+        checker.lookup(client)
+    assert not checker._verdicts            # a storm of new clients keeps nothing
+    for client in clients:
+        checker.lookup(client)
+    assert list(checker._verdicts) == clients[-5:]      # the oldest went first
+
+
+def test_a_problem_answer_is_never_kept(make_checker, resolver):
+    resolver.fail(CLIENT, "bl.test", DnsFailure("SERVFAIL"))
+    checker = make_checker()
+    for _ in range(3):
+        assert checker.lookup(CLIENT).answers[0].status is Status.DNS_FAILURE
+    assert resolver.count(query_name(CLIENT, "bl.test")) == 3
+
+
 def test_concurrent_sessions_for_one_client_share_one_query(make_checker, resolver):
     gate = resolver.block(CLIENT, "bl.test")
     resolver.set(CLIENT, "bl.test", "127.0.0.2")
