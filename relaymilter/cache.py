@@ -5,21 +5,20 @@ NAME
 
 SYNOPSIS
     cache = LookupCache(max_entries=100000, min_ttl=60, max_ttl=3600)
-    fetch = cache.fetch(("zen.example", "192.0.2.1"), lookup, executor)
+    fetch = cache.fetch(("zen.example", "192.0.2.1"), start_lookup)
     fetch.source            # FetchSource.CACHE, IN_FLIGHT or DNS
     answer = fetch.future.result(timeout=...)
     cache.stats()           # CacheStats(hits, misses, coalesced, entries, in_flight)
 
 DESCRIPTION
-    fetch() answers one key three ways, all under one lock (cachetools
-    caches are not thread-safe):
+    fetch() answers one key three ways, all under one lock:
 
-    CACHE      a live entry: an already completed future holding it;
+    CACHE      a live entry: its value, as a settled promise.Done;
     IN_FLIGHT  a lookup of the same key is running: the SAME future, so a
                burst of connections from one client costs one DNS query;
-    DNS        otherwise lookup() is submitted to the caller's executor (or,
-               without one, returns the future of a lookup it started) and
-               that future is remembered as in flight.
+    DNS        otherwise lookup() starts the lookup and returns its future
+               (a promise.Promise; with an executor, lookup() is run there
+               and returns the value), remembered as in flight.
 
     When the lookup completes with a value, the value is stored for its
     `ttl` attribute (seconds, from the DNS answer; a negative answer carries
@@ -27,6 +26,13 @@ DESCRIPTION
     with TTL 0 from costing a query per connection, max_ttl bounds how long
     a delisting goes unseen. The cache holds at most max_entries; beyond
     that the least recently used entry goes.
+
+    Only the value is kept, with its expiry, in an OrderedDict (C code for
+    the LRU moves): no future, no callbacks. Values are small immutable
+    tuples (dnsbl's ZoneLookup and TxtLookup) of strings and numbers, which
+    the garbage collector stops tracking, so a full cache adds nothing to
+    the collector's work. An entry that has expired is dropped when it is
+    next asked for, or when the least recently used entries go.
 
     A lookup that ends in an exception (timeout, SERVFAIL, no nameserver)
     is NOT cached: the next connection asks again. A failure is transient,
@@ -42,14 +48,15 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import collections
 import enum
 import threading
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Hashable, Protocol, TypeVar
+from typing import Any, Callable, Hashable, Protocol, TypeVar
 
-import cachetools
+from relaymilter.promise import Done, succeeded
 
 
 class HasTTL(Protocol):
@@ -70,11 +77,11 @@ class FetchSource(enum.Enum):
     DNS = "dns"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fetch:
-    """A future for the value, and where it comes from."""
+    """A future for the value (settled for a hit), and where it comes from."""
 
-    future: Future
+    future: Any             # promise.Promise, promise.Done or concurrent.futures.Future
     source: FetchSource
 
 
@@ -103,33 +110,38 @@ class LookupCache:
         self.max_ttl = max_ttl
         self.timer = timer
         self._lock = threading.Lock()
-        self._entries: cachetools.TLRUCache = cachetools.TLRUCache(
-            maxsize=max_entries, ttu=self._expiry, timer=timer)
-        self._in_flight: dict[Hashable, Future] = {}
+        # key -> (expires, value), least recently used first
+        self._entries: collections.OrderedDict[Hashable, tuple[float, Any]] = \
+            collections.OrderedDict()
+        self._in_flight: dict[Hashable, Any] = {}
         self._hits = self._misses = self._coalesced = 0
 
     def clamp_ttl(self, ttl: float) -> float:
         """The lifetime an answer with this TTL gets here."""
         return min(max(ttl, self.min_ttl), self.max_ttl)
 
-    def fetch(self, key: Hashable, lookup: Callable[[], Value] | Callable[[], Future],
+    def fetch(self, key: Hashable, lookup: Callable[[], Any],
               executor: Executor | None = None) -> Fetch:
         """The value for key: cached, joined in flight, or looked up now.
 
-        With an executor, lookup() returns the value and runs there;
-        without, lookup() starts the lookup and returns its Future.
+        Without an executor, lookup() starts the lookup and returns its
+        future; with one, lookup() runs there and returns the value.
         """
         with self._lock:
-            if key in self._entries:    # `in` checks expiry; [] would not
-                self._hits += 1
-                return Fetch(self._entries[key], FetchSource.CACHE)
+            entry = self._entries.get(key)
+            if entry is not None:
+                if self.timer() < entry[0]:
+                    self._entries.move_to_end(key)
+                    self._hits += 1
+                    return Fetch(Done(entry[1]), FetchSource.CACHE)
+                del self._entries[key]
             running = self._in_flight.get(key)
             if running is not None:
-                if _succeeded(running):
-                    # Done, but its done-callback (_finish) has not run yet:
-                    # waiters wake before callbacks. It is an answer already.
+                if succeeded(running):
+                    # Done, but its done-callback (_finish) has not run yet: a
+                    # Future wakes waiters before callbacks. It is an answer.
                     del self._in_flight[key]
-                    self._entries[key] = running
+                    self._store(key, running.result())
                     self._hits += 1
                     return Fetch(running, FetchSource.CACHE)
                 self._coalesced += 1
@@ -150,23 +162,24 @@ class LookupCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            self._entries.expire()
+            now = self.timer()
+            for key in [key for key, (expires, _) in self._entries.items() if expires <= now]:
+                del self._entries[key]
             return CacheStats(self._hits, self._misses, self._coalesced,
                               len(self._entries), len(self._in_flight))
 
-    def _finish(self, key: Hashable, future: Future) -> None:
+    def _finish(self, key: Hashable, future: Any) -> None:
         with self._lock:
             if self._in_flight.get(key) is future:
                 del self._in_flight[key]
             if future.cancelled() or future.exception() is not None:
                 return
-            # The completed future itself is kept: every hit hands out the
-            # same one instead of building a new future per hit.
-            self._entries[key] = future
+            self._store(key, future.result())
 
-    def _expiry(self, key: Hashable, future: Future, now: float) -> float:
-        return now + self.clamp_ttl(future.result().ttl)
+    def _store(self, key: Hashable, value: Any) -> None:
+        """Under the lock."""
+        self._entries[key] = (self.timer() + self.clamp_ttl(value.ttl), value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
 
-
-def _succeeded(future: Future) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None

@@ -90,14 +90,16 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 from relaymilter.address import IPAddress, normalise_ip, parse_ip
 from relaymilter.cache import Fetch, FetchSource, LookupCache
 from relaymilter.dnsclient import DnsAnswer, DnsError, DnsFailure, DnsResolver, DnsTimeout
+from relaymilter.promise import Promise, succeeded, wait_all
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.text import printable
-from relaymilter.zones import PROBLEMS, ListingResult, Status, Zone, ZoneAnswer, classify, summarise
+from relaymilter.zones import (PROBLEMS, ListingResult, Status, Zone, ZoneAnswer, classify,
+                               reply_answer, summarise)
 
 
 if TYPE_CHECKING:
@@ -144,7 +146,7 @@ class Resolver(Protocol):
 
     def submit(self, name: str, rdtype: str, lifetime: float | None = None,
                convert: Callable[[DnsAnswer], object] | None = None
-               ) -> concurrent.futures.Future: ...
+               ) -> "Promise | concurrent.futures.Future": ...
 
 
 class ThreadedResolver:
@@ -185,12 +187,12 @@ class Verdict:
     fetches: int                # the cache hits it stands for
 
 
-@dataclass(frozen=True)
-class ZoneLookup:
+class ZoneLookup(NamedTuple):
     """The DNS side of one zone's A answer about one client, as cached.
 
     It does not depend on the zone's codes, so a reload that changes them
-    can keep the cache.
+    can keep the cache. A tuple of strings and numbers: the garbage
+    collector stops tracking it (cache.py).
     """
 
     addresses: tuple[str, ...]
@@ -199,14 +201,12 @@ class ZoneLookup:
     at: float = 0.0         # when it was answered, on the cache's clock
 
 
-@dataclass(frozen=True)
-class TxtLookup:
+class TxtLookup(NamedTuple):
     """A zone's TXT answer about one client, cleaned, as cached."""
 
     txt: str | None
     ttl: int
     at: float = 0.0
-
 
 
 def report_lines(result: ListingResult) -> list[str]:
@@ -343,10 +343,13 @@ class DnsblChecker:
         return PendingListing(self, address, tuple(lookups), deadline)
 
     def lookup(self, client: IPAddress | str) -> ListingResult:
-        """start() and result() in one (the `lookup` command)."""
-        return self.start(client).result()
+        """start() and result() in one (the `lookup` command), with the TXT of
+        every listing blocklist."""
+        pending = self.start(client)
+        pending.every_txt = True
+        return pending.result()
 
-    def _ask_zone(self, address: IPAddress, zone: Zone) -> concurrent.futures.Future:
+    def _ask_zone(self, address: IPAddress, zone: Zone) -> "Promise | concurrent.futures.Future":
         """A zone's A query, started now and timed for the metrics."""
         started = self._timer()
         future = self._resolver.submit(query_name(address, zone.name), "A", self.timeout,
@@ -374,7 +377,7 @@ class DnsblChecker:
         cache, none a problem. A client seen once (a storm) is never kept here."""
         fetches = [fetch for _, fetch in lookups if fetch is not None] + txt_fetches
         if not fetches or any(fetch.source is not FetchSource.CACHE
-                              or not _succeeded(fetch.future) for fetch in fetches) \
+                              or not succeeded(fetch.future) for fetch in fetches) \
                 or any(answer.status in PROBLEMS for answer in result.answers):
             return
         clamp = self._cache.clamp_ttl
@@ -387,7 +390,7 @@ class DnsblChecker:
                 del self._verdicts[next(iter(self._verdicts))]  # the oldest
             self._verdicts[key] = verdict
 
-    def _txt_when_listed(self, zone: Zone, address: IPAddress, done: concurrent.futures.Future) -> None:
+    def _txt_when_listed(self, zone: Zone, address: IPAddress, done: "Promise") -> None:
         """A-answer callback: ask TXT at once when the zone lists the client."""
         try:
             if done.cancelled() or done.exception() is not None:
@@ -417,43 +420,38 @@ class DnsblChecker:
         return ZoneAnswer(zone, status, found.addresses, found.ttl, found.nxdomain,
                           source=fetch.source)
 
-    def _txt_futures(self, address: IPAddress,
-                     lookups: tuple[tuple[Zone, Fetch | None], ...]) -> list:
-        """The TXT lookups of the blocklists whose answered A lists the client."""
-        futures = []
-        for zone, fetch in lookups:
-            if not zone.shows_txt or fetch is None or not _succeeded(fetch.future):
-                continue
-            if classify(zone, fetch.future.result().addresses) is Status.LISTED:
-                try:
-                    futures.append(self._fetch_txt(zone, address).future)
-                except RuntimeError:
-                    pass        # the resolver is closed (a reload): no TXT
-        return futures
-
-    def _with_txt(self, address: IPAddress, answers: list[ZoneAnswer],
-                  deadline: float) -> tuple[list[ZoneAnswer], list[Fetch]]:
-        """Add TXT to the blocklists' listings, waiting until the deadline at most;
-        the answers, and the TXT fetches made."""
-        wanted = {index: answer for index, answer in enumerate(answers)
-                  if answer.status is Status.LISTED and answer.zone.shows_txt}
-        if not wanted:
-            return answers, []
+    def _txt_fetches(self, address: IPAddress, answers: Sequence[ZoneAnswer],
+                     every: bool = False) -> dict[int, Fetch]:
+        """The TXT lookups the verdict shows, by answer index: the reply zone's
+        when the client is listed (every listing blocklist's for `lookup`)."""
+        if every:
+            wanted = [index for index, answer in enumerate(answers)
+                      if answer.status is Status.LISTED and answer.zone.shows_txt]
+        else:
+            reply = reply_answer(answers, self.threshold)
+            wanted = [answers.index(reply)] if reply is not None and reply.zone.shows_txt else []
         fetches = {}
-        for index, answer in wanted.items():
+        for index in wanted:
             try:
-                fetches[index] = self._fetch_txt(answer.zone, address)
+                fetches[index] = self._fetch_txt(answers[index].zone, address)
             except RuntimeError:
-                pass    # the pool is shut down: no TXT
+                pass        # the resolver is closed (a reload): no TXT
+        return fetches
+
+    def _with_txt(self, address: IPAddress, answers: list[ZoneAnswer], deadline: float,
+                  every: bool = False) -> tuple[list[ZoneAnswer], list[Fetch]]:
+        """Add the TXT the verdict shows, waiting until the deadline at most;
+        the answers, and the TXT fetches made."""
+        fetches = self._txt_fetches(address, answers, every)
+        if not fetches:
+            return answers, []
         remaining = deadline - self._timer()
         if remaining > 0:
-            concurrent.futures.wait([fetch.future for fetch in fetches.values()],
-                                    timeout=remaining)
+            wait_all([fetch.future for fetch in fetches.values()], remaining)
         answers = list(answers)
         for index, fetch in fetches.items():
-            future = fetch.future
-            if future.done() and not future.cancelled() and future.exception() is None:
-                answers[index] = dataclasses.replace(answers[index], txt=future.result().txt)
+            if succeeded(fetch.future):
+                answers[index] = dataclasses.replace(answers[index], txt=fetch.future.result().txt)
         return answers, list(fetches.values())
 
     def _record(self, result: ListingResult) -> None:
@@ -496,7 +494,7 @@ class DnsblChecker:
                        for zone in self.zones for point in TEST_POINTS}
             # Each query ends within the resolver's lifetime; the margin
             # covers its overshoot. Anything later counts as a timeout.
-            concurrent.futures.wait(futures.values(), timeout=self.timeout + 1.0)
+            wait_all(futures.values(), self.timeout + 1.0)
             reports = []
             disabled = set(self._disabled)
             for zone in self.zones:
@@ -554,21 +552,29 @@ class PendingListing:
         self._checker = checker
         self._lookups = lookups
         self._known = known         # a kept verdict: nothing to wait for
+        self.every_txt = False      # TXT of every listing blocklist, not just the reply's
         self._lock = threading.Lock()
         self._result: ListingResult | None = None
 
     def ready(self) -> bool:
         """Would result() return without waiting? Every zone has answered, and
-        so has the TXT of every listing (asked now if it was not), or the
+        so has the TXT the verdict shows (asked now if it was not), or the
         deadline has passed."""
         if self._known is not None or self._result is not None \
                 or self._checker._timer() >= self.deadline:
             return True
-        futures = [fetch.future for _, fetch in self._lookups if fetch is not None]
-        if not all(future.done() for future in futures):
-            return False
-        return all(future.done() for future in self._checker._txt_futures(self.client,
-                                                                           self._lookups))
+        return not self._outstanding()
+
+    def _outstanding(self) -> list:
+        """The lookups result() would still wait for."""
+        waiting = [fetch.future for _, fetch in self._lookups
+                   if fetch is not None and not fetch.future.done()]
+        if waiting:
+            return waiting
+        checker = self._checker
+        answers = [checker._zone_answer(zone, fetch) for zone, fetch in self._lookups]
+        return [fetch.future for fetch in checker._txt_fetches(self.client, answers).values()
+                if not fetch.future.done()]
 
     def when_ready(self, io: "IoLoop", callback: Callable[[], None]) -> None:
         """Call callback() once, on io's loop, as soon as ready() is true.
@@ -577,32 +583,33 @@ class PendingListing:
         answers arrive on the loop, and a timer there fires at the deadline.
         """
         fired = False
-        timer = None
 
         def fire() -> None:
             nonlocal fired
             if not fired:
                 fired = True
-                if timer is not None:
-                    timer.cancel()
                 callback()
 
         def check(_: object = None) -> None:
             if fired:
                 return
-            if self.ready():
+            outstanding = self._outstanding()
+            if not outstanding:
                 fire()
                 return
-            futures = [fetch.future for _, fetch in self._lookups if fetch is not None]
-            if all(future.done() for future in futures):    # waiting for TXT
-                futures = self._checker._txt_futures(self.client, self._lookups)
-            for future in futures:
-                if not future.done():
-                    future.add_done_callback(lambda _: io.call(check))
+            # Look again once all of them have ended (counted on the loop).
+            remaining = [len(outstanding)]
+
+            def one_ended() -> None:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    check()
+
+            for future in outstanding:
+                future.add_done_callback(lambda _: io.call(one_ended))
 
         def arm() -> None:
-            nonlocal timer
-            timer = io.loop.call_at(self.deadline, fire)    # both on time.monotonic
+            io.at(self.deadline, fire)      # both on time.monotonic
             check()
 
         io.call(arm)
@@ -628,17 +635,15 @@ class PendingListing:
         if not all(future.done() for future in futures):
             remaining = self.deadline - checker._timer()
             if remaining > 0:
-                concurrent.futures.wait(futures, timeout=remaining)
+                wait_all(futures, remaining)
         answers = [checker._zone_answer(zone, fetch) for zone, fetch in self._lookups]
-        answers, txt_fetches = checker._with_txt(self.client, answers, self.deadline)
+        answers, txt_fetches = checker._with_txt(self.client, answers, self.deadline,
+                                                 self.every_txt)
         result = summarise(self.client, answers, checker.threshold)
         checker._record(result)
         checker._remember(result, self._lookups, txt_fetches)
         return result
 
-
-def _succeeded(future: concurrent.futures.Future) -> bool:
-    return future.done() and not future.cancelled() and future.exception() is None
 
 
 # ----------------------------------------------------------------- health ---
@@ -672,7 +677,7 @@ def probe_name(point: tuple[IPAddress, bool], zone_name: str) -> str:
     return f"{reverse_labels(point[0])}.{zone_name}"
 
 
-def _point_outcome(future: concurrent.futures.Future) -> DnsAnswer | DnsError:
+def _point_outcome(future: "Promise") -> DnsAnswer | DnsError:
     if not future.done():
         return DnsTimeout("no answer within the health check")
     error = future.exception()

@@ -12,8 +12,7 @@ SYNOPSIS
 
 DESCRIPTION
     A query is a message on the process's I/O loop (ioloop.py), not a
-    thread: submit() hands it over and returns a concurrent.futures.Future
-    at once, so a client's zones are all asked at the same moment and a
+    thread: submit() hands it over and returns a promise.Promise at once, so a client's zones are all asked at the same moment and a
     thousand new clients cost no thousand threads. The wire format is
     dnswire.py's; everything below is owned by the loop thread.
 
@@ -49,7 +48,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import logging
 import random
 import secrets
@@ -63,6 +62,7 @@ import dns.resolver
 
 from relaymilter import dnswire, ioloop
 from relaymilter.endpoint import DNS_PORT, split_host_port
+from relaymilter.promise import Promise
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class DnsResolver:
 
     # -- any thread ----------------------------------------------------------
     def submit(self, name: str, rdtype: str, lifetime: float | None = None,
-               convert: Callable[[DnsAnswer], Any] | None = None) -> concurrent.futures.Future:
+               convert: Callable[[DnsAnswer], Any] | None = None) -> Promise:
         """Ask now; the future gets convert(answer) (the answer without it).
 
         Raises RuntimeError once closed, ValueError for a name DNS cannot
@@ -133,7 +133,7 @@ class DnsResolver:
         """
         if self._closed:
             raise RuntimeError("the resolver is closed")
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future = Promise()
         asked = dnswire.question(name, dnswire.TYPE_NAMES[rdtype])
         lifetime = self.timeout if lifetime is None else lifetime
         self._io.call(self._start, _Query(asked, future, convert, time.monotonic() + lifetime))
@@ -181,11 +181,11 @@ class DnsResolver:
             channel.sock.send(dnswire.query(query_id, query.asked))
         except OSError:
             pass        # as good as lost: the try's timer moves the query on
-        query.timer = self._io.loop.call_at(
-            self._io.loop.time() + min(remaining, self._try_timeout), self._try_expired, query)
+        self._io.at(now + min(remaining, self._try_timeout),
+                    functools.partial(self._try_expired, query, query.tries))
 
-    def _try_expired(self, query: "_Query") -> None:
-        if query.done:
+    def _try_expired(self, query: "_Query", tries: int) -> None:
+        if query.done or query.tries != tries:     # answered, or moved on since
             return
         self._servers[query.server].missed(time.monotonic())
         self._next_server(query)
@@ -224,7 +224,7 @@ class DnsResolver:
         server = self._servers[query.server]
         server.answered()
         if answer.truncated and channel is not None:
-            self._cancel_timer(query)
+            query.tries += 1            # the try's timer no longer applies
             self._io.loop.create_task(self._over_tcp(query, server))
             return
         if answer.rcode in (dnswire.NOERROR, dnswire.NXDOMAIN) and not answer.truncated:
@@ -233,7 +233,6 @@ class DnsResolver:
             return
         query.failures += 1
         if query.failures < len(self._servers):
-            self._cancel_timer(query)
             self._next_server(query)
         else:
             self._finish(query, error=DnsFailure(
@@ -264,17 +263,11 @@ class DnsResolver:
             if not query.done:      # not the answer to our question: try elsewhere
                 self._next_server(query)
 
-    def _cancel_timer(self, query: "_Query") -> None:
-        if query.timer is not None:
-            query.timer.cancel()
-            query.timer = None
-
     def _finish(self, query: "_Query", answer: DnsAnswer | None = None,
                 error: DnsError | None = None) -> None:
         if query.done:
             return
         query.done = True
-        self._cancel_timer(query)
         for key in query.keys:
             if self._pending.pop(key, None) is not None:
                 channel = key[0]
@@ -282,8 +275,6 @@ class DnsResolver:
                 if channel.retired and channel.in_flight == 0:
                     channel.close(self._io.loop)
         future = query.future
-        if not future.set_running_or_notify_cancel():
-            return
         if error is not None:
             future.set_exception(error)
             return
@@ -303,15 +294,14 @@ class _Query:
     """One question in flight, with every try it has made."""
 
     __slots__ = ("asked", "future", "convert", "deadline", "server", "keys", "tries",
-                 "failures", "timer", "done")
+                 "failures", "done")
 
-    def __init__(self, asked: bytes, future: concurrent.futures.Future,
+    def __init__(self, asked: bytes, future: Promise,
                  convert: Callable[[DnsAnswer], Any] | None, deadline: float) -> None:
         self.asked, self.future, self.convert, self.deadline = asked, future, convert, deadline
         self.server = 0
         self.keys: list[tuple[_Channel, int]] = []
         self.tries = self.failures = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.done = False
 
 

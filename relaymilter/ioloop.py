@@ -17,17 +17,26 @@ DESCRIPTION
     one per zone. On the loop thread itself call() runs the function at
     once.
 
+    Timers: at(when, callback) keeps every deadline of the process (a DNS
+    try, a policy request's DNSBL deadline) in one heap of plain tuples,
+    with one asyncio timer armed for the earliest: a deadline costs a heap
+    push, not an asyncio TimerHandle. They cannot be cancelled; a callback
+    looks whether it is still wanted (most are not: the answer came first).
+
     Everything a component keeps for its work on the loop (sockets, queries
     in flight, timers) is owned by the loop thread and touched by no other:
-    it needs no lock. An exception in a handed-over call is logged and the
-    loop goes on.
+    it needs no lock. An exception in a handed-over call or a timer is
+    logged and the loop goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,11 @@ class IoLoop:
         self._woken = False
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
+        # The loop thread's: (when, sequence, callback), the earliest first.
+        self._timers: list[tuple[float, int, Callable[[], Any]]] = []
+        self._sequence = itertools.count()
+        self._armed: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0
 
     def start(self) -> "IoLoop":
         started = threading.Event()
@@ -83,6 +97,29 @@ class IoLoop:
                 return
             self._woken = True
         self.loop.call_soon_threadsafe(self._run_queued)
+
+    def at(self, when: float, callback: Callable[[], Any]) -> None:
+        """On the loop thread: callback() at when (time.monotonic), or soon after."""
+        heapq.heappush(self._timers, (when, next(self._sequence), callback))
+        if self._armed is None or when < self._armed_for:
+            if self._armed is not None:
+                self._armed.cancel()
+            self._armed_for = when
+            self._armed = self.loop.call_at(when, self._run_timers)
+
+    def _run_timers(self) -> None:
+        self._armed = None
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            callback = heapq.heappop(timers)[2]
+            try:
+                callback()
+            except Exception:
+                log.exception("a timer on the I/O loop failed")
+        if timers and self._armed is None:
+            self._armed_for = timers[0][0]
+            self._armed = self.loop.call_at(self._armed_for, self._run_timers)
 
     def _run_queued(self) -> None:
         with self._lock:

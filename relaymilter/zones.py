@@ -267,15 +267,22 @@ class ListingResult:
     txt: str | None
 
 
+def reply_answer(answers: Sequence[ZoneAnswer], threshold: int) -> ZoneAnswer | None:
+    """The answer a refusal names (and shows the TXT of): the listing zone with
+    the highest positive weight, first in config order on a tie; None when
+    the client is not listed."""
+    if sum(answer.contribution for answer in answers) < threshold:
+        return None
+    blocking = [answer for answer in answers
+                if answer.status is Status.LISTED and answer.zone.weight > 0]
+    return max(blocking, key=lambda answer: answer.zone.weight, default=None)
+
+
 def summarise(client: IPAddress, answers: Sequence[ZoneAnswer], threshold: int) -> ListingResult:
     """Weights of the listing zones -> score -> verdict and reply zone."""
     score = sum(answer.contribution for answer in answers)
     listed = score >= threshold
-    reply = None
-    if listed:
-        blocking = [answer for answer in answers
-                    if answer.status is Status.LISTED and answer.zone.weight > 0]
-        reply = max(blocking, key=lambda answer: answer.zone.weight, default=None)
+    reply = reply_answer(answers, threshold) if listed else None
     return ListingResult(client=client, answers=tuple(answers), score=score, threshold=threshold,
                          listed=listed, reply_zone=reply.zone.display_name if reply else None,
                          txt=reply.txt if reply else None)
