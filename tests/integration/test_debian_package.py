@@ -4,7 +4,7 @@ packaging/build-deb builds it (`dpkg-buildpackage -us -uc -b` in a copy of
 the tree, so the checkout stays clean); apt installs it with its
 dependencies from Debian, without starting the service (policy-rc.d); the
 tests run the installed /usr/bin/relaymilter with Debian's python3 and
-Debian's python3-milter, python3-dnspython, python3-cachetools and
+Debian's python3-milter, python3-dnspython and
 python3-idna; the package is purged at the end, whatever happened.
 
 Run as root on a Debian 12 test machine (CI does): it installs and purges a
