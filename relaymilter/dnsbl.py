@@ -41,8 +41,10 @@ DESCRIPTION
     TXT. When a blocklist's (weight > 0) A answer lists the client, its TXT
     record is asked at once, as a lookup of its own with its own cache entry
     (an allowlist's TXT is never shown, so never asked). The verdict does not
-    depend on it: result() waits for TXT only until the same deadline, and a
-    listing stands without it. That costs a listed client one more round
+    depend on it: result() waits only for the TXT the refusal shows (the
+    reply zone's, when the client is listed once the allowlists have
+    counted), only until the same deadline, and a listing stands without
+    it. `relaymilter lookup` shows every listing blocklist's TXT. That costs a listed client one more round
     trip; a clean client costs no TXT query at all (Postfix does the same).
     A zone with txt = "with-a" has its TXT asked together with A, when a
     new client connects: no round trip after a listing, one more query per

@@ -53,17 +53,16 @@ class Promise:
         return False
 
     def set_result(self, value: Any) -> None:
-        self._value = value
-        self._settle()
+        self._settle(value, None)
 
     def set_exception(self, error: BaseException) -> None:
-        self._error = error
-        self._settle()
+        self._settle(None, error)
 
-    def _settle(self) -> None:
+    def _settle(self, value: Any, error: BaseException | None) -> None:
         with _lock:
             if self._done:
                 raise RuntimeError("a promise is settled once")
+            self._value, self._error = value, error
             self._done = True
             callbacks, event = self._callbacks, self._event
             self._callbacks = None      # nothing is kept alive by a settled promise

@@ -155,3 +155,20 @@ def test_a_listed_clients_txt_costs_a_round_trip_unless_asked_with_a(txt, round_
             checker.close()
     assert result.listed and result.txt == "Listed, see https://bl.trick/"
     assert round_trips * delay <= took < (round_trips + 0.6) * delay
+
+
+def test_an_allowlisted_client_does_not_wait_for_a_txt_it_never_shows():
+    # One server lists everyone on both zones, 0.3 s late; the allowlist wins.
+    delay = 0.3
+    zones = [Zone.build("bl.trick", weight=1), Zone.build("wl.trick", weight=-2)]
+    with TrickDnsServer(address=LISTED, txt="never shown", delay=delay) as server:
+        checker = DnsblChecker(zones, DnsResolver([server.nameserver], timeout=2.0),
+                               LookupCache(100, 60, 3600), timeout=2.0)
+        try:
+            started = time.monotonic()
+            result = checker.start("127.0.0.2").result()
+            took = time.monotonic() - started
+        finally:
+            checker.close()
+    assert not result.listed and result.score == -1
+    assert delay <= took < 1.6 * delay
