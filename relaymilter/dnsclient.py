@@ -26,7 +26,8 @@ DESCRIPTION
     every one. SERVFAIL or REFUSED moves the query to a server it has not
     asked yet; when none is left, DnsFailure.
 
-    Spoofing. Each query gets a random 16-bit ID (secrets). Each server
+    Spoofing. Each query gets a random 16-bit ID from os.urandom, drawn
+    ID_BATCH at a time (one system call per batch, not per query). Each server
     has a pool of POOL_SIZE UDP sockets, each connect()ed to the server,
     so that the kernel delivers only the server's packets, and each on an
     ephemeral port of the kernel's random choosing; a query takes a random
@@ -47,11 +48,12 @@ DESCRIPTION
 
 from __future__ import annotations
 
+import array
 import asyncio
 import functools
 import logging
+import os
 import random
-import secrets
 import socket
 import struct
 import time
@@ -71,6 +73,7 @@ SOCKET_QUERIES = 5000       # queries a socket carries before it is replaced
 SOCKET_SECONDS = 60.0       # ... or seconds
 SUSPECT_AFTER = 3           # tries in a row without an answer
 SUSPECT_SECONDS = 30.0
+ID_BATCH = 1024
 RECEIVE_SIZE = 4096         # we send no EDNS: a UDP answer has at most 512 octets
 
 
@@ -121,6 +124,7 @@ class DnsResolver:
         self._try_timeout = timeout / max(2, len(self._servers))
         self._pending: dict[tuple[_Channel, int], _Query] = {}
         self._closed = False
+        self._ids = iter(())         # random query IDs, drawn ID_BATCH at a time
         self.stray_answers = 0      # packets that answered no query of ours
 
     # -- any thread ----------------------------------------------------------
@@ -168,9 +172,9 @@ class DnsResolver:
             return
         server = self._servers[query.server]
         channel = server.channel(self, now)
-        query_id = secrets.randbits(16)
+        query_id = self._random_id()
         while (channel, query_id) in self._pending:
-            query_id = secrets.randbits(16)
+            query_id = self._random_id()
         key = (channel, query_id)
         self._pending[key] = query
         query.keys.append(key)
@@ -183,6 +187,14 @@ class DnsResolver:
             pass        # as good as lost: the try's timer moves the query on
         self._io.at(now + min(remaining, self._try_timeout),
                     functools.partial(self._try_expired, query, query.tries))
+
+    def _random_id(self) -> int:
+        """A query ID from os.urandom; the loop thread's."""
+        try:
+            return next(self._ids)
+        except StopIteration:
+            self._ids = iter(array.array("H", os.urandom(2 * ID_BATCH)))
+            return next(self._ids)
 
     def _try_expired(self, query: "_Query", tries: int) -> None:
         if query.done or query.tries != tries:     # answered, or moved on since
@@ -239,7 +251,7 @@ class DnsResolver:
                 "no nameserver answered (SERVFAIL, REFUSED or unreachable)"))
 
     async def _over_tcp(self, query: "_Query", server: "_Server") -> None:
-        query_id = secrets.randbits(16)
+        query_id = self._random_id()
         remaining = query.deadline - time.monotonic()
         writer = None
         try:
