@@ -12,12 +12,14 @@ a real Postfix where the point is what Postfix sees:
     listener; a listener that cannot bind is exit 69 naming the key;
   - the policy service answers CRLF requests, refuses a request over
     MAX_REQUEST, takes 100 simultaneous connects, closes idle connections
-    and makes connections beyond max_connections wait.
+    and makes connections beyond max_connections wait; it holds and answers
+    1000 connections at once with a few threads.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import socket
@@ -365,3 +367,29 @@ def test_connections_beyond_max_connections_wait_for_a_free_one(public_tree):
         assert waiting.answer() == [b"action=DUNNO"]
         waiting.close()
         busy[1].close()
+
+
+def test_a_thousand_connections_are_held_and_answered_by_a_few_threads(public_tree):
+    # Both ends of 1000 connections need descriptors: raise this process's
+    # soft limit (the service inherits it), as LimitNOFILE does in the units.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    assert wanted >= 2200, f"the descriptor limit {hard} is too low for this test"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    directory = public_subdirectory(public_tree, "thousand")
+    clients = []
+    try:
+        with RelaymilterProcess(directory, front_end="policyd", relay=RELAY, store=STORE,
+                                policyd={"max_connections": 1000}) as process:
+            clients = [PolicyClient(address_of(process)) for _ in range(1000)]
+            for client in clients:          # every connection has a request in flight
+                client.send(request("u@aaa.test"))
+            assert all(client.answer() == [b"action=DUNNO"] for client in clients)
+            status = Path(f"/proc/{process.process.pid}/status").read_text()
+            threads = int(status.split("Threads:")[1].split()[0])
+            assert threads < 10, status     # no thread per connection
+            assert "max_connections" not in process.log_text()
+    finally:
+        for client in clients:
+            client.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
