@@ -88,6 +88,7 @@ import enum
 import functools
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -121,8 +122,16 @@ MAX_TXT_LENGTH = 200            # a reply line is at most 512 octets (RFC 5321)
 def reverse_labels(address: IPAddress) -> str:
     """192.0.2.1 -> "1.2.0.192"; IPv6 -> 32 reversed nibbles. No v4 mapping."""
     if isinstance(address, ipaddress.IPv4Address):
-        return ".".join(reversed(str(address).split(".")))
+        octets = address.packed     # str(address) is slow Python: this is per new client
+        return "%d.%d.%d.%d" % (octets[3], octets[2], octets[1], octets[0])
     return ".".join(reversed(address.exploded.replace(":", "")))
+
+
+def client_key(address: IPAddress) -> str:
+    """str(address), faster for IPv4: the client's part of a cache key."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return socket.inet_ntoa(address.packed)
+    return str(address)
 
 
 def query_name(address: IPAddress | str, zone_name: str) -> str:
@@ -320,8 +329,8 @@ class DnsblChecker:
         address = client_address(client)
         deadline = self._timer() + self.timeout
         disabled = self._disabled     # one read: a health round may swap it
-        client_key = str(address)
-        verdict = self._verdicts.get(client_key)
+        key = client_key(address)
+        verdict = self._verdicts.get(key)
         if verdict is not None and verdict.disabled is disabled \
                 and self._cache.timer() < verdict.expires:
             self._cache.count_hits(verdict.fetches)
@@ -333,7 +342,7 @@ class DnsblChecker:
                 continue
             # The query name is built only for a lookup that runs: a cache hit,
             # most connections, never needs it.
-            fetch = self._cache.fetch((zone.name, client_key),
+            fetch = self._cache.fetch((zone.name, key),
                                       functools.partial(self._ask_zone, address, zone))
             if zone.shows_txt and fetch.source is not FetchSource.CACHE:
                 if zone.txt == "with-a":
@@ -361,7 +370,7 @@ class DnsblChecker:
         return future
 
     def _fetch_txt(self, zone: Zone, address: IPAddress) -> Fetch:
-        return self._cache.fetch((zone.name, str(address), "TXT"), functools.partial(
+        return self._cache.fetch((zone.name, client_key(address), "TXT"), functools.partial(
             self._resolver.submit, query_name(address, zone.name), "TXT", self.timeout,
             self._txt_lookup))
 
@@ -386,7 +395,7 @@ class DnsblChecker:
         expires = min(value.at + clamp(value.ttl)
                       for value in (fetch.future.result() for fetch in fetches))
         verdict = Verdict(result, expires, self._disabled, len(fetches))
-        key = str(result.client)
+        key = client_key(result.client)
         with self._verdicts_lock:
             if key not in self._verdicts and len(self._verdicts) >= self._verdicts_max:
                 del self._verdicts[next(iter(self._verdicts))]  # the oldest
