@@ -312,7 +312,7 @@ class Configuration:
 
 def policyd_available() -> bool:
     """Whether this checkout's relaymilter has the policyd verb."""
-    result = subprocess.run([sys.executable, "-m", "relaymilter", "policyd", "--help"],
+    result = subprocess.run([sys.executable, "-P", "-m", "relaymilter", "policyd", "--help"],
                             stdin=subprocess.DEVNULL, capture_output=True, cwd=ROOT, timeout=60)
     return result.returncode == 0
 
@@ -352,12 +352,12 @@ def start_services(directory: Path, labels: str,
                 elif label == "c":
                     config = relaymilter_config(directory / f"{name}.toml",
                                                 f'[milter]\nsocket = "{where}"\n', store, dnsbl)
-                    command = [python, "-m", "relaymilter", "run", "-c", str(config)]
+                    command = [python, "-P", "-m", "relaymilter", "run", "-c", str(config)]
                 elif label == "d":
                     config = relaymilter_config(
                         directory / f"{name}.toml",
                         f'[policyd]\nsocket = "{where}"\nsocket_mode = "0666"\n', store, dnsbl)
-                    command = [python, "-m", "relaymilter", "policyd", "-c", str(config)]
+                    command = [python, "-P", "-m", "relaymilter", "policyd", "-c", str(config)]
                 else:
                     command = [python, str(ROOT / "bench" / "dunno_policyd.py"), where]
                 kind = CONFIGURATIONS[label][1]
