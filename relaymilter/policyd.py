@@ -52,7 +52,8 @@ DESCRIPTION
     request is read, decided and answered in one callback, and a request
     whose DNSBL verdict is not in yet waits on the loop (when_ready) while
     other connections are served; requests on one connection are answered
-    in order. Postfix opens one connection per smtpd process that needs
+    in order. A client that sends requests without reading the answers is
+    no longer read once its answers back up (asyncio's write buffer limit). Postfix opens one connection per smtpd process that needs
     the service, in bursts; the listen backlog is the system's largest
     (SOMAXCONN), so a burst of connects all succeed. A connection silent
     for [policyd] idle_timeout seconds is closed (Postfix reconnects when
@@ -233,6 +234,16 @@ class PolicyConnection(asyncio.Protocol):
         if not self._waiting and not self._drain_left:
             return False        # asyncio closes the connection
         return True             # the answer still due is written first
+
+    def pause_writing(self) -> None:
+        # A client that sends requests but does not read the answers: stop
+        # reading its requests until it has read (the transport's buffer is
+        # then bounded by its high-water mark, not by what the client sends).
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._idle_timer is not None:

@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import threading
+import time
 
 import pytest
 
@@ -158,3 +159,34 @@ def test_an_idle_connection_is_closed(tmp_path, server):
     finally:
         quick.shutdown()
         thread.join(5)
+
+
+def test_a_client_that_never_reads_its_answers_is_no_longer_read(server):
+    # Pipelined requests, answers never read: once the answers back up, the
+    # service stops reading, so what it holds for this client stays bounded.
+    one = b"request=smtpd_access_policy\nprotocol_state=END-OF-MESSAGE\n\n"
+    batch = one * 1000
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(server.address)
+    client.setblocking(False)
+    sent, blocked_since = 0, None
+    while sent < 200 * len(batch):
+        try:
+            sent += client.send(batch)
+            blocked_since = None
+        except BlockingIOError:
+            blocked_since = blocked_since or time.monotonic()
+            if time.monotonic() - blocked_since > 1.0:     # nobody reads any more
+                break
+            time.sleep(0.01)
+    assert sent < 200 * len(batch)      # about 12 MB: the service stopped reading
+    # Reading the answers lets it go on: every complete request is answered.
+    client.setblocking(True)
+    client.settimeout(10)
+    expected = sent // len(one)
+    answers = b""
+    while answers.count(b"action=DUNNO\n\n") < expected:
+        chunk = client.recv(1 << 20)
+        assert chunk
+        answers += chunk
+    client.close()
