@@ -165,21 +165,21 @@ def test_a_client_that_never_reads_its_answers_is_no_longer_read(server):
     # Pipelined requests, answers never read: once the answers back up, the
     # service stops reading, so what it holds for this client stays bounded.
     one = b"request=smtpd_access_policy\nprotocol_state=END-OF-MESSAGE\n\n"
-    batch = one * 1000
+    stream = memoryview(one * 200_000)      # about 12 MB
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(server.address)
     client.setblocking(False)
     sent, blocked_since = 0, None
-    while sent < 200 * len(batch):
+    while sent < len(stream):
         try:
-            sent += client.send(batch)
+            sent += client.send(stream[sent:sent + 65536])
             blocked_since = None
         except BlockingIOError:
             blocked_since = blocked_since or time.monotonic()
             if time.monotonic() - blocked_since > 1.0:     # nobody reads any more
                 break
             time.sleep(0.01)
-    assert sent < 200 * len(batch)      # about 12 MB: the service stopped reading
+    assert sent < len(stream)           # the service stopped reading
     # Reading the answers lets it go on: every complete request is answered.
     client.setblocking(True)
     client.settimeout(10)
