@@ -365,8 +365,9 @@ class DnsblChecker:
         started = self._timer()
         future = self._resolver.submit(query_name(address, zone.name), "A", self.timeout,
                                        self._zone_lookup)
-        future.add_done_callback(
-            lambda _: self._metrics.dns_query(zone.display_name, self._timer() - started))
+        if self._metrics is not NO_METRICS:     # no callback per query when nothing counts
+            future.add_done_callback(
+                lambda _: self._metrics.dns_query(zone.display_name, self._timer() - started))
         return future
 
     def _fetch_txt(self, zone: Zone, address: IPAddress) -> Fetch:
