@@ -272,15 +272,17 @@ class PolicyConnection(asyncio.Protocol):
                 or attributes.get("protocol_state", "").upper() != "RCPT":
             self._send("DUNNO")
             return
-        facts = None
+        client, sender, recipient, queue_id = UNKNOWN_CLIENT, None, None, None
         try:
             client = client_facts(attributes)
-            facts = RecipientFacts(client=client, sender=_path(attributes.get("sender", "")),
-                                   recipient=_path(attributes.get("recipient", "")),
-                                   queue_id=attributes.get("queue_id") or None,
+            sender = _path(attributes.get("sender", ""))
+            recipient = _path(attributes.get("recipient", ""))
+            queue_id = attributes.get("queue_id") or None
+            facts = RecipientFacts(client=client, sender=sender, recipient=recipient,
+                                   queue_id=queue_id,
                                    listing=self._pending_listing(attributes, client))
-        except Exception:
-            self._fault(facts, attributes)
+        except Exception:       # the fault is answered with what was read so far
+            self._fault(client, sender, recipient, queue_id)
             return
         listing = facts.listing
         if listing is None or listing.ready():
@@ -300,21 +302,17 @@ class PolicyConnection(asyncio.Protocol):
         try:
             action = _without_recipient(action_for(self._server.engine.answer_recipient(facts)))
         except Exception:
-            self._fault(facts, None)
+            self._fault(facts.client, facts.sender, facts.recipient, facts.queue_id)
             return
         self._send(action)
 
-    def _fault(self, facts: RecipientFacts | None, attributes: dict[str, str] | None) -> None:
+    def _fault(self, client: ClientFacts, sender: str | None, recipient: str | None,
+               queue_id: str | None) -> None:
         """The edge: one traceback, then [decisions] on_error."""
         log.exception("internal error while deciding a policy request")
         engine = self._server.engine
         engine.internal_error("policyd")
-        if facts is not None:
-            fault = engine.answer_fault(facts.client, facts.sender, facts.recipient,
-                                        facts.queue_id)
-        else:
-            fault = engine.answer_fault(UNKNOWN_CLIENT, None, None, None)
-        self._send(action_for(fault))
+        self._send(action_for(engine.answer_fault(client, sender, recipient, queue_id)))
 
     def _pending_listing(self, attributes: dict[str, str], client: ClientFacts):
         """One DNSBL lookup per message, shared by its recipients."""
