@@ -54,7 +54,7 @@ import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Protocol, TypeVar
+from typing import Any, Callable, Hashable, Protocol
 
 from relaymilter.promise import Done, succeeded
 
@@ -65,8 +65,6 @@ class HasTTL(Protocol):
     @property
     def ttl(self) -> float: ...
 
-
-Value = TypeVar("Value", bound=HasTTL)
 
 
 class FetchSource(enum.Enum):
@@ -176,7 +174,7 @@ class LookupCache:
                 return
             self._store(key, future.result())
 
-    def _store(self, key: Hashable, value: Any) -> None:
+    def _store(self, key: Hashable, value: HasTTL) -> None:
         """Under the lock."""
         self._entries[key] = (self.timer() + self.clamp_ttl(value.ttl), value)
         self._entries.move_to_end(key)

@@ -97,7 +97,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol, Seque
 
 from relaymilter.address import IPAddress, normalise_ip, parse_ip
 from relaymilter.cache import Fetch, FetchSource, LookupCache
-from relaymilter.dnsclient import DnsAnswer, DnsError, DnsFailure, DnsResolver, DnsTimeout
+# DnsFailure and DnsResolver are named through this module by its callers too.
+from relaymilter.dnsclient import (DnsAnswer, DnsError, DnsFailure, DnsResolver,  # noqa: F401
+                                   DnsTimeout)
 from relaymilter.promise import Promise, succeeded, wait_all
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.text import printable
@@ -324,8 +326,12 @@ class DnsblChecker:
         return self._cache
 
     # -- lookups -----------------------------------------------------------
-    def start(self, client: IPAddress | str) -> "PendingListing":
-        """Ask every enabled zone about client now; collect with result()."""
+    def start(self, client: IPAddress | str, every_txt: bool = False) -> "PendingListing":
+        """Ask every enabled zone about client now; collect with result().
+
+        every_txt: result() shows the TXT of every listing blocklist, not
+        only the reply zone's (`relaymilter lookup`).
+        """
         address = client_address(client)
         deadline = self._timer() + self.timeout
         disabled = self._disabled     # one read: a health round may swap it
@@ -351,14 +357,12 @@ class DnsblChecker:
                     fetch.future.add_done_callback(
                         functools.partial(self._txt_when_listed, zone, address))
             lookups.append((zone, fetch))
-        return PendingListing(self, address, tuple(lookups), deadline)
+        return PendingListing(self, address, tuple(lookups), deadline, every_txt=every_txt)
 
     def lookup(self, client: IPAddress | str) -> ListingResult:
         """start() and result() in one (the `lookup` command), with the TXT of
         every listing blocklist."""
-        pending = self.start(client)
-        pending.every_txt = True
-        return pending.result()
+        return self.start(client, every_txt=True).result()
 
     def _ask_zone(self, address: IPAddress, zone: Zone) -> "Promise | concurrent.futures.Future":
         """A zone's A query, started now and timed for the metrics."""
@@ -558,15 +562,16 @@ class PendingListing:
 
     def __init__(self, checker: DnsblChecker, client: IPAddress,
                  lookups: tuple[tuple[Zone, Fetch | None], ...], deadline: float,
-                 known: ListingResult | None = None) -> None:
+                 known: ListingResult | None = None, every_txt: bool = False) -> None:
         self.client = client
         self.deadline = deadline
         self._checker = checker
         self._lookups = lookups
         self._known = known         # a kept verdict: nothing to wait for
-        self.every_txt = False      # TXT of every listing blocklist, not just the reply's
+        self._every_txt = every_txt
         self._lock = threading.Lock()
         self._result: ListingResult | None = None
+        self._final_answers: list[ZoneAnswer] | None = None   # once every zone answered
 
     def ready(self) -> bool:
         """Would result() return without waiting? Every zone has answered, and
@@ -583,10 +588,19 @@ class PendingListing:
                    if fetch is not None and not fetch.future.done()]
         if waiting:
             return waiting
+        return [fetch.future
+                for fetch in self._checker._txt_fetches(self.client, self._answers()).values()
+                if not fetch.future.done()]
+
+    def _answers(self) -> list[ZoneAnswer]:
+        """Every zone's answer now; classified once, when all of them are in."""
+        if self._final_answers is not None:
+            return self._final_answers
         checker = self._checker
         answers = [checker._zone_answer(zone, fetch) for zone, fetch in self._lookups]
-        return [fetch.future for fetch in checker._txt_fetches(self.client, answers).values()
-                if not fetch.future.done()]
+        if all(fetch is None or fetch.future.done() for _, fetch in self._lookups):
+            self._final_answers = answers
+        return answers
 
     def when_ready(self, io: "IoLoop", callback: Callable[[], None]) -> None:
         """Call callback() once, on io's loop, as soon as ready() is true.
@@ -648,9 +662,8 @@ class PendingListing:
             remaining = self.deadline - checker._timer()
             if remaining > 0:
                 wait_all(futures, remaining)
-        answers = [checker._zone_answer(zone, fetch) for zone, fetch in self._lookups]
-        answers, txt_fetches = checker._with_txt(self.client, answers, self.deadline,
-                                                 self.every_txt)
+        answers, txt_fetches = checker._with_txt(self.client, self._answers(), self.deadline,
+                                                 self._every_txt)
         result = summarise(self.client, answers, checker.threshold)
         checker._record(result)
         checker._remember(result, self._lookups, txt_fetches)

@@ -39,7 +39,8 @@ import os
 from relaymilter.address import normalise_domain, transitional_variant
 from relaymilter.cache import LookupCache
 from relaymilter.config import Config, ConfigError, keep_restart_only, load_config
-from relaymilter.dnsbl import DnsblChecker, DnsResolver
+from relaymilter.dnsbl import DnsblChecker
+from relaymilter.dnsclient import DnsResolver
 from relaymilter.domainpolicy import EMPTY_POLICY
 from relaymilter.engine import Snapshot
 from relaymilter.recorder import NO_METRICS, Recorder
