@@ -93,7 +93,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 from relaymilter.address import IPAddress, normalise_ip, parse_ip
 from relaymilter.cache import Fetch, FetchSource, LookupCache
@@ -200,26 +200,14 @@ class Verdict:
     fetches: int                # the cache hits it stands for
 
 
-class ZoneLookup(NamedTuple):
-    """The DNS side of one zone's A answer about one client, as cached.
-
-    It does not depend on the zone's codes, so a reload that changes them
-    can keep the cache. A tuple of strings and numbers: the garbage
-    collector stops tracking it (cache.py).
-    """
-
-    addresses: tuple[str, ...]
-    ttl: int
-    nxdomain: bool
-    at: float = 0.0         # when it was answered, on the cache's clock
-
-
-class TxtLookup(NamedTuple):
-    """A zone's TXT answer about one client, cleaned, as cached."""
-
-    txt: str | None
-    ttl: int
-    at: float = 0.0
+# What the cache keeps of one zone's answers about one client. Plain
+# tuples of strings and numbers, TTL first (cache.py), read by unpacking:
+# the garbage collector stops tracking a plain tuple, not an instance of a
+# class (a NamedTuple's either). Neither depends on the zone's codes, so a
+# reload that changes them keeps the cache. `at`: when it was answered, on
+# the cache's clock.
+ZoneLookup = tuple        # (ttl, addresses: tuple[str, ...], nxdomain: bool, at: float)
+TxtLookup = tuple         # (ttl, txt: str | None, at: float)
 
 
 def report_lines(result: ListingResult) -> list[str]:
@@ -380,12 +368,12 @@ class DnsblChecker:
             self._txt_lookup))
 
     def _zone_lookup(self, answer: DnsAnswer) -> ZoneLookup:
-        return ZoneLookup(answer.records, answer.ttl, answer.nxdomain, self._cache.timer())
+        return (answer.ttl, answer.records, answer.nxdomain, self._cache.timer())
 
     def _txt_lookup(self, answer: DnsAnswer) -> TxtLookup:
         texts = dict.fromkeys(answer.records)
-        return TxtLookup(clean_txt(" / ".join(texts)) if texts else None, answer.ttl,
-                         self._cache.timer())
+        return (answer.ttl, clean_txt(" / ".join(texts)) if texts else None,
+                self._cache.timer())
 
     def _remember(self, result: ListingResult, lookups: tuple[tuple[Zone, Fetch | None], ...],
                   txt_fetches: list[Fetch]) -> None:
@@ -397,7 +385,7 @@ class DnsblChecker:
                 or any(answer.status in PROBLEMS for answer in result.answers):
             return
         clamp = self._cache.clamp_ttl
-        expires = min(value.at + clamp(value.ttl)
+        expires = min(value[-1] + clamp(value[0])       # at + ttl
                       for value in (fetch.future.result() for fetch in fetches))
         verdict = Verdict(result, expires, self._disabled, len(fetches))
         key = client_key(result.client)
@@ -411,7 +399,8 @@ class DnsblChecker:
         try:
             if done.cancelled() or done.exception() is not None:
                 return
-            if classify(zone, done.result().addresses) is Status.LISTED:
+            _, addresses, _, _ = done.result()
+            if classify(zone, addresses) is Status.LISTED:
                 self._fetch_txt(zone, address)
         except RuntimeError:
             pass    # the pool is shut down (a reload); result() fetches TXT if still wanted
@@ -431,9 +420,8 @@ class DnsblChecker:
             return ZoneAnswer(zone, Status.DNS_FAILURE, source=fetch.source)
         if error is not None:
             raise error             # a bug: the edge logs it and answers on_error
-        found: ZoneLookup = future.result()
-        status = classify(zone, found.addresses)
-        return ZoneAnswer(zone, status, found.addresses, found.ttl, found.nxdomain,
+        ttl, addresses, nxdomain, _ = future.result()
+        return ZoneAnswer(zone, classify(zone, addresses), addresses, ttl, nxdomain,
                           source=fetch.source)
 
     def _txt_fetches(self, address: IPAddress, answers: Sequence[ZoneAnswer],
@@ -467,7 +455,8 @@ class DnsblChecker:
         answers = list(answers)
         for index, fetch in fetches.items():
             if succeeded(fetch.future):
-                answers[index] = dataclasses.replace(answers[index], txt=fetch.future.result().txt)
+                _, txt, _ = fetch.future.result()
+                answers[index] = dataclasses.replace(answers[index], txt=txt)
         return answers, list(fetches.values())
 
     def _record(self, result: ListingResult) -> None:
@@ -608,37 +597,7 @@ class PendingListing:
         For a caller on the loop, which must never block in result(): the
         answers arrive on the loop, and a timer there fires at the deadline.
         """
-        fired = False
-
-        def fire() -> None:
-            nonlocal fired
-            if not fired:
-                fired = True
-                callback()
-
-        def check(_: object = None) -> None:
-            if fired:
-                return
-            outstanding = self._outstanding()
-            if not outstanding:
-                fire()
-                return
-            # Look again once all of them have ended (counted on the loop).
-            remaining = [len(outstanding)]
-
-            def one_ended() -> None:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    check()
-
-            for future in outstanding:
-                future.add_done_callback(lambda _: io.call(one_ended))
-
-        def arm() -> None:
-            io.at(self.deadline, fire)      # both on time.monotonic
-            check()
-
-        io.call(arm)
+        io.call(_Readiness(self, io, callback).arm)
 
     def result(self) -> ListingResult:
         """The verdict; blocks at most until the deadline set by start().
@@ -770,3 +729,56 @@ class HealthMonitor:
                 log.exception("dnsbl health check failed")
             if self._stop.wait(self.interval):
                 return
+
+
+class _Readiness:
+    """PendingListing.when_ready(): callback() once, when the listing is ready
+    or its deadline has passed; owned by the loop thread.
+
+    An object rather than closures that call each other: those were a
+    reference cycle per request, left for the garbage collector. Once it
+    has fired it lets go of the listing and the callback, so the deadline
+    timer, which stays in the loop's heap until it is due, keeps nothing
+    of the request alive.
+    """
+
+    __slots__ = ("_listing", "_io", "_callback", "_remaining")
+
+    def __init__(self, listing: PendingListing, io: "IoLoop",
+                 callback: Callable[[], None]) -> None:
+        self._listing: PendingListing | None = listing
+        self._io = io
+        self._callback: Callable[[], None] | None = callback
+        self._remaining = 0         # lookups still running since the last check
+
+    def arm(self) -> None:
+        self._io.at(self._listing.deadline, self.fire)     # both on time.monotonic
+        self._check()
+
+    def fire(self) -> None:
+        callback = self._callback
+        if callback is None:
+            return
+        self._listing = self._callback = None
+        callback()
+
+    def _check(self) -> None:
+        if self._listing is None:
+            return
+        outstanding = self._listing._outstanding()
+        if not outstanding:
+            self.fire()
+            return
+        # Look again once all of them have ended (counted on the loop): the
+        # answers may bring a TXT lookup to wait for.
+        self._remaining = len(outstanding)
+        for future in outstanding:
+            future.add_done_callback(self._ended)
+
+    def _ended(self, _: object) -> None:
+        self._io.call(self._count_down)     # a ThreadedResolver's future ends on its thread
+
+    def _count_down(self) -> None:
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._check()

@@ -286,12 +286,15 @@ class DnsResolver:
                 channel.in_flight -= 1
                 if channel.retired and channel.in_flight == 0:
                     channel.close(self._io.loop)
-        future = query.future
+        future, convert = query.future, query.convert
+        # The try's timer holds the query until it is due: let go of the rest.
+        query.future = query.convert = None
+        query.keys.clear()
         if error is not None:
             future.set_exception(error)
             return
         try:
-            future.set_result(answer if query.convert is None else query.convert(answer))
+            future.set_result(answer if convert is None else convert(answer))
         except Exception as failure:       # a convert() bug: the caller sees it
             future.set_exception(failure)
 

@@ -172,3 +172,39 @@ def test_an_allowlisted_client_does_not_wait_for_a_txt_it_never_shows():
             checker.close()
     assert not result.listed and result.score == -1
     assert delay <= took < 1.6 * delay
+
+
+def test_a_storm_of_new_clients_leaves_no_work_for_the_garbage_collector(resolvers):
+    """Every request of a storm is freed by reference counting (no cycles), and
+    what the cache keeps is untracked by the collector: tracked, a full cache
+    made each full collection cost about 100 ms in a storm."""
+    import gc
+    import ipaddress
+    import threading
+
+    from relaymilter import ioloop
+
+    io = ioloop.shared()
+    with TrickDnsServer(txt="Listed, see https://bl.trick/") as server:
+        checker = DnsblChecker([Zone("bl.trick", "bl.trick", 1)], resolvers([server]), LookupCache(1000),
+                               timeout=2.0, threshold=1)
+        clients = [ipaddress.IPv4Address("127.9.0.0") + index for index in range(1, 201)]
+        gc.collect()
+        gc.disable()
+        try:
+            for client in clients:
+                listing = checker.start(client)
+                ready = threading.Event()
+                listing.when_ready(io, ready.set)
+                assert ready.wait(5)
+                assert listing.result().listed
+            del listing
+            cyclic = gc.collect()
+            gc.collect()    # a tuple is untracked in the pass after its items are
+        finally:
+            gc.enable()
+        assert cyclic < 20, f"{cyclic} objects were freed only by the collector"
+        kept = [checker.cache.fetch(key, lambda: pytest.fail("not cached")).future.result()
+                for client in clients
+                for key in (("bl.trick", str(client)), ("bl.trick", str(client), "TXT"))]
+        assert len(kept) == 400 and not [value for value in kept if gc.is_tracked(value)]
