@@ -80,6 +80,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator, Mapping
 
 from relaymilter import ioloop
 from relaymilter.address import ATEXT, IPAddress, parse_ip
@@ -122,7 +123,7 @@ class RequestSplitter:
     def feed(self, chunk: bytes) -> None:
         self._buffer += chunk
 
-    def next(self) -> dict[str, str] | None:
+    def next(self) -> "Request | None":
         """The next complete request's attributes; None until one is complete.
 
         Raises MalformedRequest. Values are decoded as UTF-8 with surrogate
@@ -140,24 +141,65 @@ class RequestSplitter:
         return None
 
 
-def parse_request(block: bytes) -> dict[str, str]:
-    """The lines of one request (without the empty line) -> attributes."""
+# A request's lines, each "name=value" with a name: one pass in C. A
+# mismatch backtracks over each line once at most (about 3 ms for the
+# largest request). Possessive quantifiers would say so outright, but
+# Debian's Python 3.11.2 matches nothing with them here.
+_WELL_FORMED = re.compile(r"[^=\n]+=[^\n]*(?:\n[^=\n]+=[^\n]*)*")
+
+
+def parse_request(block: bytes) -> "Request":
+    """The lines of one request (without the empty line) -> its attributes."""
     text = block.decode("utf-8", "surrogateescape")
     if "\r" in text:
         text = text.replace("\r\n", "\n")
     if text.count("\n") >= MAX_ATTRIBUTES:
         raise MalformedRequest(f"more than {MAX_ATTRIBUTES} attributes")
-    lines = text.split("\n")
-    if len(max(lines, key=len)) > MAX_LINE:
+    if len(text) > MAX_LINE and len(max(text.split("\n"), key=len)) > MAX_LINE:
         raise MalformedRequest(f"a line longer than {MAX_LINE} bytes")
-    try:
-        attributes = dict([line.split("=", 1) for line in lines])
-    except ValueError:      # a line without "="
-        attributes = {"": ""}
-    if "" in attributes:
-        line = next(line for line in lines if not line.partition("=")[0] or "=" not in line)
+    if _WELL_FORMED.fullmatch(text) is None:
+        line = next(line for line in text.split("\n")
+                    if not line.partition("=")[0] or "=" not in line)
         raise MalformedRequest(f"a line that is not name=value: {line[:60]!r}")
-    return attributes
+    return Request(text)
+
+
+class Request(Mapping[str, str]):
+    """A well-formed request's attributes, each found when it is asked for.
+
+    A request is some 30 lines, of which the decision reads ten: finding
+    "\nname=" in the text costs a fraction of splitting every line into a
+    dict. A name given twice (Postfix never does) reads as its first value.
+    """
+
+    __slots__ = ("_text",)
+
+    def __init__(self, text: str) -> None:
+        self._text = f"\n{text}\n"
+
+    def get(self, name: str, default: str | None = None) -> str | None:   # type: ignore[override]
+        text = self._text
+        start = text.find(f"\n{name}=")
+        if start < 0:
+            return default
+        start += len(name) + 2
+        return text[start:text.index("\n", start)]
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(line.partition("=")[0]
+                                  for line in self._text[1:-1].split("\n")))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"Request({dict(self)!r})"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -172,7 +214,7 @@ def _client_address(text: str) -> IPAddress | None:
 UNKNOWN_CLIENT = ClientFacts(address=None)
 
 
-def client_facts(attributes: dict[str, str]) -> ClientFacts:
+def client_facts(attributes: Mapping[str, str]) -> ClientFacts:
     """The client as Postfix describes it in the request."""
     address = _client_address(attributes.get("client_address", ""))
     name = attributes.get("client_name") or "unknown"
@@ -267,7 +309,7 @@ class PolicyConnection(asyncio.Protocol):
                 return
             self._answer(attributes)
 
-    def _answer(self, attributes: dict[str, str]) -> None:
+    def _answer(self, attributes: Mapping[str, str]) -> None:
         if attributes.get("request") != "smtpd_access_policy" \
                 or attributes.get("protocol_state", "").upper() != "RCPT":
             self._send("DUNNO")
@@ -314,7 +356,7 @@ class PolicyConnection(asyncio.Protocol):
         engine.internal_error("policyd")
         self._send(action_for(engine.answer_fault(client, sender, recipient, queue_id)))
 
-    def _pending_listing(self, attributes: dict[str, str], client: ClientFacts):
+    def _pending_listing(self, attributes: Mapping[str, str], client: ClientFacts):
         """One DNSBL lookup per message, shared by its recipients."""
         message = (attributes.get("instance"), client.address)
         if message[0] and message == self._message and self._listing is not None:

@@ -126,6 +126,22 @@ def test_line_without_equals_is_malformed():
         read_request(stream(b"garbage\n\n"))
 
 
+@pytest.mark.parametrize("raw", [b"a=1\ngarbage\nb=2\n\n", b"=v\n\n", b"a=1\n=v\n\n",
+                                 b"a=1\nb=2\nlast\n\n"])
+def test_any_line_without_a_name_and_equals_is_malformed(raw):
+    with pytest.raises(MalformedRequest, match="not name=value"):
+        read_request(stream(raw))
+
+
+def test_a_request_reads_as_the_mapping_of_its_lines():
+    request = read_request(stream(b"request=smtpd_access_policy\nsender=\nx=a=b\n\n"))
+    assert request.get("sender") == "" and request.get("x") == "a=b"
+    assert request.get("recipient") is None and request.get("recipient", "") == ""
+    assert list(request) == ["request", "sender", "x"] and len(request) == 3
+    with pytest.raises(KeyError):
+        request["recipient"]
+
+
 def test_huge_attribute_is_malformed():
     with pytest.raises(MalformedRequest, match="longer than"):
         read_request(stream(b"recipient=" + b"a" * MAX_LINE + b"\n\n"))
