@@ -45,6 +45,7 @@ from relaymilter.address import parse_network
 from relaymilter.endpoint import DNS_PORT, parse_socket, split_host_port
 from relaymilter.entries import too_wide
 from relaymilter.relay import split_domain_patterns
+from relaymilter.storelocation import display_location, is_url
 from relaymilter.zones import Zone
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,14 @@ def _optional_path(value: str) -> str | None:
     return value
 
 
+def _store_url(value: str) -> str | None:
+    if value == "":
+        return None
+    if not is_url(value):
+        raise ValueError(f"must be a postgresql:// URL, not {display_location(value)!r}")
+    return value
+
+
 # ---------------------------------------------------------------- schema ---
 
 @dataclass(frozen=True)
@@ -251,6 +260,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("store", "path", str, "/var/lib/relaymilter/policy.sqlite3",
         "The per-domain policy store (SQLite), created on first use; \"\" = no store.",
         _optional_path),
+    Key("store", "url", str, "",
+        "A policy store in PostgreSQL, shared by every host of a fleet: a libpq URL, "
+        "postgresql://USER@HOST/DATABASE (a unix socket: ?host=/DIRECTORY). Set, it "
+        "replaces path.", _store_url),
     Key("limits", "window", int, 3600,
         "Seconds over which an outbound limit (`relaymilter limit`, recipients per hour) "
         "counts: 3600; other values stretch or shrink that hour.", minimum=1, maximum=86400),
@@ -341,6 +354,17 @@ class CacheConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str | None
+    url: str | None
+
+    @property
+    def location(self) -> str | None:
+        """Where the store is, for openstore.open_store(): the URL, else the path."""
+        return self.url or self.path
+
+    @property
+    def shown(self) -> str | None:
+        """location as logs and the status page show it: no password."""
+        return None if self.location is None else display_location(self.location)
 
 
 @dataclass(frozen=True)
@@ -406,7 +430,10 @@ class Config:
                     lines.append(f"{key.name} = []")
                 else:
                     restart = "    # takes effect at restart" if key.restart_only else ""
-                    lines.append(f"{key.name} = {_toml_value(self.values[key.dotted])}{restart}")
+                    value = self.values[key.dotted]
+                    if key.dotted == "store.url" and value:
+                        value = display_location(value)     # no password on a screen
+                    lines.append(f"{key.name} = {_toml_value(value)}{restart}")
             lines.append("")
             for key in tables:
                 for zone in self.values[key.dotted]:
@@ -458,6 +485,9 @@ def parse_config(document: dict[str, Any], path: str = "<string>") -> Config:
     _apply_aliases(document, values, path)
     _check_wide_trusted_networks(values, path)
     _check_metrics_listeners(values, path)
+    if values["store.url"] and document.get("store", {}).get("path"):
+        raise ConfigError(path, "store.url", "set either [store] path (a SQLite file) or "
+                                             "[store] url (PostgreSQL), not both")
     if values["cache.min_ttl"] > values["cache.max_ttl"]:
         raise ConfigError(path, "cache.max_ttl", f"{values['cache.max_ttl']} is below "
                                                  f"cache.min_ttl ({values['cache.min_ttl']})")

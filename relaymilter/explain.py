@@ -49,6 +49,7 @@ from relaymilter.openstore import open_store
 from relaymilter.relay import Trust, client_trust, relay_verdict
 from relaymilter.reload import build_snapshot
 from relaymilter.store import Storage, StoreError
+from relaymilter.storelocation import is_url
 
 VERDICTS = {Action.PERMIT: "accepted", Action.REJECT: "refused", Action.DEFER: "deferred"}
 
@@ -76,17 +77,17 @@ class _Store:
 
 
 def open_domain_policy(config: Config) -> _Store:
-    """Read the store named by [store] path without creating it."""
-    path = config.store.path
-    if path is None:
+    """Read the store named by [store] path or url without creating it."""
+    location, shown = config.store.location, config.store.shown
+    if location is None:
         return _Store()
-    if not os.path.exists(path):
-        return _Store(note=f"{path} does not exist: no domain policy")
+    if not is_url(location) and not os.path.exists(location):
+        return _Store(note=f"{shown} does not exist: no domain policy")
     try:
-        storage = open_store(path, create=False)
-        return _Store(storage.load_policy(), storage, f"{path}")
+        storage = open_store(location, create=False)
+        return _Store(storage.load_policy(), storage, shown)
     except (StoreError, OSError) as error:
-        return _Store(note=f"{path} cannot be read ({error}): no domain policy")
+        return _Store(note=f"{shown} cannot be read ({error}): no domain policy")
 
 
 def exemptions(storage: Storage | None, address: IPAddress) -> list[str]:

@@ -262,7 +262,7 @@ def health_report(state: HealthState, snapshot: "Snapshot | None") -> tuple[bool
     with state.lock:
         config = {"ok": state.config_error is None, "path": state.config_path,
                   "loaded": _iso(state.config_loaded), "error": state.config_error}
-        store_path = snapshot.config.store.path if snapshot is not None else None
+        store_path = snapshot.config.store.shown if snapshot is not None else None
         if store_path is None:
             store = {"ok": True, "path": None, "loaded": None, "error": None}
         else:

@@ -88,12 +88,12 @@ class Runtime:
 
     def load_domain_policy(self) -> bool:
         """Read the store now, on this thread (before serving). True when read."""
-        return self._swap_in(self._store.load(self.snapshot.config.store.path))
+        return self._swap_in(self._store.load(self.snapshot.config.store.location))
 
     def refresh_domain_policy(self) -> bool:
         """Follow the store (watcher thread only). True when swapped."""
         snapshot = self.snapshot
-        return self._swap_in(self._store.poll(snapshot.config.store.path, snapshot.domain_policy))
+        return self._swap_in(self._store.poll(snapshot.config.store.location, snapshot.domain_policy))
 
     def _swap_in(self, policy: DomainPolicy | None) -> bool:
         if policy is None:
@@ -123,7 +123,7 @@ class Runtime:
                 forced, self._reload_requested = self._reload_requested, False
                 try:
                     if request is not None:
-                        self._store.put_on_hold(self.snapshot.config.store.path, request)
+                        self._store.put_on_hold(self.snapshot.config.store.location, request)
                     if forced:
                         log.info("SIGHUP: reloading the configuration and the domain policy")
                     self.refresh(force=forced)

@@ -54,13 +54,13 @@ import logging
 import os
 import pathlib
 import sqlite3
-import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
+from relaymilter import sqlrecords
 from relaymilter.domainpolicy import DomainPolicy
-from relaymilter.entries import SECTIONS, AllowlistRecord, Section, user_key
-from relaymilter.netindex import TAG_BYTES, NetworkIndex
+from relaymilter.entries import SECTIONS, Section, user_key
+from relaymilter.netindex import NetworkIndex
 from relaymilter.store import Storage, StoreError, StoreMissingError
 
 log = logging.getLogger(__name__)
@@ -204,26 +204,6 @@ MIGRATIONS = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class _Table(NamedTuple):
-    """Where a section's records live: store.Section gives the columns."""
-
-    name: str
-    order: str                              # ORDER BY of its list
-    child: tuple[str, str] | None = None    # (table, column) of the record's list
-
-
-# The allowlist's table differs from its records (scope, lookup_key):
-# _write_allowlist() and SQLiteStore._delete_record() know how.
-_TABLES = {
-    "allowlist": _Table("allowlist", "domain, family, lookup_key, prefixlen"),
-    "relay_clients": _Table("relay_client", "length(packed), packed, prefixlen",
-                            ("relay_client_domain", "domain")),
-    "holds": _Table("hold", "kind, length(packed), packed, prefixlen, value"),
-    "limits": _Table("rate_limit", "kind, value != '', length(packed), packed, prefixlen, value"),
-    "domains": _Table("domain", "domain", ("domain_owner", "owner")),
-}
-
-
 class SQLiteStore(Storage):
     """See the module docstring. One connection; use it from one thread only."""
 
@@ -365,30 +345,21 @@ class SQLiteStore(Storage):
 
     def _write_records(self, records: Mapping[str, list[tuple]], replace: bool) -> None:
         with self._transaction("cannot write") as connection:
+            cursor = connection.cursor()
             if replace:
-                for table in _TABLES.values():
-                    if table.child:
-                        connection.execute(f"DELETE FROM {table.child[0]}")
-                    connection.execute(f"DELETE FROM {table.name}")
-                connection.execute("DELETE FROM allowlist_scope")
+                sqlrecords.clear(cursor)
             for name, section_records in records.items():
-                _write(connection, SECTIONS[name], section_records)
+                sqlrecords.write(cursor, SECTIONS[name], section_records, "?")
 
     def _delete_record(self, section: Section, key: tuple) -> bool:
         with self._transaction("cannot write") as connection:
-            if section.name == "allowlist":
-                return _delete_allowlist(connection, *key)
-            where = " AND ".join(f"{column} = ?" for column in section.key_columns)
-            # Children go by ON DELETE CASCADE (foreign_keys is on).
-            cursor = connection.execute(
-                f"DELETE FROM {_TABLES[section.name].name} WHERE {where}", key)
-            return cursor.rowcount > 0
+            return sqlrecords.delete(connection.cursor(), section, key, "?")
 
     # ---------------------------------------------------------- reads ---
 
     def _read_sections(self, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         with self._transaction("cannot read", "BEGIN") as connection:
-            return {name: _read_section(connection, SECTIONS[name]) for name in names}
+            return sqlrecords.read_sections(connection.cursor(), names)
 
     def data_version(self) -> int:
         """PRAGMA data_version: moves when another connection has committed."""
@@ -412,11 +383,11 @@ class SQLiteStore(Storage):
             ids, names = connection.execute(
                 "SELECT group_concat(id, ' '), group_concat(domain, ' ') "
                 "FROM allowlist_scope").fetchone()
-            scopes = {} if ids is None else dict(zip(_names_of(names), map(int, ids.split(" "))))
-            domains = [(dnsbl, threshold, _names_of(names)) for dnsbl, threshold, names
+            scopes = {} if ids is None else dict(zip(sqlrecords.names_of(names), map(int, ids.split(" "))))
+            domains = [(dnsbl, threshold, sqlrecords.names_of(names)) for dnsbl, threshold, names
                        in connection.execute("SELECT dnsbl, threshold, group_concat(domain, ' ') "
                                              "FROM domain GROUP BY dnsbl, threshold")]
-            owners = [(owner, _names_of(names)) for owner, names
+            owners = [(owner, sqlrecords.names_of(names)) for owner, names
                       in connection.execute("SELECT owner, group_concat(domain, ' ') "
                                             "FROM domain_owner GROUP BY owner")]
             return DomainPolicy.from_rows(
@@ -427,12 +398,6 @@ class SQLiteStore(Storage):
                 connection.execute(
                     "SELECT kind, value, packed, prefixlen, per_hour FROM rate_limit"),
                 domains, owners)
-
-
-def _names_of(joined: str) -> list[str]:
-    """group_concat(name, ' ') -> names, each one string object however often it is
-    used (interned): canonical domains and user names hold no space."""
-    return list(map(sys.intern, joined.split(" ")))
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -449,84 +414,3 @@ def _statements(script: str) -> Iterator[str]:
             pending = ""
     if pending.strip():
         raise ValueError(f"migration ends inside a statement: {pending.strip()[:60]!r}")
-
-
-def _write(connection: sqlite3.Connection, section: Section, records: list[tuple]) -> None:
-    """Insert or replace records (and their lists) inside the caller's transaction."""
-    if not records:
-        return
-    if section.name == "allowlist":
-        _write_allowlist(connection, records)
-        return
-    table, columns = _TABLES[section.name], section.columns
-    updates = ", ".join(f"{column} = excluded.{column}" for column in columns
-                        if column not in section.key_columns)
-    connection.executemany(
-        f"INSERT INTO {table.name} ({', '.join(columns)}) "
-        f"VALUES ({', '.join('?' * len(columns))}) "
-        f"ON CONFLICT ({', '.join(section.key_columns)}) DO UPDATE SET {updates}",
-        (record[:len(columns)] for record in records))
-    if table.child is None:
-        return
-    child_table, child_column = table.child
-    parent = section.key_columns[0]
-    connection.executemany(f"DELETE FROM {child_table} WHERE {parent} = ?",
-                           (record[:1] for record in records))
-    connection.executemany(f"INSERT INTO {child_table} ({parent}, {child_column}) VALUES (?, ?)",
-                           ((record[0], item) for record in records for item in record[-1]))
-
-
-def _lookup_key(packed: bytes, scope: int) -> bytes:
-    return packed + scope.to_bytes(TAG_BYTES, "big")
-
-
-def _write_allowlist(connection: sqlite3.Connection, records: list[AllowlistRecord]) -> None:
-    scopes = {}
-    for domain in sorted({entry.domain for entry in records}):
-        connection.execute("INSERT OR IGNORE INTO allowlist_scope (domain) VALUES (?)", (domain,))
-        scopes[domain] = connection.execute("SELECT id FROM allowlist_scope WHERE domain = ?",
-                                            (domain,)).fetchone()[0]
-    connection.executemany(
-        "INSERT INTO allowlist (family, prefixlen, lookup_key, scope, network, comment, created, "
-        "added_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (family, prefixlen, lookup_key) DO UPDATE SET "
-        "comment = excluded.comment, created = excluded.created, added_by = excluded.added_by",
-        ((entry.family, entry.prefixlen, _lookup_key(entry.packed, scopes[entry.domain]),
-          scopes[entry.domain], entry.network, entry.comment, entry.created, entry.added_by)
-         for entry in records))
-
-
-def _delete_allowlist(connection: sqlite3.Connection, family: int, prefixlen: int,
-                      packed: bytes, domain: str) -> bool:
-    """The domain's scope number stays (finding out whether another entry uses
-    it would read the whole table)."""
-    scope = connection.execute("SELECT id FROM allowlist_scope WHERE domain = ?",
-                               (domain,)).fetchone()
-    if scope is None:
-        return False
-    return connection.execute(
-        "DELETE FROM allowlist WHERE family = ? AND prefixlen = ? AND lookup_key = ?",
-        (family, prefixlen, _lookup_key(packed, scope[0]))).rowcount > 0
-
-
-def _read_section(connection: sqlite3.Connection, section: Section) -> list[dict[str, Any]]:
-    table = _TABLES[section.name]
-    plain = [field for field in section.fields if field != section.list_field]
-    source = table.name
-    if section.name == "allowlist":
-        source = "allowlist JOIN allowlist_scope ON allowlist_scope.id = allowlist.scope"
-    entries = [dict(zip(plain, row)) for row in connection.execute(
-        f"SELECT {', '.join(plain)} FROM {source} ORDER BY {table.order}")]
-    if table.child is not None:
-        child_table, child_column = table.child
-        parent = section.key_columns[0]
-        lists: dict[str, list[str]] = {}
-        for key, item in connection.execute(
-                f"SELECT {parent}, {child_column} FROM {child_table} "
-                f"ORDER BY {parent}, {child_column}"):
-            lists.setdefault(key, []).append(item)
-        for entry in entries:
-            entry[section.list_field] = lists.get(entry[parent], [])
-        # Key order as in section.fields.
-        entries = [{name: entry[name] for name in section.fields} for entry in entries]
-    return entries

@@ -39,13 +39,16 @@ DESCRIPTION
     Backends. Storage validates entries itself, so that a backend only
     stores records already canonical: a backend implements the abstract
     methods (write, delete and read records of a section, data_version,
-    load_policy, schema_version, close) and nothing else; SQLiteStore
-    (sqlitestore.py) is the first. openstore.open_store() picks the
-    backend for a location. tests/unit/test_storage_contract.py holds
+    load_policy, schema_version, close) and nothing else: SQLiteStore
+    (sqlitestore.py), the embedded default, and PostgresStore
+    (pgstore.py), the store a fleet shares. openstore.open_store() picks
+    the backend for a location. tests/unit/test_storage_contract.py holds
     every backend to the behaviour described here.
 
     Errors. A backend turns its own errors (sqlite3.Error ...) into
-    StoreError, whose message names the store: callers catch StoreError,
+    StoreError, whose message names the store; a server that cannot be
+    reached (PostgreSQL down) is StoreUnavailableError, a StoreError
+    worth retrying later. Callers catch StoreError,
     StoreInputError and OSError, and import no database module.
     StoreInputError, FORMAT and default_actor come from entries.py and
     are importable from here, beside StoreError.
@@ -68,11 +71,16 @@ from relaymilter.entries import (FORMAT, FORMAT_VERSION, SECTIONS, Section, Stor
                                  validate_document)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Storage", "StoreError", "StoreInputError",
-           "StoreMissingError", "WideNetworkError", "default_actor"]
+           "StoreMissingError", "StoreUnavailableError", "WideNetworkError", "default_actor"]
 
 
 class StoreError(Exception):
     """The store cannot be opened, read or written; the message says which and why."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store's server cannot be reached now (down, restarting, the network):
+    worth trying again later; the CLI exits 75 (EX_TEMPFAIL)."""
 
 
 class StoreMissingError(StoreError):

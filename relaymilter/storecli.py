@@ -18,12 +18,14 @@ SYNOPSIS
 DESCRIPTION
     The domain policy is the store's data (store.py): allowlist, relay
     clients, holds, limits and domains. Every verb takes -c FILE (the
-    config that names [store] path) or --store PATH, and opens the store
+    config that names [store] path or url) or --store PATH|URL, and opens the store
     with store.open_store(), whatever its backend. A change is one
     transaction; a running milter sees it within two seconds. Bad input (a
     bad network, domain or user name, a bad import row) is refused with a
     message on standard error and exit status 1, and the store is left as
-    it was. No store configured: exit status 78.
+    it was. No store configured: exit status 78. A store whose server
+    cannot be reached (PostgreSQL down): exit status 75 (EX_TEMPFAIL),
+    nothing changed, try again.
 
     Safety. Only add and import create a missing store: list, remove and
     export on a store that does not exist exit 66 (EX_NOINPUT), import
@@ -49,10 +51,11 @@ from typing import Any
 
 from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.entries import SECTIONS, import_changes, user_key
-from relaymilter.exitcodes import EX_ERROR, EX_NOINPUT, EX_OK
+from relaymilter.exitcodes import EX_ERROR, EX_NOINPUT, EX_OK, EX_TEMPFAIL
 from relaymilter.openstore import open_store
 from relaymilter.store import (Storage, StoreError, StoreInputError, StoreMissingError,
-                               WideNetworkError)
+                               StoreUnavailableError, WideNetworkError)
+from relaymilter.storelocation import display_location
 
 # (verb, help, list columns)
 KINDS = {
@@ -101,15 +104,27 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
                       help="accept relay clients wider than /8 (IPv4) or /32 (IPv6)")
     load.add_argument("--dry-run", action="store_true",
                       help="print what would be added, replaced and removed; change nothing")
+    copy = actions.add_parser("copy", help="copy every entry from another store (SQLite to "
+                                           "PostgreSQL and back), in one transaction",
+                              parents=[common])
+    copy.add_argument("--from", dest="source", metavar="PATH|URL", required=True,
+                      help="the store to copy from (read only)")
+    copy.add_argument("--to", dest="target", metavar="PATH|URL",
+                      help="the store to copy to, created if missing (default: --store, "
+                           "else the config's)")
+    copy.add_argument("--replace", action="store_true",
+                      help="delete the target's entries first (refused without it when "
+                           "the target has entries)")
 
 
 def _common_options() -> argparse.ArgumentParser:
     """-c and --store, accepted after the action too (`hold add ... -c FILE`)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", dest="action_config", metavar="FILE",
-                        help="config file naming [store] path")
-    common.add_argument("--store", metavar="PATH",
-                        help="the domain policy store (default: [store] path of the config)")
+                        help="config file naming [store] path or url")
+    common.add_argument("--store", metavar="PATH|URL",
+                        help="the domain policy store: a SQLite file or a postgresql:// URL "
+                             "(default: [store] url, else path, of the config)")
     return common
 
 
@@ -182,6 +197,8 @@ def cmd_policy_kind(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_bulk(args: argparse.Namespace) -> int:
+    if args.action == "copy":
+        return _copy(args)
     dry_run = args.action == "import" and args.dry_run
     return _with_store(args, lambda store: _bulk(store, args),
                        create=args.action == "import" and not dry_run,
@@ -193,28 +210,34 @@ def _with_store(args: argparse.Namespace, work: Callable[[Storage], int], create
     """work(store) on the store of args; a missing store is created only if create,
     else if_missing() answers, else exit 66."""
     config_file = config_path(args.action_config or args.config)
-    path = args.store or load_config(config_file).store.path
-    if not path:
+    location = (getattr(args, "target", None) or args.store
+                or load_config(config_file).store.location)
+    if not location:
         raise ConfigError(config_file, "store.path",
-                          "no policy store configured (set [store] path or use --store)")
+                          "no policy store configured (set [store] path or url, or use --store)")
+    shown = display_location(location)
     try:
-        store = open_store(path, create=create)
+        store = open_store(location, create=create)
     except StoreMissingError:
         if if_missing is not None:
             return _guarded(if_missing)
-        sys.stderr.write(f"relaymilter: no policy store at {path} (nothing created; "
-                         "check --store or [store] path)\n")
+        sys.stderr.write(f"relaymilter: no policy store at {shown} (nothing created; "
+                         "check --store or [store] path and url)\n")
         return EX_NOINPUT
+    except StoreUnavailableError as error:
+        sys.stderr.write(f"relaymilter: the policy store is unavailable, nothing changed; "
+                         f"try again later: {error}\n")
+        return EX_TEMPFAIL
     except (StoreError, OSError) as error:
-        sys.stderr.write(f"relaymilter: cannot open the policy store {path}: {error}\n")
+        sys.stderr.write(f"relaymilter: cannot open the policy store {shown}: {error}\n")
         return EX_ERROR
     try:
-        return _guarded(lambda: work(store), path)
+        return _guarded(lambda: work(store), shown)
     finally:
         store.close()
 
 
-def _guarded(work: Callable[[], int], path: str = "") -> int:
+def _guarded(work: Callable[[], int], shown: str = "") -> int:
     try:
         return work()
     except WideNetworkError as error:
@@ -224,8 +247,12 @@ def _guarded(work: Callable[[], int], path: str = "") -> int:
     except StoreInputError as error:
         sys.stderr.write(f"relaymilter: {error}; nothing changed\n")
         return EX_ERROR
+    except StoreUnavailableError as error:
+        sys.stderr.write(f"relaymilter: the policy store is unavailable, nothing changed; "
+                         f"try again later: {error}\n")
+        return EX_TEMPFAIL
     except StoreError as error:
-        sys.stderr.write(f"relaymilter: policy store {path}: {error}\n")
+        sys.stderr.write(f"relaymilter: policy store {shown}: {error}\n")
         return EX_ERROR
 
 
@@ -393,6 +420,37 @@ def _bulk(store: Storage, args: argparse.Namespace) -> int:
     sys.stdout.write("imported " + ", ".join(f"{count} {kind}" for kind, count in counts.items())
                      + "\n")
     return EX_OK
+
+
+def _copy(args: argparse.Namespace) -> int:
+    """policy copy: the source's export, imported as it is (creation times, who
+    added each entry, wide relay clients the source already had)."""
+    shown = display_location(args.source)
+    try:
+        with open_store(args.source, create=False) as source:
+            document = source.export()
+    except StoreMissingError:
+        sys.stderr.write(f"relaymilter: no policy store at {shown} to copy from\n")
+        return EX_NOINPUT
+    except StoreUnavailableError as error:
+        sys.stderr.write(f"relaymilter: cannot read {shown}, nothing changed; try again "
+                         f"later: {error}\n")
+        return EX_TEMPFAIL
+    except (StoreError, OSError) as error:
+        sys.stderr.write(f"relaymilter: cannot read the policy store {shown}: {error}\n")
+        return EX_ERROR
+
+    def copy_into(target: Storage) -> int:
+        entries = sum(len(rows) for name, rows in target.export().items() if name in SECTIONS)
+        if entries and not args.replace:
+            sys.stderr.write(f"relaymilter: the target store has {entries} entries: use "
+                             "--replace to replace them; nothing changed\n")
+            return EX_ERROR
+        counts = target.import_policy(document, replace=args.replace, force=True)
+        sys.stdout.write(f"copied from {shown}: "
+                         + ", ".join(f"{count} {kind}" for kind, count in counts.items()) + "\n")
+        return EX_OK
+    return _with_store(args, copy_into, create=True)
 
 
 def _read_document(file: str) -> Any:

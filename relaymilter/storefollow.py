@@ -5,9 +5,9 @@ NAME
 
 SYNOPSIS
     follower = StoreFollower(metrics)
-    policy = follower.load(config.store.path)     # at start, on the starting thread
-    policy = follower.poll(config.store.path, in_force)   # watcher thread: new or None
-    follower.put_on_hold(config.store.path, request)
+    policy = follower.load(config.store.location)     # at start, on the starting thread
+    policy = follower.poll(config.store.location, in_force)   # watcher thread: new or None
+    follower.put_on_hold(config.store.location, request)
     follower.close()
 
 DESCRIPTION
@@ -65,8 +65,8 @@ class StoreFollower:
     def put_on_hold(self, path: str | None, request: HoldRequest) -> None:
         """Write an automatic hold; the next poll() brings it into force."""
         if path is None:
-            log.warning("%s %s should be put on hold (%s), but there is no [store] path",
-                        request.kind, request.value, request.reason)
+            log.warning("%s %s should be put on hold (%s), but there is no store "
+                        "([store] path or url)", request.kind, request.value, request.reason)
             return
         self._connected(path).put_on_hold(request.kind, request.value, request.reason)
 

@@ -35,6 +35,7 @@ from relaymilter.domainpolicy import DomainPolicy
 from relaymilter.openstore import open_store
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.store import Storage, StoreError
+from relaymilter.storelocation import display_location
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class StoreWatcher:
         """last_error, loaded: what an earlier watcher of the same store saw,
         so that one error is logged once per process, not once per watcher."""
         self.path = path
+        self._shown = display_location(path)       # for logs: no password
         self._metrics = metrics
         self._store: Storage | None = None
         self._version: int | None = None
@@ -80,16 +82,16 @@ class StoreWatcher:
             self._failed(error)
             return None
         if self._last_error is not None:
-            log.warning("policy store %s is readable again", self.path)
+            log.warning("policy store %s is readable again", self._shown)
             self._last_error = None
         seconds = time.monotonic() - started
         self._metrics.store_loaded(seconds)
-        log.info("policy store %s loaded in %.3fs: %s", self.path, seconds,
+        log.info("policy store %s loaded in %.3fs: %s", self._shown, seconds,
                  ", ".join(f"{count} {kind}" for kind, count in policy.counts.items()))
         wide = policy.wide_relay_clients()
         if wide:
             log.warning("policy store %s: relay client %s wider than /8 (IPv4) or /32 (IPv6): "
-                        "every client in %s may relay anywhere (an open relay)", self.path,
+                        "every client in %s may relay anywhere (an open relay)", self._shown,
                         ", ".join(wide), "them" if len(wide) > 1 else "it")
         self.loaded = True
         return policy
@@ -103,7 +105,7 @@ class StoreWatcher:
             # data_version does not move for this connection's own commits.
             self._version = None
         except (StoreError, OSError) as error:
-            log.error("could not put %s %s on hold in %s: %s", kind, value, self.path,
+            log.error("could not put %s %s on hold in %s: %s", kind, value, self._shown,
                       error)
             self._drop()
             return
@@ -119,7 +121,7 @@ class StoreWatcher:
             keeping = ("keeping the policy last read" if self.loaded else
                        "running without per-domain policy until it can be read "
                        "(does its directory exist, writable by relaymilter?)")
-            log.error("policy store %s unreadable, %s: %s", self.path, keeping, text)
+            log.error("policy store %s unreadable, %s: %s", self._shown, keeping, text)
             self._last_error = text
         self._drop()
 

@@ -192,7 +192,9 @@ def command_page() -> str:
               "64 usage; 66 no policy store where list, remove or policy export looks "
               "(nothing is created); "
               "69 the milter or policy service socket is unavailable or in use (a second "
-              "instance), or the metrics listener cannot bind; 78 bad configuration.",
+              "instance), or the metrics listener cannot bind; 75 the policy store's server "
+              "(PostgreSQL) cannot be reached: nothing changed, try again; 78 bad "
+              "configuration.",
               ".SH ENVIRONMENT", "\\fBRELAYMILTER_CONFIG\\fR: the config file when "
               "\\fB\\-c\\fR is not given.",
               ".SH FILES", "/etc/relaymilter/relaymilter.toml", ".br",

@@ -38,8 +38,8 @@ def test_empty_file_gives_every_default(tmp_path):
     config = load_config(write(tmp_path, ""))
     for key in SCHEMA:
         expected = tuple(key.default) if isinstance(key.default, list) else key.default
-        if key.dotted == "relay.local_domains_file":
-            expected = None
+        if key.dotted in ("relay.local_domains_file", "store.url"):
+            expected = None     # "" reads as "not set"
         assert config.values[key.dotted] == expected, key.dotted
 
 
@@ -210,6 +210,35 @@ def test_a_zone_txt_mode_is_read_and_a_wrong_one_named():
     with pytest.raises(ConfigError) as caught:
         parse_config({"dnsbl": {"zone": [{"name": "bl.example", "txt": "always"}]}})
     assert str(caught.value).startswith("<string>: dnsbl.zone[1]: txt must be one of listed")
+
+
+def test_a_store_url_replaces_the_default_path():
+    config = parse_config({"store": {"url": "postgresql://relaymilter@db.example/mail"}})
+    assert config.store.location == "postgresql://relaymilter@db.example/mail"
+    assert parse_config({}).store.location == "/var/lib/relaymilter/policy.sqlite3"
+    assert parse_config({"store": {"path": ""}}).store.location is None
+
+
+def test_a_store_with_both_path_and_url_is_refused():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"store": {"path": "/var/lib/relaymilter/policy.sqlite3",
+                                "url": "postgresql:///mail"}})
+    assert str(caught.value).startswith("<string>: store.url: set either [store] path")
+
+
+def test_a_store_url_that_is_not_postgresql_is_refused_without_showing_its_password():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"store": {"url": "mysql://admin:hunter2@db/mail"}})
+    assert "store.url: must be a postgresql:// URL" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_the_effective_config_masks_the_store_password():
+    config = parse_config({"store": {"url": "postgresql://relaymilter:hunter2@db/mail"}})
+    text = config.effective_toml()
+    assert "hunter2" not in text
+    assert 'url = "postgresql://relaymilter:***@db/mail"' in text
+    assert config.store.shown == "postgresql://relaymilter:***@db/mail"
 
 
 # ----------------------------------------------------------- effective TOML ---
