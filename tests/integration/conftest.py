@@ -6,6 +6,7 @@ integration test would pass CI while testing nothing.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -92,3 +93,31 @@ def sendmail_installed() -> None:
     if missing:
         pytest.fail(f"{missing}; run `scripts/install-debian-deps test` (which runs "
                     "scripts/fetch-sendmail) or `make test`", pytrace=False)
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator["PostgresInstance"]:
+    """One private PostgreSQL for the session (postgres_instance.py); fails, never
+    skips, when PostgreSQL is not installed. Tests never stop this one: a test of
+    an outage starts a PostgresInstance of its own."""
+    from postgres_instance import PostgresError, PostgresInstance
+
+    try:
+        server = PostgresInstance()
+        server.start()
+    except PostgresError as error:
+        pytest.fail(f"{error}; run `scripts/install-debian-deps test` or `make test`",
+                    pytrace=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres) -> Iterator[str]:
+    """The URL of a new, empty database of its own for one test."""
+    name = f"test_{next(_databases)}"
+    yield postgres.create_database(name)
+    postgres.drop_database(name)

@@ -8,6 +8,7 @@ DomainPolicy without a store in test_domainpolicy.py.
 """
 
 import ipaddress
+import itertools
 import json
 import time
 
@@ -22,20 +23,35 @@ def ip(text):
     return ipaddress.ip_address(text)
 
 
-def sqlite_location(tmp_path, name):
-    return tmp_path / f"{name}.sqlite3"
+# Backend -> location(request, name): where the test's store called name
+# is, empty before the test (a SQLite file in tmp_path; a database of its
+# own on the session's private PostgreSQL).
+def sqlite_location(request, name):
+    return request.getfixturevalue("tmp_path") / f"{name}.sqlite3"
 
 
-# Backend -> location(tmp_path, name): where a test's store called name is,
-# empty before the test. The next backend ("postgresql": a database of its
-# own per test) is one more row.
-BACKENDS = {"sqlite": sqlite_location}
+def postgresql_location(request, name):
+    server = request.getfixturevalue("postgres")
+    database = f"contract_{next(_databases)}_{name}"
+    request.addfinalizer(lambda: server.drop_database(database))
+    return server.create_database(database)
+
+
+_databases = itertools.count(1)
+BACKENDS = {"sqlite": sqlite_location, "postgresql": postgresql_location}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def location(request, tmp_path):
-    """location(name="policy") -> where the store called name is, for open_store()."""
-    return lambda name="policy": BACKENDS[request.param](tmp_path, name)
+def location(request):
+    """location(name="policy") -> where the store called name is, for open_store();
+    the same name gives the same store within a test."""
+    made: dict[str, object] = {}
+
+    def where(name="policy"):
+        if name not in made:
+            made[name] = BACKENDS[request.param](request, name)
+        return made[name]
+    return where
 
 
 @pytest.fixture
