@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from policy_client import PolicyClient, request
 from relaymilter.policyd import MAX_REQUEST
 from relaymilter_process import (RELAYMILTER, RelaymilterProcess, public_subdirectory,
                                  toml_document, _free_port)
@@ -39,45 +40,6 @@ from smtp_dialog import rcpt_reply
 RELAY = {"local_domains": ["aaa.test"]}
 STORE = {"path": ""}
 VERB = {"milter": "run", "policyd": "policyd"}
-
-
-def request(recipient: str, client: str = "192.0.2.9", newline: str = "\n") -> bytes:
-    attributes = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
-                  "client_address": client, "sender": "s@sender.test",
-                  "recipient": recipient}
-    return "".join(f"{key}={value}{newline}" for key, value in attributes.items()).encode() \
-        + newline.encode()
-
-
-class PolicyClient:
-    """One connection to the policy service, as smtpd holds one."""
-
-    def __init__(self, address, timeout: float = 10.0) -> None:
-        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
-        self.socket.settimeout(timeout)
-        self.socket.connect(address)
-        self.stream = self.socket.makefile("rwb")
-
-    def send(self, raw: bytes) -> None:
-        self.stream.write(raw)
-        self.stream.flush()
-
-    def answer(self) -> list[bytes]:
-        lines = []
-        while True:
-            line = self.stream.readline()
-            if not line.strip():        # the empty line, or the end of the stream
-                return lines
-            lines.append(line.rstrip(b"\r\n"))
-
-    def ask(self, raw: bytes) -> list[bytes]:
-        self.send(raw)
-        return self.answer()
-
-    def close(self) -> None:
-        self.stream.close()
-        self.socket.close()
 
 
 def address_of(process: RelaymilterProcess):

@@ -1,0 +1,125 @@
+"""A fleet on one PostgreSQL store: a change made on one host is in force on every host.
+
+Two `relaymilter policyd` processes, each with a config of its own (as on
+two hosts), share a private PostgreSQL ([store] url). The CLI writes
+through one's config; the other's decisions, asked over its policy socket
+as smtpd asks, must follow within 2 s. Then the database goes away: the
+services go on deciding from the policy last read, say "degraded" on
+/healthz, and the CLI exits 75 without changing anything; when the
+database returns, a change reaches them again without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Iterator
+
+import pytest
+
+from policy_client import PolicyClient, request
+from postgres_instance import PostgresInstance
+from relaymilter_process import RELAYMILTER, RelaymilterProcess, _free_port, public_subdirectory
+
+PICKUP = 2.0                    # the promise: in force on every host within 2 s
+HELD = b"action=550 5.7.1 Relaying suspended for this sender"
+REMOTE = "someone@remote.test"
+
+
+class Host:
+    """One policy service of the fleet, with its config and /healthz."""
+
+    def __init__(self, directory, url: str) -> None:
+        self.metrics_port = _free_port()
+        self.service = RelaymilterProcess(
+            directory, front_end="policyd", relay={"local_domains": ["local.test"]},
+            store={"url": url}, metrics={"policyd_listen": f"127.0.0.1:{self.metrics_port}"})
+
+    def answer(self, user: str) -> bytes:
+        client = PolicyClient(str(self.service.socket_path))
+        try:
+            return client.ask(request(REMOTE, sasl_username=user))[0]
+        finally:
+            client.close()
+
+    def cli(self, *words: str) -> subprocess.CompletedProcess:
+        return subprocess.run([RELAYMILTER, *words, "-c", str(self.service.config_path)],
+                              capture_output=True, text=True, timeout=60)
+
+    def health(self) -> dict:
+        url = f"http://127.0.0.1:{self.metrics_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def fleet(public_tree) -> Iterator[tuple[PostgresInstance, Host, Host]]:
+    with PostgresInstance() as server:
+        url = server.create_database("mail")
+        one = Host(public_subdirectory(public_tree, "host-one"), url)
+        two = Host(public_subdirectory(public_tree, "host-two"), url)
+        one.service.start()
+        two.service.start()
+        try:
+            yield server, one, two
+        finally:
+            one.service.kill()
+            two.service.kill()
+
+
+def within(seconds: float, condition: Callable[[], bool]) -> float:
+    """Seconds until condition() holds; fails after seconds."""
+    started = time.monotonic()
+    while not condition():
+        elapsed = time.monotonic() - started
+        assert elapsed < seconds, f"not so after {elapsed:.1f} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_hold_added_on_one_host_is_applied_by_the_other_within_two_seconds(fleet):
+    _, one, two = fleet
+    assert two.answer("mallory") != HELD
+    done = one.cli("hold", "add", "--user", "mallory", "--reason", "phished")
+    assert done.returncode == 0, done.stderr
+    assert within(PICKUP, lambda: two.answer("Mallory") == HELD) < PICKUP
+    assert one.answer("mallory") == HELD
+    assert two.answer("alice") != HELD
+    assert two.cli("hold", "remove", "--user", "mallory").returncode == 0
+    within(PICKUP, lambda: one.answer("mallory") != HELD and two.answer("mallory") != HELD)
+
+
+def test_without_the_database_decisions_go_on_and_the_cli_changes_nothing(fleet):
+    server, one, two = fleet
+    assert one.cli("hold", "add", "--user", "trudy").returncode == 0
+    within(PICKUP, lambda: two.answer("trudy") == HELD)
+    server.stop()
+    try:
+        report = {}
+
+        def degraded() -> bool:
+            report.update(two.health())
+            return report["status"] == "degraded"
+        within(5.0, degraded)
+        assert report["store"]["ok"] is False and "unavailable" not in report["store"]["path"]
+        assert two.answer("trudy") == HELD            # the policy last read, still in force
+        assert two.answer("alice") != HELD
+        done = one.cli("hold", "add", "--user", "alice")
+        assert done.returncode == 75, (done.returncode, done.stderr)
+        assert "unavailable" in done.stderr and "nothing changed" in done.stderr
+        two.service.wait_for_log(r"policy store postgresql://\S+ unreadable, keeping the "
+                                 r"policy last read")
+    finally:
+        server.start()
+    within(5.0, lambda: two.health()["status"] == "ok")
+    assert one.cli("hold", "add", "--user", "alice").returncode == 0
+    assert within(PICKUP, lambda: two.answer("alice") == HELD) < PICKUP
+    assert two.answer("trudy") == HELD
+    for user in ("alice", "trudy"):
+        assert one.cli("hold", "remove", "--user", user).returncode == 0
