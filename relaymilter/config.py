@@ -168,6 +168,15 @@ def _optional_path(value: str) -> str | None:
     return value
 
 
+def _counters_url(value: str) -> str | None:
+    if value == "":
+        return None
+    if not value.lower().startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"must be a redis://, rediss:// or unix:// URL, not "
+                         f"{display_location(value)!r}")
+    return value
+
+
 def _store_url(value: str) -> str | None:
     if value == "":
         return None
@@ -270,6 +279,16 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits", "auto_hold_factor", int, 0,
         "Put a sender on hold when its attempts reach this many times its limit in one "
         "window; 0 = never.", minimum=0, maximum=1000),
+    Key("counters", "url", str, "",
+        "Count the outbound limits in Redis, shared by every process and host: "
+        "redis://HOST:PORT/DB, rediss://... (TLS) or unix:///PATH?db=N; \"\" = in each "
+        "process.", _counters_url),
+    Key("counters", "timeout_ms", int, 50,
+        "How long a decision waits for Redis before it counts in this process instead.",
+        minimum=1, maximum=2000),
+    Key("counters", "on_error", str, "local",
+        "When Redis does not answer: local = count in this process; tempfail = defer "
+        "the recipient (4xx).", _one_of("local", "tempfail")),
     Key("policyd", "socket", str, "inet:8895@127.0.0.1",
         "Where `relaymilter policyd`, the Postfix policy service, listens: "
         "inet:PORT@HOST, inet6:PORT@[ADDR] or unix:/PATH.", _socket, restart_only=True),
@@ -374,6 +393,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class CountersConfig:
+    url: str | None
+    timeout_ms: int
+    on_error: str
+
+    @property
+    def shown(self) -> str | None:
+        """url as logs show it: no password."""
+        return None if self.url is None else display_location(self.url)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str
     policyd_listen: str
@@ -411,6 +442,7 @@ class Config:
     cache: CacheConfig
     store: StoreConfig
     limits: LimitsConfig
+    counters: CountersConfig
     metrics: MetricsConfig
     policyd: PolicydConfig
     values: dict[str, Any] = field(repr=False, compare=False)  # dotted key -> value
@@ -431,7 +463,7 @@ class Config:
                 else:
                     restart = "    # takes effect at restart" if key.restart_only else ""
                     value = self.values[key.dotted]
-                    if key.dotted == "store.url" and value:
+                    if key.dotted in ("store.url", "counters.url") and value:
                         value = display_location(value)     # no password on a screen
                     lines.append(f"{key.name} = {_toml_value(value)}{restart}")
             lines.append("")
@@ -447,7 +479,8 @@ class Config:
 
 _SECTION_TYPES = {"milter": MilterConfig, "decisions": DecisionsConfig, "relay": RelayConfig,
                   "dnsbl": DnsblConfig, "cache": CacheConfig, "store": StoreConfig,
-                  "limits": LimitsConfig, "metrics": MetricsConfig, "policyd": PolicydConfig}
+                  "limits": LimitsConfig, "counters": CountersConfig, "metrics": MetricsConfig,
+                  "policyd": PolicydConfig}
 
 
 def config_path(cli_path: str | None) -> str:

@@ -103,6 +103,8 @@ class RecipientFacts:
 
     recipient           the argument as the client wrote it
     resolved_recipient  the MTA's own resolution ({rcpt_addr}), None if unsaid
+    instance            the MTA's id of the message (Postfix's policy `instance`),
+                        so that a recipient asked again is not counted twice
     listing             the client's DNSBL lookups; None: none (no zones, trusted)
     """
 
@@ -112,6 +114,7 @@ class RecipientFacts:
     resolved_recipient: str | None = None
     queue_id: str | None = None
     listing: PendingVerdict | None = None
+    instance: str | None = None
 
 
 # ------------------------------------------------------------ decisions ---

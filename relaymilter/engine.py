@@ -164,7 +164,10 @@ def _outbound(facts: RecipientFacts, trust: Trust, snapshot: Snapshot,
     if limit is None or counter is None:
         return permit(trust.reason)
     # One count per user however the login is spelt, as the store's keys.
-    charge = counter.charge((kind, user_key(value) if kind == "user" else value), limit)
+    charge = counter.charge((kind, user_key(value) if kind == "user" else value), limit,
+                            facts.instance, facts.recipient)
+    if charge.unavailable:      # shared counters down, [counters] on_error = "tempfail"
+        return internal_fault("tempfail")
     hold = (kind, str(value)) if charge.hold_due else None
     if not charge.allowed:
         return rate_limited(hold)

@@ -18,8 +18,12 @@ DESCRIPTION
     one: when they reach auto_hold_factor x limit, hold_due is set once per
     window and the caller puts the sender on hold.
 
+    A recipient asked again (the same recipient of the same message, by
+    the MTA's instance id) gets its first answer and is not counted twice.
+
     Counts live in this process only: a restart forgets them (the limits
-    are a brake on a spam run, not accounting). Thread-safe: one lock
+    are a brake on a spam run, not accounting); rediscounter.py keeps them
+    in Redis for a fleet. Thread-safe: one lock
     around a dict; expired windows are dropped as the dict is swept, so the
     dict holds at most the senders of one window.
 """
@@ -42,13 +46,15 @@ class Charge:
     accepted: int       # recipients allowed in this window, this one included
     attempts: int       # recipients asked for in this window, this one included
     hold_due: bool      # the attempts just reached auto_hold_factor x limit
+    unavailable: bool = False   # not counted: shared counters down, on_error = "tempfail"
 
 
 class _Window:
-    __slots__ = ("started", "accepted", "attempts", "hold_done")
+    __slots__ = ("started", "accepted", "attempts", "hold_done", "answers")
 
     def __init__(self, started: float) -> None:
         self.started, self.accepted, self.attempts, self.hold_done = started, 0, 0, False
+        self.answers: dict[tuple[str, str], bool] | None = None   # (instance, recipient)
 
 
 class RecipientCounter:
@@ -65,14 +71,22 @@ class RecipientCounter:
         self._windows: dict[Hashable, _Window] = {}
         self._since_sweep = 0
 
-    def charge(self, key: Hashable, limit: int) -> Charge:
-        """Count one recipient for key against limit (recipients per window)."""
+    def charge(self, key: Hashable, limit: int, instance: str | None = None,
+               recipient: str | None = None) -> Charge:
+        """Count one recipient for key against limit (recipients per window).
+
+        With instance (the MTA's id of the message) and recipient, the same
+        recipient of the same message asked again in this window gets its
+        first answer and is not counted again."""
         now = self._timer()
         with self._lock:
             self._sweep(now)
             window = self._windows.get(key)
             if window is None or now - window.started >= self.window:
                 window = self._windows[key] = _Window(now)
+            asked = (instance, recipient) if instance and recipient else None
+            if asked is not None and window.answers is not None and asked in window.answers:
+                return Charge(window.answers[asked], window.accepted, window.attempts, False)
             window.attempts += 1
             allowed = window.accepted < limit
             if allowed:
@@ -81,6 +95,10 @@ class RecipientCounter:
                         and window.attempts >= self.auto_hold_factor * limit)
             if hold_due:
                 window.hold_done = True
+            if asked is not None:
+                if window.answers is None:
+                    window.answers = {}
+                window.answers[asked] = allowed
             return Charge(allowed, window.accepted, window.attempts, hold_due)
 
     def senders(self) -> int:

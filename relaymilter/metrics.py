@@ -50,6 +50,8 @@ DESCRIPTION
                                                           cannot be read fails once a poll
       relaymilter_store_last_load_duration_seconds
       relaymilter_store_last_load_timestamp_seconds
+      relaymilter_counter_errors_total                    Redis calls failed or timed out
+      relaymilter_counter_fallbacks_total                 recipients not counted in Redis
       process_*                                           prometheus_client's own
     /metrics answers in Prometheus' text format, or in OpenMetrics when the
     scraper's Accept header asks for it.
@@ -63,10 +65,13 @@ DESCRIPTION
        "config": {"ok": true, "path": "/etc/...", "loaded": "2024-05-01T12:00:00Z",
                   "error": null},
        "store": {"ok": true, "path": "/var/...", "loaded": "...", "error": null},
+       "counters": {"ok": true, "url": "redis://...", "error": null},
        "dnsbl": {"ok": true, "zones": {"zen": "enabled", "world": "disabled"}}}
     config is not ok while its last reload failed (the previous one stays
-    in force); store is not ok while its last read failed; dnsbl is not ok
-    while a health check has disabled a zone.
+    in force); store is not ok while its last read failed; counters is not
+    ok while the shared counters (Redis) do not answer (url null: counted
+    in each process); dnsbl is not ok while a health check has disabled a
+    zone.
 """
 
 from __future__ import annotations
@@ -137,6 +142,7 @@ class HealthState:
         self.config_error: str | None = None
         self.store_loaded: float | None = None
         self.store_error: str | None = None
+        self.counters_error: str | None = None
 
 
 class PrometheusRecorder(Recorder):
@@ -186,6 +192,12 @@ class PrometheusRecorder(Recorder):
         self._store_loaded = gauge(
             "relaymilter_store_last_load_timestamp_seconds",
             "When the policy store was last read successfully (Unix time).", registry=registry)
+        self._counter_errors = counter(
+            "relaymilter_counter_errors", "Calls to the shared counters (Redis) that failed "
+            "or timed out.", registry=registry)
+        self._counter_fallbacks = counter(
+            "relaymilter_counter_fallbacks", "Recipients not counted in the shared counters "
+            "(counted in this process, or deferred: [counters] on_error).", registry=registry)
         for callback in CALLBACKS:
             self._internal_errors.labels(callback)
         for result in ("success", "failure"):
@@ -246,6 +258,18 @@ class PrometheusRecorder(Recorder):
         with self.health_state.lock:
             self.health_state.store_error = error
 
+    def counter_failed(self, error: str) -> None:
+        self._counter_errors.inc()
+        with self.health_state.lock:
+            self.health_state.counters_error = error
+
+    def counter_recovered(self) -> None:
+        with self.health_state.lock:
+            self.health_state.counters_error = None
+
+    def counter_fallback(self) -> None:
+        self._counter_fallbacks.inc()
+
     # -- reading -------------------------------------------------------------
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """(the registry, its content type): the text format, or OpenMetrics if accepted."""
@@ -268,6 +292,10 @@ def health_report(state: HealthState, snapshot: "Snapshot | None") -> tuple[bool
         else:
             store = {"ok": state.store_error is None, "path": store_path,
                      "loaded": _iso(state.store_loaded), "error": state.store_error}
+        counters_url = snapshot.config.counters.shown if snapshot is not None else None
+        counters = {"ok": counters_url is None or state.counters_error is None,
+                    "url": counters_url,
+                    "error": state.counters_error if counters_url is not None else None}
     checker = snapshot.dnsbl if snapshot is not None else None
     zones: dict[str, str] = {}
     if checker is not None:
@@ -275,10 +303,10 @@ def health_report(state: HealthState, snapshot: "Snapshot | None") -> tuple[bool
         zones = {zone.display_name: "disabled" if zone.display_name in disabled else "enabled"
                  for zone in checker.zones}
     dnsbl = {"ok": "disabled" not in zones.values(), "zones": zones}
-    ok = config["ok"] and store["ok"] and dnsbl["ok"]
+    ok = config["ok"] and store["ok"] and counters["ok"] and dnsbl["ok"]
     status = "down" if snapshot is None else "ok" if ok else "degraded"
     return status != "down", {"ok": ok, "status": status, "config": config, "store": store,
-                              "dnsbl": dnsbl}
+                              "counters": counters, "dnsbl": dnsbl}
 
 
 def _iso(stamp: float | None) -> str | None:

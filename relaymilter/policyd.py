@@ -321,7 +321,7 @@ class PolicyConnection(asyncio.Protocol):
             recipient = _path(attributes.get("recipient", ""))
             queue_id = attributes.get("queue_id") or None
             facts = RecipientFacts(client=client, sender=sender, recipient=recipient,
-                                   queue_id=queue_id,
+                                   queue_id=queue_id, instance=attributes.get("instance"),
                                    listing=self._pending_listing(attributes, client))
         except Exception:       # the fault is answered with what was read so far
             self._fault(client, sender, recipient, queue_id)

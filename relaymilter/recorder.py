@@ -50,5 +50,15 @@ class Recorder:
     def store_failed(self, error: str) -> None:
         """The policy store could not be read; the policy in force stays."""
 
+    def counter_failed(self, error: str) -> None:
+        """The shared counters (Redis) failed or timed out: an outage begins or goes on."""
+
+    def counter_recovered(self) -> None:
+        """The shared counters answer again."""
+
+    def counter_fallback(self) -> None:
+        """A recipient was not counted in the shared counters (counted in this
+        process, or deferred)."""
+
 
 NO_METRICS = Recorder()

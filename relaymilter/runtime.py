@@ -25,9 +25,9 @@ DESCRIPTION
       HoldQueue        (autohold.py)     automatic holds, written to the store
       DnsblWatch       (dnsblwatch.py)   health checks, retired checkers
 
-    The outbound limits' counter (limits.py) is the one piece of mutable
-    state the engine writes; a reload that changes [limits] starts a new
-    one.
+    The outbound limits' counter (limits.py, or rediscounter.py with
+    [counters] url) is the one piece of mutable state the engine writes; a
+    reload that changes [limits] or [counters] starts a new one.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from relaymilter.autohold import HoldQueue
-from relaymilter.config import Config, LimitsConfig
+from relaymilter.config import Config
 from relaymilter.dnsblwatch import DnsblWatch
 from relaymilter.domainpolicy import DomainPolicy
 from relaymilter.engine import Snapshot
@@ -46,11 +47,22 @@ from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.reload import ConfigReloader, build_snapshot
 from relaymilter.storefollow import StoreFollower
 
+if TYPE_CHECKING:
+    from relaymilter.rediscounter import RedisCounter
+
 log = logging.getLogger(__name__)
 
 
-def _counter(limits: LimitsConfig) -> RecipientCounter:
-    return RecipientCounter(window=limits.window, auto_hold_factor=limits.auto_hold_factor)
+def _counter(config: Config, metrics: Recorder) -> "RecipientCounter | RedisCounter":
+    """The outbound limits' counter: in Redis ([counters] url), else in this process."""
+    limits, counters = config.limits, config.counters
+    if counters.url is None:
+        return RecipientCounter(window=limits.window, auto_hold_factor=limits.auto_hold_factor)
+    from relaymilter.rediscounter import RedisCounter     # redis-py only when configured
+    return RedisCounter(counters.url, window=limits.window,
+                        auto_hold_factor=limits.auto_hold_factor,
+                        timeout=counters.timeout_ms / 1000, on_error=counters.on_error,
+                        metrics=metrics)
 
 
 class Runtime:
@@ -59,7 +71,7 @@ class Runtime:
     def __init__(self, snapshot: Snapshot, metrics: Recorder = NO_METRICS) -> None:
         self.snapshot = snapshot
         self.metrics = metrics      # metrics.py; NO_METRICS when off
-        self.counter = _counter(snapshot.config.limits)
+        self.counter = _counter(snapshot.config, metrics)
         self._reloader = ConfigReloader(snapshot.config, metrics)
         self._store = StoreFollower(metrics)
         self._holds = HoldQueue()
@@ -82,8 +94,10 @@ class Runtime:
             return False
         previous, self.snapshot = self.snapshot, snapshot
         self._dnsbl.follow(previous, snapshot)
-        if previous.config.limits != snapshot.config.limits:
-            self.counter = _counter(snapshot.config.limits)
+        if (previous.config.limits, previous.config.counters) != \
+                (snapshot.config.limits, snapshot.config.counters):
+            # The old one is left to the collector: a decision may still be using it.
+            self.counter = _counter(snapshot.config, self.metrics)
         return True
 
     def load_domain_policy(self) -> bool:

@@ -121,3 +121,20 @@ def postgres_url(postgres) -> Iterator[str]:
     name = f"test_{next(_databases)}"
     yield postgres.create_database(name)
     postgres.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator["RedisInstance"]:
+    """One private Redis for the session (redis_instance.py); fails, never skips,
+    when redis-server is not installed. Tests flush what they count; a test that
+    kills Redis starts a RedisInstance of its own."""
+    from redis_instance import RedisError, RedisInstance
+
+    try:
+        server = RedisInstance()
+        server.start()
+    except RedisError as error:
+        pytest.fail(f"{error}; run `scripts/install-debian-deps test` or `make test`",
+                    pytrace=False)
+    yield server
+    server.close()

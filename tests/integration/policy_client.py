@@ -21,12 +21,15 @@ import socket
 
 
 def request(recipient: str, client: str = "192.0.2.9", newline: str = "\n",
-            sasl_username: str = "", sender: str = "s@sender.test") -> bytes:
+            sasl_username: str = "", sender: str = "s@sender.test",
+            instance: str = "") -> bytes:
     attributes = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
                   "client_address": client, "sender": sender,
                   "recipient": recipient}
     if sasl_username:
         attributes["sasl_username"] = sasl_username
+    if instance:
+        attributes["instance"] = instance
     return "".join(f"{key}={value}{newline}" for key, value in attributes.items()).encode() \
         + newline.encode()
 

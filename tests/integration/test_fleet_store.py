@@ -1,12 +1,14 @@
-"""A fleet on one PostgreSQL store: a change made on one host is in force on every host.
+"""A fleet on one PostgreSQL store and one Redis: one policy, one count, on every host.
 
 Two `relaymilter policyd` processes, each with a config of its own (as on
-two hosts), share a private PostgreSQL ([store] url). The CLI writes
-through one's config; the other's decisions, asked over its policy socket
-as smtpd asks, must follow within 2 s. Then the database goes away: the
-services go on deciding from the policy last read, say "degraded" on
-/healthz, and the CLI exits 75 without changing anything; when the
-database returns, a change reaches them again without a restart.
+two hosts), share a private PostgreSQL ([store] url) and a private Redis
+([counters] url). The CLI writes through one's config; the other's
+decisions, asked over its policy socket as smtpd asks, must follow within
+2 s. Then the database goes away: the services go on deciding from the
+policy last read, say "degraded" on /healthz, and the CLI exits 75 without
+changing anything; when the database returns, a change reaches them again
+without a restart. A limit is counted across both hosts; with Redis killed,
+every recipient still gets an answer, and never a 5xx.
 """
 
 from __future__ import annotations
@@ -22,26 +24,29 @@ import pytest
 
 from policy_client import PolicyClient, request
 from postgres_instance import PostgresInstance
+from redis_instance import RedisInstance
 from relaymilter_process import RELAYMILTER, RelaymilterProcess, _free_port, public_subdirectory
 
 PICKUP = 2.0                    # the promise: in force on every host within 2 s
 HELD = b"action=550 5.7.1 Relaying suspended for this sender"
+LIMITED = b"action=450 4.7.1 Sending rate limit exceeded, try again later"
 REMOTE = "someone@remote.test"
 
 
 class Host:
     """One policy service of the fleet, with its config and /healthz."""
 
-    def __init__(self, directory, url: str) -> None:
+    def __init__(self, directory, url: str, counters: str) -> None:
         self.metrics_port = _free_port()
         self.service = RelaymilterProcess(
             directory, front_end="policyd", relay={"local_domains": ["local.test"]},
-            store={"url": url}, metrics={"policyd_listen": f"127.0.0.1:{self.metrics_port}"})
+            store={"url": url}, counters={"url": counters},
+            metrics={"policyd_listen": f"127.0.0.1:{self.metrics_port}"})
 
-    def answer(self, user: str) -> bytes:
+    def answer(self, user: str, message: str = "") -> bytes:
         client = PolicyClient(str(self.service.socket_path))
         try:
-            return client.ask(request(REMOTE, sasl_username=user))[0]
+            return client.ask(request(REMOTE, sasl_username=user, instance=message))[0]
         finally:
             client.close()
 
@@ -60,14 +65,14 @@ class Host:
 
 @pytest.fixture(scope="module")
 def fleet(public_tree) -> Iterator[tuple[PostgresInstance, Host, Host]]:
-    with PostgresInstance() as server:
+    with PostgresInstance() as server, RedisInstance() as counters:
         url = server.create_database("mail")
-        one = Host(public_subdirectory(public_tree, "host-one"), url)
-        two = Host(public_subdirectory(public_tree, "host-two"), url)
+        one = Host(public_subdirectory(public_tree, "host-one"), url, counters.url())
+        two = Host(public_subdirectory(public_tree, "host-two"), url, counters.url())
         one.service.start()
         two.service.start()
         try:
-            yield server, one, two
+            yield server, one, two, counters
         finally:
             one.service.kill()
             two.service.kill()
@@ -84,7 +89,7 @@ def within(seconds: float, condition: Callable[[], bool]) -> float:
 
 
 def test_a_hold_added_on_one_host_is_applied_by_the_other_within_two_seconds(fleet):
-    _, one, two = fleet
+    _, one, two, _ = fleet
     assert two.answer("mallory") != HELD
     done = one.cli("hold", "add", "--user", "mallory", "--reason", "phished")
     assert done.returncode == 0, done.stderr
@@ -96,7 +101,7 @@ def test_a_hold_added_on_one_host_is_applied_by_the_other_within_two_seconds(fle
 
 
 def test_without_the_database_decisions_go_on_and_the_cli_changes_nothing(fleet):
-    server, one, two = fleet
+    server, one, two, _ = fleet
     assert one.cli("hold", "add", "--user", "trudy").returncode == 0
     within(PICKUP, lambda: two.answer("trudy") == HELD)
     server.stop()
@@ -123,3 +128,44 @@ def test_without_the_database_decisions_go_on_and_the_cli_changes_nothing(fleet)
     assert two.answer("trudy") == HELD
     for user in ("alice", "trudy"):
         assert one.cli("hold", "remove", "--user", user).returncode == 0
+
+
+def test_a_limit_of_five_is_reached_by_three_messages_on_each_host(fleet):
+    _, one, two, _ = fleet
+    assert one.cli("limit", "add", "--user", "bob", "5").returncode == 0
+    try:
+        within(PICKUP, lambda: one.answer("carol", "m0") != LIMITED)     # the store is read
+        time.sleep(PICKUP)
+        answers = [host.answer("bob", f"m{number}.{host is one}")
+                   for number in range(3) for host in (one, two)]
+        assert answers.count(LIMITED) == 1 and answers[-1] == LIMITED, answers
+        assert two.answer("bob", "m0.False") != LIMITED     # asked again: counted once
+    finally:
+        one.cli("limit", "remove", "--user", "bob")
+
+
+def test_redis_killed_mid_run_loses_no_mail(fleet):
+    _, one, two, counters = fleet
+    assert one.cli("limit", "add", "--user", "dave", "2").returncode == 0
+    try:
+        time.sleep(PICKUP)
+        assert one.answer("dave", "d1") != LIMITED
+        counters.kill()
+        answers = [host.answer("dave", f"d{number}.{host is one}")
+                   for number in range(3) for host in (one, two)]
+        # Each host counts for itself now: 2 each, never a 5xx, never a hang.
+        assert all(answer == LIMITED or not answer.startswith(b"action=5")
+                   for answer in answers), answers
+        assert answers.count(LIMITED) >= 2
+        assert not two.health()["counters"]["ok"] and two.health()["status"] == "degraded"
+        two.service.wait_for_log(r"Redis counters at unix://\S+ unavailable, counting in this "
+                                 r"process")
+        counters.start()
+        # The next limited recipient after the retry interval finds Redis again
+        # (its counts were lost with it: a new window).
+        within(10.0, lambda: two.answer("dave", f"r{time.monotonic()}") != LIMITED
+               and two.health()["status"] == "ok")
+    finally:
+        if not counters.running:
+            counters.start()
+        one.cli("limit", "remove", "--user", "dave")

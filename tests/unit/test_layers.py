@@ -26,7 +26,7 @@ IO_MODULES = ("sqlite3", "socket", "socketserver", "http", "ssl", "selectors", "
               "Milter", "milter", "psycopg", "redis", "prometheus_client", "dns.resolver",
               "relaymilter.milter", "relaymilter.policyd", "relaymilter.metrics",
               "relaymilter.sqlitestore", "relaymilter.pgstore", "relaymilter.storewatch",
-              "relaymilter.dnsbl", "relaymilter.cli")
+              "relaymilter.rediscounter", "relaymilter.dnsbl", "relaymilter.cli")
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -83,6 +83,19 @@ def test_concurrent_charges_never_allow_more_than_the_limit():
     assert sum(allowed) == 1000
 
 
+def test_a_recipient_asked_again_gets_its_first_answer_uncounted(clock):
+    counter = RecipientCounter(window=3600, timer=clock)
+    alice = ("user", "alice")
+    assert counter.charge(alice, 1, "4F1A2.1", "bob@example.org").allowed
+    again = counter.charge(alice, 1, "4F1A2.1", "bob@example.org")
+    assert again.allowed and again.attempts == 1
+    assert not counter.charge(alice, 1, "4F1A2.1", "carol@example.org").allowed
+    assert not counter.charge(alice, 1, "4F1A2.1", "carol@example.org").allowed
+    assert counter.charge(alice, 1, "4F1A2.2", "bob@example.org").attempts == 3
+    clock.now += 3600           # a new window remembers nothing
+    assert counter.charge(alice, 1, "4F1A2.1", "carol@example.org").allowed
+
+
 def test_window_must_be_positive():
     with pytest.raises(ValueError):
         RecipientCounter(window=0)
