@@ -8,6 +8,7 @@ SYNOPSIS
     relaymilter relay-client add NETWORK [--sender-domain DOMAIN]... [--comment TEXT]
     relaymilter hold add (--client NETWORK | --user USER) [--reason TEXT]
     relaymilter limit add (--client NETWORK | --user USER | --default client|user) PER_HOUR
+    relaymilter limit status|reset (--client ADDRESS | --user USER)   (limitcli.py)
     relaymilter domain add DOMAIN [--dnsbl on|off] [--threshold N] [--owner USER]...
     relaymilter VERB add ... [--replace] replace an entry that says otherwise
     relaymilter VERB remove ...          same selectors as add
@@ -49,9 +50,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from relaymilter import limitcli
 from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.entries import SECTIONS, import_changes, user_key
 from relaymilter.exitcodes import EX_ERROR, EX_NOINPUT, EX_OK, EX_TEMPFAIL
+
 from relaymilter.openstore import open_store
 from relaymilter.store import (Storage, StoreError, StoreInputError, StoreMissingError,
                                StoreUnavailableError, WideNetworkError)
@@ -71,7 +74,6 @@ KINDS = {
                ("domain", "dnsbl", "threshold", "owners", "comment", "added_by", "created")),
 }
 
-
 def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     """Register the store verbs; verb(name, handler, help) makes a subparser."""
     common = _common_options()
@@ -90,6 +92,8 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
             add.add_argument("--replace", action="store_true",
                              help=f"replace an entry of the same key whose {_GUARDED[name][1]} "
                                   "differ (refused without it)")
+        if name == "limit":
+            limitcli.add_counter_actions(actions, common)
     policy = verb("policy", cmd_policy_bulk, "export or import the whole domain policy as JSON")
     actions = policy.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
@@ -116,7 +120,6 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
                       help="delete the target's entries first (refused without it when "
                            "the target has entries)")
 
-
 def _common_options() -> argparse.ArgumentParser:
     """-c and --store, accepted after the action too (`hold add ... -c FILE`)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -127,13 +130,11 @@ def _common_options() -> argparse.ArgumentParser:
                              "(default: [store] url, else path, of the config)")
     return common
 
-
 def _allowlist_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
     for parser in (add, remove):
         parser.add_argument("network", help="client address or CIDR network")
         parser.add_argument("--domain", help="only for recipients in this domain "
                                              "(default: every domain)")
-
 
 def _relay_client_selectors(add: argparse.ArgumentParser,
                             remove: argparse.ArgumentParser) -> None:
@@ -145,7 +146,6 @@ def _relay_client_selectors(add: argparse.ArgumentParser,
                      help="accept a network wider than /8 (IPv4) or /32 (IPv6): an open relay "
                           "for every client in it")
 
-
 def _who(parser: argparse.ArgumentParser, default: bool = False) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--client", metavar="NETWORK", help="a client address or network")
@@ -154,19 +154,16 @@ def _who(parser: argparse.ArgumentParser, default: bool = False) -> None:
         group.add_argument("--default", choices=("client", "user"),
                            help="the limit of every client or user without one of its own")
 
-
 def _hold_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
     _who(add)
     _who(remove)
     add.add_argument("--reason", default="", help="why (shown by list, logged)")
-
 
 def _limit_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
     _who(add, default=True)
     _who(remove, default=True)
     add.add_argument("per_hour", type=int, metavar="PER_HOUR",
                      help="recipients outside our domains per hour")
-
 
 def _domain_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
     for parser in (add, remove):
@@ -178,7 +175,6 @@ def _domain_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentPar
                      help="a SASL user that may send as this domain (repeatable); a user "
                           "that owns any domain may relay only with the domains it owns")
 
-
 _SELECTORS = {"allowlist": _allowlist_selectors, "relay-client": _relay_client_selectors,
               "hold": _hold_selectors, "limit": _limit_selectors, "domain": _domain_selectors}
 # verb -> (section, the field an add must not replace unawares, normalised for comparing)
@@ -188,13 +184,13 @@ _GUARDED: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "domain": ("domains", "owners", lambda owners: sorted(map(user_key, owners))),
 }
 
-
 # ------------------------------------------------------------ handlers ---
 
 def cmd_policy_kind(args: argparse.Namespace) -> int:
+    if args.kind == "limit" and args.action in ("status", "reset"):
+        return limitcli.run(args, config_path(args.action_config or args.config))
     return _with_store(args, lambda store: _KIND_ACTIONS[args.kind](store, args),
                        create=args.action == "add")
-
 
 def cmd_policy_bulk(args: argparse.Namespace) -> int:
     if args.action == "copy":
@@ -203,7 +199,6 @@ def cmd_policy_bulk(args: argparse.Namespace) -> int:
     return _with_store(args, lambda store: _bulk(store, args),
                        create=args.action == "import" and not dry_run,
                        if_missing=(lambda: _dry_run(None, args)) if dry_run else None)
-
 
 def _with_store(args: argparse.Namespace, work: Callable[[Storage], int], create: bool,
                 if_missing: Callable[[], int] | None = None) -> int:
@@ -236,7 +231,6 @@ def _with_store(args: argparse.Namespace, work: Callable[[Storage], int], create
     finally:
         store.close()
 
-
 def _guarded(work: Callable[[], int], shown: str = "") -> int:
     try:
         return work()
@@ -255,7 +249,6 @@ def _guarded(work: Callable[[], int], shown: str = "") -> int:
         sys.stderr.write(f"relaymilter: policy store {shown}: {error}\n")
         return EX_ERROR
 
-
 def _changed(removed: bool, what: str, store: Storage | None = None,
              args: argparse.Namespace | None = None) -> int:
     if not removed:
@@ -269,11 +262,9 @@ def _changed(removed: bool, what: str, store: Storage | None = None,
         return EX_ERROR
     return EX_OK
 
-
 _SECTION_OF = {"allowlist": "allowlist", "relay-client": "relay_clients", "hold": "holds",
                "limit": "limits", "domain": "domains"}
 NEAREST = 5
-
 
 def _nearest(store: Storage, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The entries a remove that matched nothing probably meant: the same
@@ -307,13 +298,11 @@ def _nearest(store: Storage, args: argparse.Namespace) -> list[dict[str, Any]]:
         found = [entry for entry in entries if user_key(entry["value"]) in names]
     return found[:NEAREST]
 
-
 def _network_or_none(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         return None
-
 
 def _refuse_replacing(store: Storage, args: argparse.Namespace, **fields: Any) -> bool:
     """True (and a message) when add would replace an entry that says otherwise
@@ -333,12 +322,10 @@ def _refuse_replacing(store: Storage, args: argparse.Namespace, **fields: Any) -
                      f"relaymilter: add --replace to replace it; nothing changed\n")
     return True
 
-
 def _who_of(args: argparse.Namespace) -> tuple[str, str | None]:
     if getattr(args, "default", None):
         return args.default, None
     return ("client", args.client) if args.client else ("user", args.user)
-
 
 def _allowlist(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
@@ -348,7 +335,6 @@ def _allowlist(store: Storage, args: argparse.Namespace) -> int:
         what = args.network + (f" for {args.domain}" if args.domain else "")
         return _changed(store.remove_allowlist(args.network, args.domain), what, store, args)
     return _print(store.list_allowlist(), args)
-
 
 def _relay_client(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
@@ -362,7 +348,6 @@ def _relay_client(store: Storage, args: argparse.Namespace) -> int:
         return _changed(store.remove_relay_client(args.network), args.network, store, args)
     return _print(store.list_relay_clients(), args)
 
-
 def _hold(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "list":
         return _print(store.list_holds(), args)
@@ -374,7 +359,6 @@ def _hold(store: Storage, args: argparse.Namespace) -> int:
         return EX_OK
     return _changed(store.remove_hold(kind, value), f"{kind} {value}", store, args)
 
-
 def _limit(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "list":
         return _print(store.list_limits(), args)
@@ -384,7 +368,6 @@ def _limit(store: Storage, args: argparse.Namespace) -> int:
         return EX_OK
     return _changed(store.remove_limit(kind, value), f"{kind} {value or '(default)'}",
                     store, args)
-
 
 def _domain(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
@@ -397,10 +380,8 @@ def _domain(store: Storage, args: argparse.Namespace) -> int:
         return _changed(store.remove_domain(args.domain), args.domain, store, args)
     return _print(store.list_domains(), args)
 
-
 _KIND_ACTIONS = {"allowlist": _allowlist, "relay-client": _relay_client, "hold": _hold,
                  "limit": _limit, "domain": _domain}
-
 
 def _bulk(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "export":
@@ -420,7 +401,6 @@ def _bulk(store: Storage, args: argparse.Namespace) -> int:
     sys.stdout.write("imported " + ", ".join(f"{count} {kind}" for kind, count in counts.items())
                      + "\n")
     return EX_OK
-
 
 def _copy(args: argparse.Namespace) -> int:
     """policy copy: the source's export, imported as it is (creation times, who
@@ -452,7 +432,6 @@ def _copy(args: argparse.Namespace) -> int:
         return EX_OK
     return _with_store(args, copy_into, create=True)
 
-
 def _read_document(file: str) -> Any:
     """The JSON document in file (- for standard input); None after a message."""
     try:
@@ -463,7 +442,6 @@ def _read_document(file: str) -> Any:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         sys.stderr.write(f"relaymilter: cannot read {file}: {error}; nothing changed\n")
         return None
-
 
 def _dry_run(store: Storage | None, args: argparse.Namespace) -> int:
     """Print what importing args.file would change in store (None: a missing
@@ -486,7 +464,6 @@ def _dry_run(store: Storage | None, args: argparse.Namespace) -> int:
     sys.stdout.write("dry run: nothing changed\n")
     return EX_OK
 
-
 # -------------------------------------------------------------- output ---
 
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
@@ -502,11 +479,9 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
                          .rstrip() + "\n")
     return EX_OK
 
-
 def _entry_line(entry: dict[str, Any], kind: str) -> str:
     """One entry as column=value pairs, in the columns of its verb's list."""
     return "  ".join(f"{column}={_cell(entry.get(column))}" for column in KINDS[kind][1])
-
 
 def _cell(value: Any) -> str:
     if value is None or value == "":

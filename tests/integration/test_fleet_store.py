@@ -140,6 +140,16 @@ def test_a_limit_of_five_is_reached_by_three_messages_on_each_host(fleet):
                    for number in range(3) for host in (one, two)]
         assert answers.count(LIMITED) == 1 and answers[-1] == LIMITED, answers
         assert two.answer("bob", "m0.False") != LIMITED     # asked again: counted once
+        status = two.cli("limit", "status", "--user", "BOB", "--json")
+        assert status.returncode == 0, status.stderr
+        window = json.loads(status.stdout)
+        assert (window["limit"], window["accepted"], window["attempts"], window["remaining"]) \
+            == (5, 5, 6, 0)
+        assert 3500 < window["resets_in"] <= 3600
+        assert "bob: window ended" in one.cli("limit", "reset", "--user", "bob").stdout
+        assert "no open window (limit 5, 5 left)" in \
+            one.cli("limit", "status", "--user", "bob").stdout
+        assert two.answer("bob", "m9") != LIMITED
     finally:
         one.cli("limit", "remove", "--user", "bob")
 

@@ -1,6 +1,7 @@
 """The relaymilter command, run as a subprocess: verbs, config path, exit codes.
 
-Only test_run_* opens a socket (it tries a unix socket that cannot exist).
+Only test_run_* and the Redis-unreachable limit test open sockets (unix
+sockets that cannot exist).
 """
 
 from __future__ import annotations
@@ -168,3 +169,18 @@ def test_every_log_message_is_one_line_whatever_a_log_call_forgot_to_escape():
                                         "levelname": "ERROR", "exc_info": sys.exc_info()})
     lines = formatter.format(failed).splitlines()
     assert lines[0] == "relaymilter[1]: error: internal error" and lines[-1] == "RuntimeError: boom"
+
+
+def test_limit_status_without_shared_counters_says_there_is_nothing_to_read(tmp_path):
+    config = write_config(tmp_path, '[store]\npath = ""\n')
+    for action in ("status", "reset"):
+        result = relaymilter("limit", action, "--user", "alice", "-c", config)
+        assert result.returncode == 1
+        assert "counted in each relaymilter process ([counters] url is not set)" in result.stderr
+
+
+def test_limit_status_with_redis_unreachable_exits_75(tmp_path):
+    config = write_config(tmp_path, '[store]\npath = ""\n[counters]\n'
+                                    f'url = "unix://{tmp_path}/no-redis.sock"\n')
+    result = relaymilter("limit", "status", "--user", "alice", "-c", config)
+    assert result.returncode == 75 and "unavailable; try again later" in result.stderr
