@@ -7,10 +7,14 @@ SYNOPSIS
     .venv/bin/python bench/store_scale.py [--quick] [--domains N] [--networks N]
                                           [--probes N] [--repeat N] [--batch N]
                                           [--rounds N] [--keep PATH]
+                                          [--backends sqlite,postgresql]
 
 DESCRIPTION
-    Builds a domain policy store (SQLite, relaymilter/sqlitestore.py) in a
-    temporary directory:
+    Builds a domain policy store in each of --backends: SQLite
+    (relaymilter/sqlitestore.py) in a temporary directory, and PostgreSQL
+    (relaymilter/pgstore.py) in a private server of this run on a unix
+    socket (tests/integration/postgres_instance.py), the same document in
+    both, measured the same way:
     --domains hosted domains (default 100,000; 10,000 with --quick), each a
     domain entry (1 in 10 with DNSBL off, 1 in 10 with a threshold of its
     own) owned by a SASL user (one user per 10 domains), and --networks
@@ -87,6 +91,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import ipaddress
@@ -100,7 +105,8 @@ import tempfile
 import time
 import tracemalloc
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from relaymilter.address import parse_recipient  # noqa: E402
 from relaymilter.config import parse_config  # noqa: E402
@@ -112,6 +118,7 @@ from relaymilter.engine import decide_recipient  # noqa: E402
 from relaymilter.domainpolicy import EMPTY_POLICY  # noqa: E402
 from relaymilter.openstore import open_store  # noqa: E402
 from relaymilter.store import FORMAT  # noqa: E402
+from relaymilter.storelocation import display_location, is_url  # noqa: E402
 
 SEED = 4
 # (percent of the networks, version, prefix length)
@@ -472,7 +479,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="runs per lookup timing")
     parser.add_argument("--batch", type=int, default=2000, help="decisions a timed pass")
     parser.add_argument("--rounds", type=int, default=60, help="rounds of decision timing")
-    parser.add_argument("--keep", metavar="PATH", help="build the store at PATH and keep it")
+    parser.add_argument("--keep", metavar="PATH", help="build the SQLite store at PATH and keep it")
+    parser.add_argument("--backends", default="sqlite,postgresql",
+                        type=lambda text: text.split(","),
+                        help="sqlite, postgresql (a private server of this run) or both, "
+                             "in this order (default: sqlite,postgresql)")
     parser.add_argument("--measure", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     domains = args.domains or (10000 if args.quick else 100000)
@@ -483,32 +494,55 @@ def main() -> None:
                   sys.stdout)
         return
 
-    with tempfile.TemporaryDirectory(prefix="store_scale.") as directory:
-        path = args.keep or os.path.join(directory, "policy.sqlite3")
-        print(f"store_scale: {domains:,} hosted domains, {networks:,} allowlist networks")
-        started = time.perf_counter()
-        document, _ = make_document(domains, networks)
-        print(f"  document made in {time.perf_counter() - started:.1f} s")
-        with open_store(path) as store:
-            started = time.perf_counter()
-            counts = store.import_policy(document, replace=True)
-            elapsed = time.perf_counter() - started
-        rows = sum(counts.values())
-        del document
-        size = sum(os.path.getsize(path + suffix) for suffix in ("", "-wal")
-                   if os.path.exists(path + suffix))
-        print(f"1. import: {rows:,} entries in {elapsed:.1f} s ({rows / elapsed:,.0f}/s), "
-              f"one transaction; database {size / 2**20:.0f} MiB")
-        print("   " + ", ".join(f"{count:,} {kind}" for kind, count in counts.items()))
-        output = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--measure", path,
-             "--domains", str(domains), "--probes", str(args.probes),
-             "--repeat", str(args.repeat), "--batch", str(args.batch),
-             "--rounds", str(args.rounds)],
-            check=True, capture_output=True, text=True).stdout
-        report(json.loads(output))
+    print(f"store_scale: {domains:,} hosted domains, {networks:,} allowlist networks; "
+          f"backends: {', '.join(args.backends)}")
+    started = time.perf_counter()
+    document, _ = make_document(domains, networks)
+    print(f"  document made in {time.perf_counter() - started:.1f} s")
+    with tempfile.TemporaryDirectory(prefix="store_scale.") as directory, \
+            contextlib.ExitStack() as cleanup:
+        for backend in args.backends:
+            if backend == "postgresql":
+                server = cleanup.enter_context(private_postgresql())
+                location = server.create_database("store_scale")
+            else:
+                location = args.keep or os.path.join(directory, "policy.sqlite3")
+            print(f"\n[{backend}] {display_location(location)}")
+            with open_store(location) as store:
+                started = time.perf_counter()
+                counts = store.import_policy(document, replace=True)
+                elapsed = time.perf_counter() - started
+            rows = sum(counts.values())
+            print(f"1. import: {rows:,} entries in {elapsed:.1f} s ({rows / elapsed:,.0f}/s), "
+                  f"one transaction; database {database_size(location) / 2**20:.0f} MiB")
+            print("   " + ", ".join(f"{count:,} {kind}" for kind, count in counts.items()))
+            output = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--measure", str(location),
+                 "--domains", str(domains), "--probes", str(args.probes),
+                 "--repeat", str(args.repeat), "--batch", str(args.batch),
+                 "--rounds", str(args.rounds)],
+                check=True, capture_output=True, text=True).stdout
+            report(json.loads(output))
         if args.keep:
-            print(f"store kept: {path}")
+            print(f"store kept: {args.keep}")
+
+
+@contextlib.contextmanager
+def private_postgresql():
+    """A PostgreSQL of this run's own (tests/integration/postgres_instance.py)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))
+    from postgres_instance import PostgresInstance
+    with PostgresInstance() as server:
+        yield server
+
+
+def database_size(location: str) -> int:
+    if is_url(location):
+        import psycopg
+        with psycopg.connect(location) as connection:
+            return connection.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    return sum(os.path.getsize(location + suffix) for suffix in ("", "-wal")
+               if os.path.exists(location + suffix))
 
 
 def report(results: dict) -> None:
