@@ -31,8 +31,9 @@ DESCRIPTION
     so writers and migrations go one at a time, as in SQLite; it adds
     one to meta.data_version and sends NOTIFY CHANNEL before it commits.
     data_version() reads that number: a watcher that polls it sees a
-    change made by any host at its next poll. (Rows changed by hand with
-    SQL are seen once something moves data_version.)
+    change made by any host at its next poll, and pgnotify.py's listener
+    wakes it at once. (Rows changed by hand with SQL are seen once
+    something moves data_version.)
 
     Reads. Each read is one REPEATABLE READ, READ ONLY transaction: a
     snapshot of the whole policy, never half of an import. load_policy()

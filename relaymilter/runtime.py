@@ -46,8 +46,10 @@ from relaymilter.limits import RecipientCounter
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.reload import ConfigReloader, build_snapshot
 from relaymilter.storefollow import StoreFollower
+from relaymilter.storelocation import is_url
 
 if TYPE_CHECKING:
+    from relaymilter.pgnotify import ChangeListener
     from relaymilter.rediscounter import RedisCounter
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class Runtime:
         self._stop = threading.Event()
         self._reload_requested = False
         self._thread: threading.Thread | None = None
+        self._listener: "ChangeListener | None" = None     # a PostgreSQL store's NOTIFY
         metrics.config_loaded(snapshot.config.path, reload=False)
 
     @classmethod
@@ -141,12 +144,27 @@ class Runtime:
                     if forced:
                         log.info("SIGHUP: reloading the configuration and the domain policy")
                     self.refresh(force=forced)
+                    self._listen(self.snapshot.config.store.location)
                     self.refresh_domain_policy()
                 except Exception:  # keep watching: a reload bug must not end reloads
                     log.exception("unexpected error while checking for a reload")
+            self._listen(None)
             self._store.close()
         self._thread = threading.Thread(target=loop, name="relaymilter-reload", daemon=True)
         self._thread.start()
+
+    def _listen(self, location: str | None) -> None:
+        """Wake the watcher on the NOTIFY of a PostgreSQL store at location (watcher
+        thread): a listener for it, none for anything else."""
+        if self._listener is not None and self._listener.url == location:
+            return
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        if location is not None and is_url(location):
+            from relaymilter.pgnotify import ChangeListener     # psycopg only when used
+            self._listener = ChangeListener(location, self._holds.wake)
+            self._listener.start()
 
     def check_health(self) -> None:
         """Start the DNSBL health checks (a thread) for this and later checkers."""

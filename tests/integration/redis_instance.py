@@ -11,7 +11,7 @@ SYNOPSIS
 DESCRIPTION
     Each instance runs redis-server as our child, in a temporary directory
     of its own, listening on a unix socket there and on no TCP port
-    (port 0), with no persistence (no RDB snapshots, no AOF): what a test
+    (port 0; a benchmark may ask for one on 127.0.0.1), with no persistence (no RDB snapshots, no AOF): what a test
     counts is gone with the instance or a kill, the "Redis lost" case.
     --unixsocketperm 777: relaymilter may run as another user.
 
@@ -44,7 +44,8 @@ class RedisError(RuntimeError):
 class RedisInstance:
     """See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp_port: int = 0) -> None:
+        """tcp_port: also listen on 127.0.0.1 at that port (benchmarks); 0 = none."""
         if REDIS_SERVER is None:
             raise RedisError("redis-server is not installed: run `scripts/install-debian-deps "
                              "test`")
@@ -52,10 +53,14 @@ class RedisInstance:
         self.directory.chmod(0o755)
         self.socket_path = self.directory / "redis.sock"
         self.log_path = self.directory / "redis.log"
+        self.tcp_port = tcp_port
         self._process: subprocess.Popen | None = None
 
     def url(self, database: int = 0) -> str:
         return f"unix://{self.socket_path}?db={database}"
+
+    def tcp_url(self, database: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.tcp_port}/{database}"
 
     def client(self) -> redis.Redis:
         return redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=5)
@@ -71,7 +76,8 @@ class RedisInstance:
     def start(self, timeout: float = 10.0) -> None:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [REDIS_SERVER, "--port", "0", "--unixsocket", str(self.socket_path),
+                [REDIS_SERVER, "--port", str(self.tcp_port), "--bind", "127.0.0.1",
+                 "--unixsocket", str(self.socket_path),
                  "--unixsocketperm", "777", "--save", "", "--appendonly", "no",
                  "--dir", str(self.directory), "--daemonize", "no"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)

@@ -25,8 +25,9 @@ ENGINE = "relaymilter.engine"
 IO_MODULES = ("sqlite3", "socket", "socketserver", "http", "ssl", "selectors", "asyncio",
               "Milter", "milter", "psycopg", "redis", "prometheus_client", "dns.resolver",
               "relaymilter.milter", "relaymilter.policyd", "relaymilter.metrics",
-              "relaymilter.sqlitestore", "relaymilter.pgstore", "relaymilter.storewatch",
-              "relaymilter.rediscounter", "relaymilter.dnsbl", "relaymilter.cli")
+              "relaymilter.sqlitestore", "relaymilter.pgstore", "relaymilter.pgnotify",
+              "relaymilter.storewatch", "relaymilter.rediscounter", "relaymilter.dnsbl",
+              "relaymilter.cli")
 
 
 def module_name(path: pathlib.Path) -> str:
