@@ -279,6 +279,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits", "auto_hold_factor", int, 0,
         "Put a sender on hold when its attempts reach this many times its limit in one "
         "window; 0 = never.", minimum=0, maximum=1000),
+    Key("limits", "auto_hold_duration", int, 0,
+        "Seconds an automatic hold lasts before it ends by itself; 0 = until removed by "
+        "hand.", minimum=0, maximum=10 * 365 * 86400),
     Key("counters", "url", str, "",
         "Count the outbound limits in Redis, shared by every process and host: "
         "redis://HOST:PORT/DB, rediss://... (TLS) or unix:///PATH?db=N; \"\" = in each "
@@ -390,6 +393,7 @@ class StoreConfig:
 class LimitsConfig:
     window: int
     auto_hold_factor: int
+    auto_hold_duration: int
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class Hold:
     kind: str
     value: str
     reason: str
+    expires: float | None = None    # unix time it ends; None = until removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,7 @@ class DomainPolicy:
     __slots__ = ("_allowlist", "_scopes", "_global_scopes", "_relay_index", "_relay_clients",
                  "_hold_index", "_client_holds", "_user_holds", "_default_limits",
                  "_user_limits", "_client_limit_index", "_client_limits", "_domains",
-                 "_owned", "_counts")
+                 "_owned", "_counts", "_next_expiry")
 
     def __init__(self, **parts: Any) -> None:
         for name in self.__slots__:
@@ -126,7 +127,7 @@ class DomainPolicy:
             index, scopes,
             ((entry.network, entry.packed, entry.prefixlen) for entry in relay),
             ((entry.network, domain) for entry in relay for domain in entry.sender_domains),
-            ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.reason)
+            ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.reason, entry.expires)
              for entry in records["holds"]),
             ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.per_hour)
              for entry in records["limits"]),
@@ -137,7 +138,7 @@ class DomainPolicy:
     def from_rows(cls, allowlist: NetworkIndex, scopes: Mapping[str, int],
                   relay_clients: Iterable[tuple[str, bytes, int]],
                   relay_client_domains: Iterable[tuple[str, str]],
-                  holds: Iterable[tuple[str, str, bytes | None, int | None, str]],
+                  holds: Iterable[tuple[str, str, bytes | None, int | None, str, float | None]],
                   limits: Iterable[tuple[str, str, bytes | None, int | None, int]],
                   domains: Iterable[tuple[str, int | None, list[str]]],
                   owners: Iterable[tuple[str, list[str]]]) -> DomainPolicy:
@@ -147,7 +148,8 @@ class DomainPolicy:
                               scopes[domain] ("" = every domain)
         relay_clients         (network, packed address, prefix length)
         relay_client_domains  (network, sender domain)
-        holds                 (kind, value, packed or None, prefix length or None, reason)
+        holds                 (kind, value, packed or None, prefix length or None, reason,
+                              expires: unix time or None); those already ended are left out
         limits                (kind, value, packed or None, prefix length or None, per hour)
         domains               (dnsbl "on"/"off", threshold or None, [domain, ...])
         owners                (SASL user, [domain, ...])
@@ -166,11 +168,17 @@ class DomainPolicy:
 
         client_holds: list[tuple[Hold, bytes, int]] = []
         user_holds: dict[str, Hold] = {}
-        for kind, value, packed, prefixlen, reason in holds:
+        now, next_expiry = time.time(), None
+        for kind, value, packed, prefixlen, reason, expires in holds:
+            if expires is not None:
+                if expires <= now:
+                    continue
+                next_expiry = expires if next_expiry is None else min(next_expiry, expires)
+            hold = Hold(kind, value, reason, expires)
             if kind == "client":
-                client_holds.append((Hold(kind, value, reason), packed, prefixlen))
+                client_holds.append((hold, packed, prefixlen))
             else:
-                user_holds[user_key(value)] = Hold(kind, value, reason)
+                user_holds[user_key(value)] = hold
         hold_index = NetworkIndex.from_packed(
             (packed, prefixlen, tag) for tag, (_, packed, prefixlen) in enumerate(client_holds))
 
@@ -214,7 +222,14 @@ class DomainPolicy:
             counts={"allowlist": len(allowlist), "relay_clients": len(relay_list),
                     "holds": len(client_holds) + len(user_holds),
                     "limits": len(default_limits) + len(user_limits) + len(client_limits),
-                    "domains": len(domain_settings)})
+                    "domains": len(domain_settings)},
+            next_expiry=next_expiry)
+
+    @property
+    def next_expiry(self) -> float | None:
+        """When the first of its holds with an end ends (unix time): the policy
+        must be read again then. None: no hold ends by itself."""
+        return self._next_expiry
 
     @property
     def counts(self) -> dict[str, int]:
@@ -222,13 +237,19 @@ class DomainPolicy:
         return dict(self._counts)
 
     def held(self, client: IPAddress | None, user: str | None) -> Hold | None:
-        """The hold on the client (longest network holding it), else on the user."""
+        """The hold on the client (longest network holding it), else on the user.
+
+        A hold that ended since this policy was read no longer counts; the
+        watcher reads the policy again at next_expiry, so that a wider hold
+        around an ended one comes back into view within a poll."""
         if client is not None:
             tag = self._hold_index.longest(client)
-            if tag is not None:
+            if tag is not None and _in_force(self._client_holds[tag]):
                 return self._client_holds[tag]
         if user:
-            return self._user_holds.get(user_key(user))
+            hold = self._user_holds.get(user_key(user))
+            if hold is not None and _in_force(hold):
+                return hold
         return None
 
     def wide_relay_clients(self) -> list[str]:
@@ -302,3 +323,7 @@ class DomainPolicy:
 
 
 EMPTY_POLICY = DomainPolicy.from_rows(NetworkIndex.from_blocks(()), {}, (), (), (), (), (), ())
+
+
+def _in_force(hold: Hold) -> bool:
+    return hold.expires is None or time.time() < hold.expires

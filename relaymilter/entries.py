@@ -22,7 +22,8 @@ DESCRIPTION
     relay_clients  a client network allowed to relay; with sender_domains,
                    only for MAIL FROM in one of those domains.
     holds          a client network (kind "client") or SASL user ("user")
-                   whose relaying is suspended, with a reason.
+                   whose relaying is suspended, with a reason, until
+                   removed or until it expires (unix time; null: never).
     limits         recipients per hour a SASL user ("user") or a relaying
                    client ("client") may send out; value "" is the default
                    of its kind, any other value an override.
@@ -206,6 +207,17 @@ def _stamp(row: Mapping[str, Any], now: float, actor: str) -> tuple[float, str]:
     return float(created), added_by
 
 
+def _expiry(value: Any) -> float | None:
+    """An entry's end: a unix time, or None for "until removed". One already
+    past is accepted (an import of an old export): it is simply not in force."""
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise StoreInputError(f"expires must be a unix time or null, not {value!r}")
+    return float(value)
+
+
 def _client_value(kind: str, value: Any,
                   field: str) -> tuple[str, str, bytes | None, int | None]:
     """A hold's or limit's value: (key, canonical text, packed, prefix length)."""
@@ -252,6 +264,7 @@ class HoldRecord(NamedTuple):
     comment: str
     created: float
     added_by: str
+    expires: float | None   # unix time it ends; None = until removed
 
 
 class LimitRecord(NamedTuple):
@@ -317,7 +330,7 @@ def _hold_record(row: Mapping[str, Any], now: float, actor: str) -> HoldRecord:
         raise StoreInputError(f"a {kind} hold needs a value (the client network or user name)")
     return HoldRecord(kind, *_client_value(kind, value, "user name"),
                       _text(row.get("reason"), "reason"), _text(row.get("comment"), "comment"),
-                      *_stamp(row, now, actor))
+                      *_stamp(row, now, actor), _expiry(row.get("expires")))
 
 
 def _limit_key(row: Mapping[str, Any]) -> tuple:
@@ -377,7 +390,7 @@ SECTIONS = {section.name: section for section in (
             ("network", "sender_domains") + _STAMP_FIELDS, ("network",),
             RelayClientRecord._fields[:-1], _network_key, "sender_domains"),
     Section("holds", _hold_record, ("kind", "value"),
-            ("kind", "value", "reason") + _STAMP_FIELDS, ("kind", "value_key"),
+            ("kind", "value", "reason") + _STAMP_FIELDS + ("expires",), ("kind", "value_key"),
             HoldRecord._fields, _hold_key),
     Section("limits", _limit_record, ("kind", "per_hour"),
             ("kind", "value", "per_hour") + _STAMP_FIELDS, ("kind", "value_key"),

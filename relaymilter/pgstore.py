@@ -35,6 +35,10 @@ DESCRIPTION
     wakes it at once. (Rows changed by hand with SQL are seen once
     something moves data_version.)
 
+    Big writes. An allowlist of COPY_FROM rows or more in one write (an
+    import) goes in by COPY into temporary tables and one INSERT ... ON
+    CONFLICT, not a statement per row.
+
     Reads. Each read is one REPEATABLE READ, READ ONLY transaction: a
     snapshot of the whole policy, never half of an import. load_policy()
     gets the allowlist aggregated by the server, one byte string per
@@ -74,11 +78,12 @@ SCHEMA = "relaymilter"
 CHANNEL = "relaymilter_policy"      # NOTIFY after every committed write
 LOCK_KEY = 0x524D4C50               # pg_advisory_xact_lock: one writer at a time
 CONNECT_TIMEOUT = 5                 # seconds, unless the URL says otherwise
+COPY_FROM = 1000                    # allowlist rows in one write from which COPY pays
 
 # MIGRATIONS[n] takes the schema from version n to n + 1. Append, never edit.
 # Each is a list of statements, run in the search_path of SCHEMA. The tables
-# are those of sqlitestore.py at its version 2 (see there for why each
-# column is there); PostgreSQL starts at that shape.
+# are those of sqlitestore.py (see there for why each column is there);
+# PostgreSQL starts at the shape of its version 2.
 MIGRATIONS = [
     [
         """CREATE TABLE meta (
@@ -160,6 +165,8 @@ MIGRATIONS = [
         )""",
         "CREATE INDEX domain_owner_by_owner ON domain_owner (owner)",
     ],
+    # 2: holds that end by themselves (unix time; NULL = until removed).
+    ["ALTER TABLE hold ADD COLUMN expires double precision"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -268,7 +275,10 @@ class PostgresStore(Storage):
             if replace:
                 sqlrecords.clear(cursor)
             for name, section_records in records.items():
-                sqlrecords.write(cursor, SECTIONS[name], section_records, "%s")
+                if name == "allowlist" and len(section_records) >= COPY_FROM:
+                    _copy_allowlist(cursor, section_records)
+                else:
+                    sqlrecords.write(cursor, SECTIONS[name], section_records, "%s")
 
     def _delete_record(self, section: Section, key: tuple) -> bool:
         with self._writing("cannot write") as cursor:
@@ -308,9 +318,29 @@ class PostgresStore(Storage):
                 allowlist, scopes,
                 _rows(cursor, "SELECT network, packed, prefixlen FROM relay_client"),
                 _rows(cursor, "SELECT network, domain FROM relay_client_domain"),
-                _rows(cursor, "SELECT kind, value, packed, prefixlen, reason FROM hold"),
+                _rows(cursor, "SELECT kind, value, packed, prefixlen, reason, expires FROM hold"),
                 _rows(cursor, "SELECT kind, value, packed, prefixlen, per_hour FROM rate_limit"),
                 domains, owners)
+
+
+def _copy_allowlist(cursor: psycopg.Cursor, records: list) -> None:
+    """A big allowlist write by COPY into temporary tables, then one INSERT each:
+    a round trip per row (executemany) costs minutes for a million."""
+    cursor.execute("CREATE TEMPORARY TABLE scope_in (domain text COLLATE \"C\") ON COMMIT DROP")
+    with cursor.copy("COPY scope_in (domain) FROM STDIN") as copy:
+        for domain in sorted({entry.domain for entry in records}):
+            copy.write_row((domain,))
+    cursor.execute("INSERT INTO allowlist_scope (domain) SELECT domain FROM scope_in "
+                   "ON CONFLICT (domain) DO NOTHING")
+    scopes = dict(cursor.execute("SELECT allowlist_scope.domain, id FROM allowlist_scope "
+                                 "JOIN scope_in USING (domain)").fetchall())
+    columns = ", ".join(sqlrecords.ALLOWLIST_COLUMNS)
+    cursor.execute("CREATE TEMPORARY TABLE allowlist_in (LIKE allowlist) ON COMMIT DROP")
+    with cursor.copy(f"COPY allowlist_in ({columns}) FROM STDIN") as copy:
+        for row in sqlrecords.allowlist_rows(records, scopes):
+            copy.write_row(row)
+    cursor.execute(f"INSERT INTO allowlist ({columns}) SELECT {columns} FROM allowlist_in "
+                   f"{sqlrecords.ALLOWLIST_CONFLICT}")
 
 
 def _rows(cursor: psycopg.Cursor, query: str) -> list[tuple]:

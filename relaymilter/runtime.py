@@ -140,7 +140,9 @@ class Runtime:
                 forced, self._reload_requested = self._reload_requested, False
                 try:
                     if request is not None:
-                        self._store.put_on_hold(self.snapshot.config.store.location, request)
+                        config = self.snapshot.config
+                        self._store.put_on_hold(config.store.location, request,
+                                                config.limits.auto_hold_duration)
                     if forced:
                         log.info("SIGHUP: reloading the configuration and the domain policy")
                     self.refresh(force=forced)

@@ -200,6 +200,10 @@ MIGRATIONS = [
     DROP TABLE rate_limit;
     ALTER TABLE rate_limit_v2 RENAME TO rate_limit;
     """,
+    # 3: holds that end by themselves (unix time; NULL = until removed).
+    """
+    ALTER TABLE hold ADD COLUMN expires REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -394,7 +398,8 @@ class SQLiteStore(Storage):
                 allowlist, scopes,
                 connection.execute("SELECT network, packed, prefixlen FROM relay_client"),
                 connection.execute("SELECT network, domain FROM relay_client_domain"),
-                connection.execute("SELECT kind, value, packed, prefixlen, reason FROM hold"),
+                connection.execute(
+                    "SELECT kind, value, packed, prefixlen, reason, expires FROM hold"),
                 connection.execute(
                     "SELECT kind, value, packed, prefixlen, per_hour FROM rate_limit"),
                 domains, owners)

@@ -105,6 +105,23 @@ def lookup_key(packed: bytes, scope: int) -> bytes:
     return packed + scope.to_bytes(TAG_BYTES, "big")
 
 
+# The allowlist table's columns, in the order of allowlist_rows(); a write
+# replaces the stamp of an entry of the same key.
+ALLOWLIST_COLUMNS = ("family", "prefixlen", "lookup_key", "scope", "network", "comment",
+                     "created", "added_by")
+ALLOWLIST_CONFLICT = ("ON CONFLICT (family, prefixlen, lookup_key) DO UPDATE SET "
+                      "comment = excluded.comment, created = excluded.created, "
+                      "added_by = excluded.added_by")
+
+
+def allowlist_rows(records: list[AllowlistRecord], scopes: dict[str, int]) -> list[tuple]:
+    """The allowlist table's rows (ALLOWLIST_COLUMNS) of records, given each
+    domain's scope number."""
+    return [(entry.family, entry.prefixlen, lookup_key(entry.packed, scopes[entry.domain]),
+             scopes[entry.domain], entry.network, entry.comment, entry.created, entry.added_by)
+            for entry in records]
+
+
 def _write_allowlist(cursor: Any, records: list[AllowlistRecord], mark: str) -> None:
     scopes = {}
     for domain in sorted({entry.domain for entry in records}):
@@ -112,15 +129,10 @@ def _write_allowlist(cursor: Any, records: list[AllowlistRecord], mark: str) -> 
                        "ON CONFLICT (domain) DO NOTHING", (domain,))
         cursor.execute(f"SELECT id FROM allowlist_scope WHERE domain = {mark}", (domain,))
         scopes[domain] = cursor.fetchone()[0]
-    marks = ", ".join([mark] * 8)
-    cursor.executemany(
-        "INSERT INTO allowlist (family, prefixlen, lookup_key, scope, network, comment, created, "
-        f"added_by) VALUES ({marks}) "
-        "ON CONFLICT (family, prefixlen, lookup_key) DO UPDATE SET "
-        "comment = excluded.comment, created = excluded.created, added_by = excluded.added_by",
-        [(entry.family, entry.prefixlen, lookup_key(entry.packed, scopes[entry.domain]),
-          scopes[entry.domain], entry.network, entry.comment, entry.created, entry.added_by)
-         for entry in records])
+    marks = ", ".join([mark] * len(ALLOWLIST_COLUMNS))
+    cursor.executemany(f"INSERT INTO allowlist ({', '.join(ALLOWLIST_COLUMNS)}) "
+                       f"VALUES ({marks}) {ALLOWLIST_CONFLICT}",
+                       allowlist_rows(records, scopes))
 
 
 def _delete_allowlist(cursor: Any, family: int, prefixlen: int, packed: bytes, domain: str,

@@ -176,10 +176,11 @@ class Storage(abc.ABC):
         return self._delete("relay_clients", network=network)
 
     def add_hold(self, kind: str, value: str, reason: str = "", comment: str = "",
-                 added_by: str | None = None) -> None:
-        """Suspend relaying for a client network (kind "client") or SASL user ("user")."""
+                 added_by: str | None = None, expires: float | None = None) -> None:
+        """Suspend relaying for a client network (kind "client") or SASL user ("user"),
+        until removed or until expires (unix time)."""
         self._put("holds", kind=kind, value=value, reason=reason, comment=comment,
-                  added_by=added_by)
+                  added_by=added_by, expires=expires)
 
     def remove_hold(self, kind: str, value: str) -> bool:
         return self._delete("holds", kind=kind, value=value)

@@ -6,7 +6,7 @@ NAME
 SYNOPSIS
     relaymilter allowlist add NETWORK [--domain DOMAIN] [--comment TEXT]
     relaymilter relay-client add NETWORK [--sender-domain DOMAIN]... [--comment TEXT]
-    relaymilter hold add (--client NETWORK | --user USER) [--reason TEXT]
+    relaymilter hold add (--client NETWORK | --user USER) [--reason TEXT] [--for 24h]
     relaymilter limit add (--client NETWORK | --user USER | --default client|user) PER_HOUR
     relaymilter limit status|reset (--client ADDRESS | --user USER)   (limitcli.py)
     relaymilter domain add DOMAIN [--dnsbl on|off] [--threshold N] [--owner USER]...
@@ -54,7 +54,6 @@ from relaymilter import limitcli
 from relaymilter.config import ConfigError, config_path, load_config
 from relaymilter.entries import SECTIONS, import_changes, user_key
 from relaymilter.exitcodes import EX_ERROR, EX_NOINPUT, EX_OK, EX_TEMPFAIL
-
 from relaymilter.openstore import open_store
 from relaymilter.store import (Storage, StoreError, StoreInputError, StoreMissingError,
                                StoreUnavailableError, WideNetworkError)
@@ -67,12 +66,13 @@ KINDS = {
     "relay-client": ("client networks allowed to relay, optionally for some sender domains",
                      ("network", "sender_domains", "comment", "added_by", "created")),
     "hold": ("client networks and SASL users whose relaying is suspended",
-             ("kind", "value", "reason", "comment", "added_by", "created")),
+             ("kind", "value", "reason", "comment", "added_by", "created", "expires")),
     "limit": ("outbound recipients per hour, per SASL user and per relaying client",
               ("kind", "value", "per_hour", "comment", "added_by", "created")),
     "domain": ("hosted domains: DNSBL opt-out or threshold, owners (SASL users)",
                ("domain", "dnsbl", "threshold", "owners", "comment", "added_by", "created")),
 }
+
 
 def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
     """Register the store verbs; verb(name, handler, help) makes a subparser."""
@@ -120,6 +120,7 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
                       help="delete the target's entries first (refused without it when "
                            "the target has entries)")
 
+
 def _common_options() -> argparse.ArgumentParser:
     """-c and --store, accepted after the action too (`hold add ... -c FILE`)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -130,11 +131,13 @@ def _common_options() -> argparse.ArgumentParser:
                              "(default: [store] url, else path, of the config)")
     return common
 
+
 def _allowlist_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
     for parser in (add, remove):
         parser.add_argument("network", help="client address or CIDR network")
         parser.add_argument("--domain", help="only for recipients in this domain "
                                              "(default: every domain)")
+
 
 def _relay_client_selectors(add: argparse.ArgumentParser,
                             remove: argparse.ArgumentParser) -> None:
@@ -146,6 +149,7 @@ def _relay_client_selectors(add: argparse.ArgumentParser,
                      help="accept a network wider than /8 (IPv4) or /32 (IPv6): an open relay "
                           "for every client in it")
 
+
 def _who(parser: argparse.ArgumentParser, default: bool = False) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--client", metavar="NETWORK", help="a client address or network")
@@ -154,16 +158,38 @@ def _who(parser: argparse.ArgumentParser, default: bool = False) -> None:
         group.add_argument("--default", choices=("client", "user"),
                            help="the limit of every client or user without one of its own")
 
+
 def _hold_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
     _who(add)
     _who(remove)
     add.add_argument("--reason", default="", help="why (shown by list, logged)")
+    add.add_argument("--for", dest="duration", type=_duration, metavar="DURATION",
+                     help="end the hold by itself after DURATION: 90m, 24h, 7d, 2w "
+                          "(default: until removed)")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """"24h" -> 86400.0: a number and one of the units s, m, h, d, w."""
+    number, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: a number and s, m, "
+                                         "h, d or w (24h, 7d)") from None
+    if not 0 < seconds <= 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: from 1 second to 10 years")
+    return seconds
+
 
 def _limit_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
     _who(add, default=True)
     _who(remove, default=True)
     add.add_argument("per_hour", type=int, metavar="PER_HOUR",
                      help="recipients outside our domains per hour")
+
 
 def _domain_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
     for parser in (add, remove):
@@ -175,6 +201,7 @@ def _domain_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentPar
                      help="a SASL user that may send as this domain (repeatable); a user "
                           "that owns any domain may relay only with the domains it owns")
 
+
 _SELECTORS = {"allowlist": _allowlist_selectors, "relay-client": _relay_client_selectors,
               "hold": _hold_selectors, "limit": _limit_selectors, "domain": _domain_selectors}
 # verb -> (section, the field an add must not replace unawares, normalised for comparing)
@@ -184,6 +211,7 @@ _GUARDED: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "domain": ("domains", "owners", lambda owners: sorted(map(user_key, owners))),
 }
 
+
 # ------------------------------------------------------------ handlers ---
 
 def cmd_policy_kind(args: argparse.Namespace) -> int:
@@ -192,6 +220,7 @@ def cmd_policy_kind(args: argparse.Namespace) -> int:
     return _with_store(args, lambda store: _KIND_ACTIONS[args.kind](store, args),
                        create=args.action == "add")
 
+
 def cmd_policy_bulk(args: argparse.Namespace) -> int:
     if args.action == "copy":
         return _copy(args)
@@ -199,6 +228,7 @@ def cmd_policy_bulk(args: argparse.Namespace) -> int:
     return _with_store(args, lambda store: _bulk(store, args),
                        create=args.action == "import" and not dry_run,
                        if_missing=(lambda: _dry_run(None, args)) if dry_run else None)
+
 
 def _with_store(args: argparse.Namespace, work: Callable[[Storage], int], create: bool,
                 if_missing: Callable[[], int] | None = None) -> int:
@@ -231,6 +261,7 @@ def _with_store(args: argparse.Namespace, work: Callable[[Storage], int], create
     finally:
         store.close()
 
+
 def _guarded(work: Callable[[], int], shown: str = "") -> int:
     try:
         return work()
@@ -249,6 +280,7 @@ def _guarded(work: Callable[[], int], shown: str = "") -> int:
         sys.stderr.write(f"relaymilter: policy store {shown}: {error}\n")
         return EX_ERROR
 
+
 def _changed(removed: bool, what: str, store: Storage | None = None,
              args: argparse.Namespace | None = None) -> int:
     if not removed:
@@ -262,9 +294,11 @@ def _changed(removed: bool, what: str, store: Storage | None = None,
         return EX_ERROR
     return EX_OK
 
+
 _SECTION_OF = {"allowlist": "allowlist", "relay-client": "relay_clients", "hold": "holds",
                "limit": "limits", "domain": "domains"}
 NEAREST = 5
+
 
 def _nearest(store: Storage, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The entries a remove that matched nothing probably meant: the same
@@ -298,11 +332,13 @@ def _nearest(store: Storage, args: argparse.Namespace) -> list[dict[str, Any]]:
         found = [entry for entry in entries if user_key(entry["value"]) in names]
     return found[:NEAREST]
 
+
 def _network_or_none(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         return None
+
 
 def _refuse_replacing(store: Storage, args: argparse.Namespace, **fields: Any) -> bool:
     """True (and a message) when add would replace an entry that says otherwise
@@ -322,10 +358,12 @@ def _refuse_replacing(store: Storage, args: argparse.Namespace, **fields: Any) -
                      f"relaymilter: add --replace to replace it; nothing changed\n")
     return True
 
+
 def _who_of(args: argparse.Namespace) -> tuple[str, str | None]:
     if getattr(args, "default", None):
         return args.default, None
     return ("client", args.client) if args.client else ("user", args.user)
+
 
 def _allowlist(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
@@ -335,6 +373,7 @@ def _allowlist(store: Storage, args: argparse.Namespace) -> int:
         what = args.network + (f" for {args.domain}" if args.domain else "")
         return _changed(store.remove_allowlist(args.network, args.domain), what, store, args)
     return _print(store.list_allowlist(), args)
+
 
 def _relay_client(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
@@ -348,6 +387,7 @@ def _relay_client(store: Storage, args: argparse.Namespace) -> int:
         return _changed(store.remove_relay_client(args.network), args.network, store, args)
     return _print(store.list_relay_clients(), args)
 
+
 def _hold(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "list":
         return _print(store.list_holds(), args)
@@ -355,9 +395,11 @@ def _hold(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
         if _refuse_replacing(store, args, kind=kind, value=value, reason=args.reason):
             return EX_ERROR
-        store.add_hold(kind, value, reason=args.reason, comment=args.comment)
+        expires = None if args.duration is None else time.time() + args.duration
+        store.add_hold(kind, value, reason=args.reason, comment=args.comment, expires=expires)
         return EX_OK
     return _changed(store.remove_hold(kind, value), f"{kind} {value}", store, args)
+
 
 def _limit(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "list":
@@ -368,6 +410,7 @@ def _limit(store: Storage, args: argparse.Namespace) -> int:
         return EX_OK
     return _changed(store.remove_limit(kind, value), f"{kind} {value or '(default)'}",
                     store, args)
+
 
 def _domain(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
@@ -380,8 +423,10 @@ def _domain(store: Storage, args: argparse.Namespace) -> int:
         return _changed(store.remove_domain(args.domain), args.domain, store, args)
     return _print(store.list_domains(), args)
 
+
 _KIND_ACTIONS = {"allowlist": _allowlist, "relay-client": _relay_client, "hold": _hold,
                  "limit": _limit, "domain": _domain}
+
 
 def _bulk(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "export":
@@ -401,6 +446,7 @@ def _bulk(store: Storage, args: argparse.Namespace) -> int:
     sys.stdout.write("imported " + ", ".join(f"{count} {kind}" for kind, count in counts.items())
                      + "\n")
     return EX_OK
+
 
 def _copy(args: argparse.Namespace) -> int:
     """policy copy: the source's export, imported as it is (creation times, who
@@ -432,6 +478,7 @@ def _copy(args: argparse.Namespace) -> int:
         return EX_OK
     return _with_store(args, copy_into, create=True)
 
+
 def _read_document(file: str) -> Any:
     """The JSON document in file (- for standard input); None after a message."""
     try:
@@ -442,6 +489,7 @@ def _read_document(file: str) -> Any:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         sys.stderr.write(f"relaymilter: cannot read {file}: {error}; nothing changed\n")
         return None
+
 
 def _dry_run(store: Storage | None, args: argparse.Namespace) -> int:
     """Print what importing args.file would change in store (None: a missing
@@ -464,6 +512,7 @@ def _dry_run(store: Storage | None, args: argparse.Namespace) -> int:
     sys.stdout.write("dry run: nothing changed\n")
     return EX_OK
 
+
 # -------------------------------------------------------------- output ---
 
 def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
@@ -479,9 +528,11 @@ def _print(rows: list[dict[str, Any]], args: argparse.Namespace) -> int:
                          .rstrip() + "\n")
     return EX_OK
 
+
 def _entry_line(entry: dict[str, Any], kind: str) -> str:
     """One entry as column=value pairs, in the columns of its verb's list."""
     return "  ".join(f"{column}={_cell(entry.get(column))}" for column in KINDS[kind][1])
+
 
 def _cell(value: Any) -> str:
     if value is None or value == "":

@@ -25,6 +25,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import logging
+import time
 
 from relaymilter.autohold import HoldRequest
 from relaymilter.domainpolicy import EMPTY_POLICY, DomainPolicy
@@ -56,19 +57,25 @@ class StoreFollower:
         return policy
 
     def poll(self, path: str | None, in_force: DomainPolicy) -> DomainPolicy | None:
-        """The policy to swap in, or None: unchanged (or unreadable: keep the last)."""
+        """The policy to swap in, or None: unchanged (or unreadable: keep the last).
+
+        Read again, changed or not, once a hold of the policy in force has
+        ended (DomainPolicy.next_expiry): the new one leaves it out."""
         if path is None:
             self._drop()
             return None if in_force is EMPTY_POLICY else EMPTY_POLICY
-        return self._connected(path).poll()
+        ended = in_force.next_expiry is not None and time.time() >= in_force.next_expiry
+        return self._connected(path).poll(force=ended)
 
-    def put_on_hold(self, path: str | None, request: HoldRequest) -> None:
+    def put_on_hold(self, path: str | None, request: HoldRequest,
+                    duration: float = 0) -> None:
         """Write an automatic hold; the next poll() brings it into force."""
         if path is None:
             log.warning("%s %s should be put on hold (%s), but there is no store "
                         "([store] path or url)", request.kind, request.value, request.reason)
             return
-        self._connected(path).put_on_hold(request.kind, request.value, request.reason)
+        expires = time.time() + duration if duration > 0 else None
+        self._connected(path).put_on_hold(request.kind, request.value, request.reason, expires)
 
     def close(self) -> None:
         self._drop()

@@ -61,8 +61,10 @@ class StoreWatcher:
     def last_error(self) -> str | None:
         return self._last_error
 
-    def poll(self) -> DomainPolicy | None:
-        """The store's content if it changed since the last poll, else None."""
+    def poll(self, force: bool = False) -> DomainPolicy | None:
+        """The store's content if it changed since the last poll (or force), else None."""
+        if force:
+            self._version = None
         try:
             if self._store is None:
                 self._store = open_store(self.path)
@@ -96,12 +98,15 @@ class StoreWatcher:
         self.loaded = True
         return policy
 
-    def put_on_hold(self, kind: str, value: str, reason: str) -> None:
-        """Write an automatic hold; the next poll() brings it into force."""
+    def put_on_hold(self, kind: str, value: str, reason: str,
+                    expires: float | None = None) -> None:
+        """Write an automatic hold (ending at expires, unix time, if given); the
+        next poll() brings it into force."""
         try:
             if self._store is None:
                 self._store = open_store(self.path)
-            self._store.add_hold(kind, value, reason=reason, added_by=AUTO_HOLD_ACTOR)
+            self._store.add_hold(kind, value, reason=reason, added_by=AUTO_HOLD_ACTOR,
+                                 expires=expires)
             # data_version does not move for this connection's own commits.
             self._version = None
         except (StoreError, OSError) as error:

@@ -179,3 +179,16 @@ def test_redis_killed_mid_run_loses_no_mail(fleet):
         if not counters.running:
             counters.start()
         one.cli("limit", "remove", "--user", "dave")
+
+
+def test_a_hold_for_a_while_ends_by_itself_on_every_host(fleet):
+    _, one, two, _ = fleet
+    done = one.cli("hold", "add", "--user", "oscar", "--for", "3s", "--reason", "cooling off")
+    assert done.returncode == 0, done.stderr
+    within(PICKUP, lambda: two.answer("oscar") == HELD and one.answer("oscar") == HELD)
+    listed = json.loads(one.cli("hold", "list", "--json").stdout)
+    assert [hold["value"] for hold in listed if hold["expires"]] == ["oscar"]
+    ended = within(3.0 + PICKUP, lambda: two.answer("oscar") != HELD)
+    assert one.answer("oscar") != HELD
+    assert ended > 0.5          # it was in force for a while, then not
+    assert one.cli("hold", "remove", "--user", "oscar").returncode == 0

@@ -192,6 +192,32 @@ def test_holds_for_clients_and_users(storage):
     assert not storage.remove_hold("user", "alice")
 
 
+def test_a_hold_with_an_end_is_in_force_until_then_and_the_policy_says_when(storage):
+    now = time.time()
+    storage.add_hold("user", "alice", reason="phished", expires=now + 3600)
+    storage.add_hold("client", "203.0.113.0/24", expires=now + 60)
+    storage.add_hold("user", "bob", expires=now - 1)          # already over
+    storage.add_hold("user", "carol")
+    assert [entry["expires"] for entry in storage.list_holds()] == [
+        pytest.approx(now + 60), pytest.approx(now + 3600), pytest.approx(now - 1), None]
+    policy = storage.load_policy()
+    assert policy.held(None, "alice").expires == pytest.approx(now + 3600)
+    assert policy.held(ip("203.0.113.9"), None) is not None
+    assert policy.held(None, "bob") is None and policy.held(None, "carol") is not None
+    assert policy.next_expiry == pytest.approx(now + 60)
+    exported = storage.export()
+    assert [row["expires"] for row in exported["holds"]][1] == pytest.approx(now + 3600)
+
+
+def test_a_hold_that_ends_while_the_policy_is_in_force_stops_counting(storage, monkeypatch):
+    storage.add_hold("user", "alice", expires=time.time() + 60)
+    policy = storage.load_policy()
+    assert policy.held(None, "alice") is not None
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert policy.held(None, "alice") is None
+
+
 def test_user_names_differing_in_case_are_one_hold_shown_as_last_written(storage):
     storage.add_hold("user", "Zed@Example.COM", reason="phished")
     storage.add_hold("user", "ZED@example.com", reason="phished again")
@@ -409,6 +435,19 @@ def test_a_bad_row_at_position_10000_names_itself_and_nothing_is_applied(storage
     with pytest.raises(StoreInputError):
         storage.import_policy(document(allowlist=rows), replace=True)
     assert storage.export() == before
+
+
+def test_a_big_import_over_existing_entries_replaces_them_as_a_small_one_does(storage):
+    storage.add_allowlist("10.0.1.0/24", "d1.example", comment="by hand")
+    rows = [{"network": f"10.0.{n}.0/24", "domain": f"d{n % 7}.example", "comment": "bulk"}
+            for n in range(256)] * 6         # 1,536 rows, each key six times
+    rows += [{"network": "10.0.1.0/24", "domain": "d1.example", "comment": "last word"}]
+    assert storage.import_policy(document(allowlist=rows))["allowlist"] == 256
+    entries = storage.list_allowlist()
+    assert len(entries) == 256      # the entry made by hand is one of the import's keys
+    comments = {(entry["network"], entry["domain"]): entry["comment"] for entry in entries}
+    assert comments[("10.0.1.0/24", "d1.example")] == "last word"
+    assert storage.load_policy().allowlisted(ip("10.0.200.9"), "d4.example")
 
 
 def test_ten_thousand_rows_import_in_well_under_two_seconds(storage):
