@@ -240,14 +240,27 @@ def _with_store(args: argparse.Namespace, work: Callable[[Storage], int], create
     if not location:
         raise ConfigError(config_file, "store.path",
                           "no policy store configured (set [store] path or url, or use --store)")
+    opened = _open(location, create, if_missing, " (nothing created; check --store or "
+                                                 "[store] path and url)")
+    if isinstance(opened, int):
+        return opened
+    try:
+        return _guarded(lambda: work(opened), display_location(location))
+    finally:
+        opened.close()
+
+
+def _open(location: str, create: bool, if_missing: Callable[[], int] | None,
+          missing_note: str) -> Storage | int:
+    """The store at location; or, after a message on standard error, the exit
+    status: 66 missing (unless if_missing() answers), 75 unavailable, 1 else."""
     shown = display_location(location)
     try:
-        store = open_store(location, create=create)
+        return open_store(location, create=create)
     except StoreMissingError:
         if if_missing is not None:
             return _guarded(if_missing)
-        sys.stderr.write(f"relaymilter: no policy store at {shown} (nothing created; "
-                         "check --store or [store] path and url)\n")
+        sys.stderr.write(f"relaymilter: no policy store at {shown}{missing_note}\n")
         return EX_NOINPUT
     except StoreUnavailableError as error:
         sys.stderr.write(f"relaymilter: the policy store is unavailable, nothing changed; "
@@ -256,10 +269,6 @@ def _with_store(args: argparse.Namespace, work: Callable[[Storage], int], create
     except (StoreError, OSError) as error:
         sys.stderr.write(f"relaymilter: cannot open the policy store {shown}: {error}\n")
         return EX_ERROR
-    try:
-        return _guarded(lambda: work(store), shown)
-    finally:
-        store.close()
 
 
 def _guarded(work: Callable[[], int], shown: str = "") -> int:
@@ -452,19 +461,16 @@ def _copy(args: argparse.Namespace) -> int:
     """policy copy: the source's export, imported as it is (creation times, who
     added each entry, wide relay clients the source already had)."""
     shown = display_location(args.source)
+    source = _open(args.source, False, None, " to copy from")
+    if isinstance(source, int):
+        return source
     try:
-        with open_store(args.source, create=False) as source:
-            document = source.export()
-    except StoreMissingError:
-        sys.stderr.write(f"relaymilter: no policy store at {shown} to copy from\n")
-        return EX_NOINPUT
-    except StoreUnavailableError as error:
-        sys.stderr.write(f"relaymilter: cannot read {shown}, nothing changed; try again "
-                         f"later: {error}\n")
-        return EX_TEMPFAIL
-    except (StoreError, OSError) as error:
-        sys.stderr.write(f"relaymilter: cannot read the policy store {shown}: {error}\n")
-        return EX_ERROR
+        document = source.export()
+    except StoreError as error:
+        sys.stderr.write(f"relaymilter: cannot read {shown}, nothing changed: {error}\n")
+        return EX_TEMPFAIL if isinstance(error, StoreUnavailableError) else EX_ERROR
+    finally:
+        source.close()
 
     def copy_into(target: Storage) -> int:
         entries = sum(len(rows) for name, rows in target.export().items() if name in SECTIONS)

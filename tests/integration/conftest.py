@@ -98,19 +98,24 @@ def sendmail_installed() -> None:
 _databases = itertools.count(1)
 
 
+def _private_server(module: str, name: str, error: str):
+    """A started private server of module.name (postgres_instance, redis_instance);
+    fails, never skips, when its program is not installed."""
+    imported = __import__(module)
+    try:
+        server = getattr(imported, name)()
+        server.start()
+    except getattr(imported, error) as failure:
+        pytest.fail(f"{failure}; run `scripts/install-debian-deps test` or `make test`",
+                    pytrace=False)
+    return server
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator["PostgresInstance"]:
-    """One private PostgreSQL for the session (postgres_instance.py); fails, never
-    skips, when PostgreSQL is not installed. Tests never stop this one: a test of
-    an outage starts a PostgresInstance of its own."""
-    from postgres_instance import PostgresError, PostgresInstance
-
-    try:
-        server = PostgresInstance()
-        server.start()
-    except PostgresError as error:
-        pytest.fail(f"{error}; run `scripts/install-debian-deps test` or `make test`",
-                    pytrace=False)
+    """One private PostgreSQL for the session (postgres_instance.py). Tests never
+    stop this one: a test of an outage starts a PostgresInstance of its own."""
+    server = _private_server("postgres_instance", "PostgresInstance", "PostgresError")
     yield server
     server.close()
 
@@ -125,16 +130,8 @@ def postgres_url(postgres) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator["RedisInstance"]:
-    """One private Redis for the session (redis_instance.py); fails, never skips,
-    when redis-server is not installed. Tests flush what they count; a test that
-    kills Redis starts a RedisInstance of its own."""
-    from redis_instance import RedisError, RedisInstance
-
-    try:
-        server = RedisInstance()
-        server.start()
-    except RedisError as error:
-        pytest.fail(f"{error}; run `scripts/install-debian-deps test` or `make test`",
-                    pytrace=False)
+    """One private Redis for the session (redis_instance.py). Tests flush what
+    they count; a test that kills Redis starts a RedisInstance of its own."""
+    server = _private_server("redis_instance", "RedisInstance", "RedisError")
     yield server
     server.close()
