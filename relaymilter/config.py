@@ -282,6 +282,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits", "auto_hold_duration", int, 0,
         "Seconds an automatic hold lasts before it ends by itself; 0 = until removed by "
         "hand.", minimum=0, maximum=10 * 365 * 86400),
+    Key("holds", "notify", str, "",
+        "A command run when relaymilter puts a sender on hold by itself, with the hold "
+        "in its environment (RELAYMILTER_HOLD_KIND, _VALUE, _REASON, _EXPIRES, _HOST); "
+        "\"\" = none.", _optional_path),
     Key("counters", "url", str, "",
         "Count the outbound limits in Redis, shared by every process and host: "
         "redis://HOST:PORT/DB, rediss://... (TLS) or unix:///PATH?db=N; \"\" = in each "
@@ -397,6 +401,11 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class HoldsConfig:
+    notify: str | None
+
+
+@dataclass(frozen=True)
 class CountersConfig:
     url: str | None
     timeout_ms: int
@@ -446,6 +455,7 @@ class Config:
     cache: CacheConfig
     store: StoreConfig
     limits: LimitsConfig
+    holds: HoldsConfig
     counters: CountersConfig
     metrics: MetricsConfig
     policyd: PolicydConfig
@@ -483,7 +493,8 @@ class Config:
 
 _SECTION_TYPES = {"milter": MilterConfig, "decisions": DecisionsConfig, "relay": RelayConfig,
                   "dnsbl": DnsblConfig, "cache": CacheConfig, "store": StoreConfig,
-                  "limits": LimitsConfig, "counters": CountersConfig, "metrics": MetricsConfig,
+                  "limits": LimitsConfig, "holds": HoldsConfig, "counters": CountersConfig,
+                  "metrics": MetricsConfig,
                   "policyd": PolicydConfig}
 
 

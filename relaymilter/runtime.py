@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from relaymilter.autohold import HoldQueue
+from relaymilter.autohold import HoldQueue, HoldRequest
 from relaymilter.config import Config
 from relaymilter.dnsblwatch import DnsblWatch
 from relaymilter.domainpolicy import DomainPolicy
 from relaymilter.engine import Snapshot
+from relaymilter.holdnotify import notify
 from relaymilter.limits import RecipientCounter
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.reload import ConfigReloader, build_snapshot
@@ -140,9 +142,7 @@ class Runtime:
                 forced, self._reload_requested = self._reload_requested, False
                 try:
                     if request is not None:
-                        config = self.snapshot.config
-                        self._store.put_on_hold(config.store.location, request,
-                                                config.limits.auto_hold_duration)
+                        self._hold(request)
                     if forced:
                         log.info("SIGHUP: reloading the configuration and the domain policy")
                     self.refresh(force=forced)
@@ -154,6 +154,15 @@ class Runtime:
             self._store.close()
         self._thread = threading.Thread(target=loop, name="relaymilter-reload", daemon=True)
         self._thread.start()
+
+    def _hold(self, request: HoldRequest) -> None:
+        """Write an automatic hold, then run [holds] notify for it (watcher thread)."""
+        config = self.snapshot.config
+        duration = config.limits.auto_hold_duration
+        expires = time.time() + duration if duration > 0 else None
+        if self._store.put_on_hold(config.store.location, request, expires) \
+                and config.holds.notify is not None:
+            notify(config.holds.notify, request, expires)
 
     def _listen(self, location: str | None) -> None:
         """Wake the watcher on the NOTIFY of a PostgreSQL store at location (watcher

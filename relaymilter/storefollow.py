@@ -68,14 +68,15 @@ class StoreFollower:
         return self._connected(path).poll(force=ended)
 
     def put_on_hold(self, path: str | None, request: HoldRequest,
-                    duration: float = 0) -> None:
-        """Write an automatic hold; the next poll() brings it into force."""
+                    expires: float | None = None) -> bool:
+        """Write an automatic hold (ending at expires, unix time, if given); the next
+        poll() brings it into force. True when it was written."""
         if path is None:
             log.warning("%s %s should be put on hold (%s), but there is no store "
                         "([store] path or url)", request.kind, request.value, request.reason)
-            return
-        expires = time.time() + duration if duration > 0 else None
-        self._connected(path).put_on_hold(request.kind, request.value, request.reason, expires)
+            return False
+        return self._connected(path).put_on_hold(request.kind, request.value, request.reason,
+                                                 expires)
 
     def close(self) -> None:
         self._drop()

@@ -99,9 +99,9 @@ class StoreWatcher:
         return policy
 
     def put_on_hold(self, kind: str, value: str, reason: str,
-                    expires: float | None = None) -> None:
+                    expires: float | None = None) -> bool:
         """Write an automatic hold (ending at expires, unix time, if given); the
-        next poll() brings it into force."""
+        next poll() brings it into force. False when it could not be written."""
         try:
             if self._store is None:
                 self._store = open_store(self.path)
@@ -113,8 +113,9 @@ class StoreWatcher:
             log.error("could not put %s %s on hold in %s: %s", kind, value, self._shown,
                       error)
             self._drop()
-            return
+            return False
         log.warning("%s %s put on hold: %s", kind, value, reason)
+        return True
 
     def close(self) -> None:
         self._drop()

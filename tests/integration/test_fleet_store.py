@@ -30,17 +30,23 @@ from relaymilter_process import RELAYMILTER, RelaymilterProcess, _free_port, pub
 PICKUP = 2.0                    # the promise: in force on every host within 2 s
 HELD = b"action=550 5.7.1 Relaying suspended for this sender"
 LIMITED = b"action=450 4.7.1 Sending rate limit exceeded, try again later"
+AUTO_HOLD_FACTOR = 10           # high: only the notify test goes that far over a limit
+NOTIFY_SCRIPT = """#!/bin/sh
+echo "$RELAYMILTER_HOLD_KIND|$RELAYMILTER_HOLD_VALUE|$RELAYMILTER_HOLD_REASON|\
+$RELAYMILTER_HOLD_EXPIRES|$RELAYMILTER_HOLD_HOST" >> {log}
+"""
 REMOTE = "someone@remote.test"
 
 
 class Host:
     """One policy service of the fleet, with its config and /healthz."""
 
-    def __init__(self, directory, url: str, counters: str) -> None:
+    def __init__(self, directory, url: str, counters: str, notify: str) -> None:
         self.metrics_port = _free_port()
         self.service = RelaymilterProcess(
             directory, front_end="policyd", relay={"local_domains": ["local.test"]},
             store={"url": url}, counters={"url": counters},
+            limits={"auto_hold_factor": AUTO_HOLD_FACTOR}, holds={"notify": notify},
             metrics={"policyd_listen": f"127.0.0.1:{self.metrics_port}"})
 
     def answer(self, user: str, message: str = "") -> bytes:
@@ -67,8 +73,13 @@ class Host:
 def fleet(public_tree) -> Iterator[tuple[PostgresInstance, Host, Host]]:
     with PostgresInstance() as server, RedisInstance() as counters:
         url = server.create_database("mail")
-        one = Host(public_subdirectory(public_tree, "host-one"), url, counters.url())
-        two = Host(public_subdirectory(public_tree, "host-two"), url, counters.url())
+        notify = public_tree / "notify-abuse-desk"
+        notify.write_text(NOTIFY_SCRIPT.format(log=public_tree / "notified.log"))
+        notify.chmod(0o755)
+        one = Host(public_subdirectory(public_tree, "host-one"), url, counters.url(),
+                   str(notify))
+        two = Host(public_subdirectory(public_tree, "host-two"), url, counters.url(),
+                   str(notify))
         one.service.start()
         two.service.start()
         try:
@@ -157,6 +168,7 @@ def test_a_limit_of_five_is_reached_by_three_messages_on_each_host(fleet):
 def test_redis_killed_mid_run_loses_no_mail(fleet):
     _, one, two, counters = fleet
     assert one.cli("limit", "add", "--user", "dave", "2").returncode == 0
+    assert one.cli("limit", "add", "--user", "erin", "1000").returncode == 0
     try:
         time.sleep(PICKUP)
         assert one.answer("dave", "d1") != LIMITED
@@ -172,13 +184,14 @@ def test_redis_killed_mid_run_loses_no_mail(fleet):
                                  r"process")
         counters.start()
         # The next limited recipient after the retry interval finds Redis again
-        # (its counts were lost with it: a new window).
-        within(10.0, lambda: two.answer("dave", f"r{time.monotonic()}") != LIMITED
+        # (erin: a limit far from reach, however often this asks).
+        within(10.0, lambda: two.answer("erin", f"r{time.monotonic()}") != LIMITED
                and two.health()["status"] == "ok")
     finally:
         if not counters.running:
             counters.start()
-        one.cli("limit", "remove", "--user", "dave")
+        for user in ("dave", "erin"):
+            one.cli("limit", "remove", "--user", user)
 
 
 def test_a_hold_for_a_while_ends_by_itself_on_every_host(fleet):
@@ -192,3 +205,28 @@ def test_a_hold_for_a_while_ends_by_itself_on_every_host(fleet):
     assert one.answer("oscar") != HELD
     assert ended > 0.5          # it was in force for a while, then not
     assert one.cli("hold", "remove", "--user", "oscar").returncode == 0
+
+
+def test_an_automatic_hold_is_applied_everywhere_and_notified_once(fleet, public_tree):
+    _, one, two, _ = fleet
+    notified = public_tree / "notified.log"
+    assert one.cli("limit", "add", "--user", "mike", "1").returncode == 0
+    try:
+        time.sleep(PICKUP)
+        answers = [host.answer("mike", f"n{number}.{host is one}")
+                   for number in range(5) for host in (one, two)]     # 10 = 10 x the limit
+        assert answers[0] != LIMITED and answers[1:] == [LIMITED] * 9
+        within(PICKUP + 1, lambda: notified.exists() and notified.read_text().count("\n") == 1)
+        kind, value, reason, expires, host = notified.read_text().strip().split("|")
+        assert (kind, value, expires) == ("user", "mike", "")
+        assert "10 times its outbound limit" in reason and host
+        within(PICKUP, lambda: one.answer("mike", "n9") == HELD and two.answer("mike") == HELD)
+        for number in range(10):
+            two.answer("mike", f"again{number}")
+        time.sleep(1.5)
+        assert notified.read_text().count("\n") == 1        # once per incident
+        holds = json.loads(one.cli("hold", "list", "--json").stdout)
+        assert [(hold["value"], hold["added_by"]) for hold in holds] == [("mike", "relaymilter")]
+    finally:
+        one.cli("hold", "remove", "--user", "mike")
+        one.cli("limit", "remove", "--user", "mike")

@@ -38,7 +38,8 @@ def test_empty_file_gives_every_default(tmp_path):
     config = load_config(write(tmp_path, ""))
     for key in SCHEMA:
         expected = tuple(key.default) if isinstance(key.default, list) else key.default
-        if key.dotted in ("relay.local_domains_file", "store.url", "counters.url"):
+        if key.dotted in ("relay.local_domains_file", "store.url", "counters.url",
+                          "holds.notify"):
             expected = None     # "" reads as "not set"
         assert config.values[key.dotted] == expected, key.dotted
 
