@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import getpass
 import ipaddress
+import json
 import math
 import os
 import time
@@ -399,6 +400,62 @@ SECTIONS = {section.name: section for section in (
             ("domain", "dnsbl", "threshold", "owners") + _STAMP_FIELDS, ("domain",),
             DomainRecord._fields[:-1], _domain_key, "owners"),
 )}
+
+
+# ------------------------------------------------------------ history ---
+
+class Event(NamedTuple):
+    """One change to the policy, as `relaymilter history` shows it."""
+
+    at: float               # unix time
+    actor: str              # who: added_by of what was written, or who removed it
+    action: str             # add, remove, import, import --replace
+    section: str            # allowlist ... domains, or "policy" for an import
+    entry: str              # which entry: "user alice", "192.0.2.0/24 for example.com"
+    detail: str             # what it says: JSON of its other fields, "" when none
+
+
+# Per section, the fields that name an entry in the history.
+_NAMED_BY = {"allowlist": ("network", "domain"), "relay_clients": ("network",),
+             "holds": ("kind", "value"), "limits": ("kind", "value"), "domains": ("domain",)}
+
+
+def entry_name(section: str, fields: Mapping[str, Any]) -> str:
+    """The history's name of the entry with these fields (a record's or a key's)."""
+    if section == "allowlist":
+        domain = fields.get("domain") or ""
+        return f"{fields['network']} for {domain}" if domain else str(fields["network"])
+    if section == "limits" and not fields.get("value"):
+        return f"{fields['kind']} (default)"
+    return " ".join(str(fields[name]) for name in _NAMED_BY[section])
+
+
+def removed_event(section: Section, key_fields: Mapping[str, Any], at: float,
+                  actor: str) -> Event:
+    """The history event of removing the entry key_fields name (as remove_*() take
+    them; already checked by section.row_key), named in its canonical spelling."""
+    fields = dict(key_fields)
+    if "network" in fields:
+        fields["network"] = str(canonical_network(fields["network"]))
+    if fields.get("domain"):
+        fields["domain"] = canonical_domain(fields["domain"])
+    if fields.get("kind") == "client" and fields.get("value"):
+        fields["value"] = str(canonical_network(fields["value"]))
+    elif fields.get("value"):
+        fields["value"] = canonical_user(fields["value"])
+    return Event(at, actor, "remove", section.name, entry_name(section.name, fields), "")
+
+
+def added_event(section: Section, record: tuple) -> Event:
+    """The history event of writing record (a NamedTuple of entries.py)."""
+    fields = record._asdict()     # type: ignore[attr-defined]
+    detail = {name: list(value) if isinstance(value, tuple) else value
+              for name in section.fields
+              if name not in _NAMED_BY[section.name] + ("created", "added_by")
+              and (value := fields.get(name)) not in (None, "", (), [])}
+    return Event(fields["created"], fields["added_by"], "add", section.name,
+                 entry_name(section.name, fields),
+                 json.dumps(detail, sort_keys=True) if detail else "")
 
 
 def refuse_wide(section: Section, record: tuple) -> None:

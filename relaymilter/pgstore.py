@@ -67,7 +67,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from relaymilter import sqlrecords
 from relaymilter.domainpolicy import DomainPolicy
-from relaymilter.entries import SECTIONS, Section
+from relaymilter.entries import SECTIONS, Event, Section
 from relaymilter.netindex import NetworkIndex
 from relaymilter.store import Storage, StoreError, StoreMissingError, StoreUnavailableError
 from relaymilter.storelocation import display_location
@@ -167,6 +167,17 @@ MIGRATIONS = [
     ],
     # 2: holds that end by themselves (unix time; NULL = until removed).
     ["ALTER TABLE hold ADD COLUMN expires double precision"],
+    # 3: the history of every change (Storage.history()).
+    ["""CREATE TABLE history (
+            id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at      double precision NOT NULL,
+            actor   text NOT NULL,
+            action  text NOT NULL,
+            section text NOT NULL,
+            entry   text NOT NULL,
+            detail  text NOT NULL DEFAULT ''
+        )""",
+     "CREATE INDEX history_at ON history (at)"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -270,7 +281,8 @@ class PostgresStore(Storage):
 
     # --------------------------------------------------------- writes ---
 
-    def _write_records(self, records: Mapping[str, list[tuple]], replace: bool) -> None:
+    def _write_records(self, records: Mapping[str, list[tuple]], replace: bool,
+                       event: Event) -> None:
         with self._writing("cannot write") as cursor:
             if replace:
                 sqlrecords.clear(cursor)
@@ -279,10 +291,18 @@ class PostgresStore(Storage):
                     _copy_allowlist(cursor, section_records)
                 else:
                     sqlrecords.write(cursor, SECTIONS[name], section_records, "%s")
+            sqlrecords.write_event(cursor, event, "%s")
 
-    def _delete_record(self, section: Section, key: tuple) -> bool:
+    def _delete_record(self, section: Section, key: tuple, event: Event) -> bool:
         with self._writing("cannot write") as cursor:
-            return sqlrecords.delete(cursor, section, key, "%s")
+            deleted = sqlrecords.delete(cursor, section, key, "%s")
+            if deleted:
+                sqlrecords.write_event(cursor, event, "%s")
+            return deleted
+
+    def _read_history(self, since: float | None) -> list[dict[str, Any]]:
+        with self._reading() as cursor:
+            return sqlrecords.read_events(cursor, since, "%s")
 
     # ---------------------------------------------------------- reads ---
 
@@ -307,7 +327,8 @@ class PostgresStore(Storage):
             ids, names = cursor.execute(
                 "SELECT string_agg(id::text, ' ' ORDER BY id), "
                 "string_agg(domain, ' ' ORDER BY id) FROM allowlist_scope").fetchone()
-            scopes = {} if ids is None else dict(zip(sqlrecords.names_of(names), map(int, ids.split(" "))))
+            scopes = {} if ids is None else dict(zip(sqlrecords.names_of(names),
+                                                     map(int, ids.split(" "))))
             domains = [(dnsbl, threshold, sqlrecords.names_of(names)) for dnsbl, threshold, names
                        in cursor.execute("SELECT dnsbl, threshold, string_agg(domain, ' ') "
                                          "FROM domain GROUP BY dnsbl, threshold").fetchall()]

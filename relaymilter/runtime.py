@@ -112,7 +112,8 @@ class Runtime:
     def refresh_domain_policy(self) -> bool:
         """Follow the store (watcher thread only). True when swapped."""
         snapshot = self.snapshot
-        return self._swap_in(self._store.poll(snapshot.config.store.location, snapshot.domain_policy))
+        return self._swap_in(self._store.poll(snapshot.config.store.location,
+                                              snapshot.domain_policy))
 
     def _swap_in(self, policy: DomainPolicy | None) -> bool:
         if policy is None:

@@ -59,7 +59,7 @@ from typing import Any
 
 from relaymilter import sqlrecords
 from relaymilter.domainpolicy import DomainPolicy
-from relaymilter.entries import SECTIONS, Section, user_key
+from relaymilter.entries import SECTIONS, Event, Section, user_key
 from relaymilter.netindex import NetworkIndex
 from relaymilter.store import Storage, StoreError, StoreMissingError
 
@@ -204,6 +204,19 @@ MIGRATIONS = [
     """
     ALTER TABLE hold ADD COLUMN expires REAL;
     """,
+    # 4: the history of every change (Storage.history()).
+    """
+    CREATE TABLE history (
+        id      INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        section TEXT NOT NULL,
+        entry   TEXT NOT NULL,
+        detail  TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX history_at ON history (at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -347,17 +360,27 @@ class SQLiteStore(Storage):
 
     # --------------------------------------------------------- writes ---
 
-    def _write_records(self, records: Mapping[str, list[tuple]], replace: bool) -> None:
+    def _write_records(self, records: Mapping[str, list[tuple]], replace: bool,
+                       event: Event) -> None:
         with self._transaction("cannot write") as connection:
             cursor = connection.cursor()
             if replace:
                 sqlrecords.clear(cursor)
             for name, section_records in records.items():
                 sqlrecords.write(cursor, SECTIONS[name], section_records, "?")
+            sqlrecords.write_event(cursor, event, "?")
 
-    def _delete_record(self, section: Section, key: tuple) -> bool:
+    def _delete_record(self, section: Section, key: tuple, event: Event) -> bool:
         with self._transaction("cannot write") as connection:
-            return sqlrecords.delete(connection.cursor(), section, key, "?")
+            cursor = connection.cursor()
+            deleted = sqlrecords.delete(cursor, section, key, "?")
+            if deleted:
+                sqlrecords.write_event(cursor, event, "?")
+            return deleted
+
+    def _read_history(self, since: float | None) -> list[dict[str, Any]]:
+        with self._transaction("cannot read", "BEGIN") as connection:
+            return sqlrecords.read_events(connection.cursor(), since, "?")
 
     # ---------------------------------------------------------- reads ---
 
@@ -387,7 +410,8 @@ class SQLiteStore(Storage):
             ids, names = connection.execute(
                 "SELECT group_concat(id, ' '), group_concat(domain, ' ') "
                 "FROM allowlist_scope").fetchone()
-            scopes = {} if ids is None else dict(zip(sqlrecords.names_of(names), map(int, ids.split(" "))))
+            scopes = {} if ids is None else dict(zip(sqlrecords.names_of(names),
+                                                     map(int, ids.split(" "))))
             domains = [(dnsbl, threshold, sqlrecords.names_of(names)) for dnsbl, threshold, names
                        in connection.execute("SELECT dnsbl, threshold, group_concat(domain, ' ') "
                                              "FROM domain GROUP BY dnsbl, threshold")]

@@ -8,6 +8,7 @@ SYNOPSIS
     removed = delete(cursor, SECTIONS["holds"], key, "?")
     entries = read_section(cursor, SECTIONS["holds"])
     clear(cursor)                                        # every entry, for a replace
+    write_event(cursor, event, "?")                      # the history: every change
     names_of("a.example b.example")                      # what string_agg joined
 
 DESCRIPTION
@@ -181,3 +182,20 @@ def names_of(joined: str) -> list[str]:
     one string object however often it is used (interned): canonical domains
     and user names hold no space."""
     return list(map(sys.intern, joined.split(" ")))
+
+
+EVENT_COLUMNS = ("at", "actor", "action", "section", "entry", "detail")
+
+
+def write_event(cursor: Any, event: tuple, mark: str) -> None:
+    """Append event (entries.Event) to the history, in the caller's transaction."""
+    cursor.execute(f"INSERT INTO history ({', '.join(EVENT_COLUMNS)}) "
+                   f"VALUES ({', '.join([mark] * len(EVENT_COLUMNS))})", tuple(event))
+
+
+def read_events(cursor: Any, since: float | None, mark: str) -> list[dict[str, Any]]:
+    """The history from since (unix time; None: all), oldest first."""
+    where, values = ("", ()) if since is None else (f" WHERE at >= {mark}", (since,))
+    cursor.execute(f"SELECT {', '.join(EVENT_COLUMNS)} FROM history{where} ORDER BY id",
+                   values)
+    return [dict(zip(EVENT_COLUMNS, row)) for row in cursor.fetchall()]

@@ -61,13 +61,15 @@ DESCRIPTION
 from __future__ import annotations
 
 import abc
+import json
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Self
 
 from relaymilter.domainpolicy import DomainPolicy
-from relaymilter.entries import (FORMAT, FORMAT_VERSION, SECTIONS, Section, StoreInputError,
-                                 WideNetworkError, default_actor, import_changes, refuse_wide,
+from relaymilter.entries import (FORMAT, FORMAT_VERSION, SECTIONS, Event, Section,
+                                 StoreInputError, WideNetworkError, added_event, canonical_user,
+                                 default_actor, import_changes, refuse_wide, removed_event,
                                  validate_document)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Storage", "StoreError", "StoreInputError",
@@ -124,15 +126,22 @@ class Storage(abc.ABC):
         (DomainPolicy.from_rows)."""
 
     @abc.abstractmethod
-    def _write_records(self, records: Mapping[str, list[tuple]], replace: bool) -> None:
+    def _write_records(self, records: Mapping[str, list[tuple]], replace: bool,
+                       event: Event) -> None:
         """In one transaction: with replace, delete every entry first; then insert
         records (section name -> its records, sorted by key), each replacing the
-        entry of its key, list field included."""
+        entry of its key, list field included; and append event to the history."""
 
     @abc.abstractmethod
-    def _delete_record(self, section: Section, key: tuple) -> bool:
-        """Delete the entry of key (section.key() of a record) with its list, in
-        one transaction; False when there was none."""
+    def _delete_record(self, section: Section, key: tuple, event: Event) -> bool:
+        """Delete the entry of key (section.key() of a record) with its list, and
+        append event to the history, in one transaction; False (and no event)
+        when there was none."""
+
+    @abc.abstractmethod
+    def _read_history(self, since: float | None) -> list[dict[str, Any]]:
+        """The history's events from unix time since on (all if None), oldest
+        first: dicts with Event's fields."""
 
     @abc.abstractmethod
     def _read_sections(self, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
@@ -147,11 +156,13 @@ class Storage(abc.ABC):
         record = section.record(fields, time.time(), default_actor())
         if not force:
             refuse_wide(section, record)
-        self._write_records({name: [record]}, replace=False)
+        self._write_records({name: [record]}, False, added_event(section, record))
 
-    def _delete(self, name: str, **key_fields: Any) -> bool:
+    def _delete(self, name: str, by: str | None = None, **key_fields: Any) -> bool:
         section = SECTIONS[name]
-        return self._delete_record(section, section.row_key(key_fields))
+        key = section.row_key(key_fields)
+        event = removed_event(section, key_fields, time.time(), _actor(by))
+        return self._delete_record(section, key, event)
 
     def add_allowlist(self, network: str, domain: str | None = None, comment: str = "",
                       added_by: str | None = None) -> None:
@@ -160,9 +171,11 @@ class Storage(abc.ABC):
         self._put("allowlist", network=network, domain=domain, comment=comment,
                   added_by=added_by)
 
-    def remove_allowlist(self, network: str, domain: str | None = None) -> bool:
-        """False when there was no such entry."""
-        return self._delete("allowlist", network=network, domain=domain)
+    def remove_allowlist(self, network: str, domain: str | None = None,
+                         by: str | None = None) -> bool:
+        """False when there was no such entry. by: who removes it, for the history
+        (default: default_actor()); so for every remove_*()."""
+        return self._delete("allowlist", by, network=network, domain=domain)
 
     def add_relay_client(self, network: str, sender_domains: Iterable[str] = (),
                          comment: str = "", added_by: str | None = None,
@@ -172,8 +185,8 @@ class Storage(abc.ABC):
         self._put("relay_clients", force=force, network=network, sender_domains=sender_domains,
                   comment=comment, added_by=added_by)
 
-    def remove_relay_client(self, network: str) -> bool:
-        return self._delete("relay_clients", network=network)
+    def remove_relay_client(self, network: str, by: str | None = None) -> bool:
+        return self._delete("relay_clients", by, network=network)
 
     def add_hold(self, kind: str, value: str, reason: str = "", comment: str = "",
                  added_by: str | None = None, expires: float | None = None) -> None:
@@ -182,8 +195,8 @@ class Storage(abc.ABC):
         self._put("holds", kind=kind, value=value, reason=reason, comment=comment,
                   added_by=added_by, expires=expires)
 
-    def remove_hold(self, kind: str, value: str) -> bool:
-        return self._delete("holds", kind=kind, value=value)
+    def remove_hold(self, kind: str, value: str, by: str | None = None) -> bool:
+        return self._delete("holds", by, kind=kind, value=value)
 
     def set_limit(self, kind: str, value: str | None, per_hour: int, comment: str = "",
                   added_by: str | None = None) -> None:
@@ -192,8 +205,8 @@ class Storage(abc.ABC):
         self._put("limits", kind=kind, value=value, per_hour=per_hour, comment=comment,
                   added_by=added_by)
 
-    def remove_limit(self, kind: str, value: str | None) -> bool:
-        return self._delete("limits", kind=kind, value=value)
+    def remove_limit(self, kind: str, value: str | None, by: str | None = None) -> bool:
+        return self._delete("limits", by, kind=kind, value=value)
 
     def set_domain(self, domain: str, dnsbl: str = "on", threshold: int | None = None,
                    owners: Iterable[str] = (), comment: str = "",
@@ -203,11 +216,11 @@ class Storage(abc.ABC):
         self._put("domains", domain=domain, dnsbl=dnsbl, threshold=threshold, owners=owners,
                   comment=comment, added_by=added_by)
 
-    def remove_domain(self, domain: str) -> bool:
-        return self._delete("domains", domain=domain)
+    def remove_domain(self, domain: str, by: str | None = None) -> bool:
+        return self._delete("domains", by, domain=domain)
 
     def import_policy(self, document: Any, replace: bool = False,
-                      force: bool = False) -> dict[str, int]:
+                      force: bool = False, by: str | None = None) -> dict[str, int]:
         """Apply an export()-shaped document in one transaction: entries per section.
 
         Every row is validated first; a bad one raises StoreInputError naming
@@ -215,9 +228,13 @@ class Storage(abc.ABC):
         than /8 or /32 is bad unless force). replace=True deletes every entry
         first, in the same transaction.
         """
-        validated = validate_document(document, time.time(), default_actor(), allow_wide=force)
-        self._write_records(validated, replace)
-        return {name: len(records) for name, records in validated.items()}
+        now, actor = time.time(), _actor(by)
+        validated = validate_document(document, now, actor, allow_wide=force)
+        counts = {name: len(records) for name, records in validated.items()}
+        event = Event(now, actor, "import --replace" if replace else "import", "policy",
+                      f"{sum(counts.values())} entries", json.dumps(counts))
+        self._write_records(validated, replace, event)
+        return counts
 
     def import_changes(self, document: Any, replace: bool = False,
                        force: bool = False) -> dict[str, dict[str, list[str]]]:
@@ -258,6 +275,17 @@ class Storage(abc.ABC):
     def _list(self, name: str) -> list[dict[str, Any]]:
         return self._read_sections((name,))[name]
 
+    def history(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Every change since unix time since (all if None), oldest first: at,
+        actor, action (add, remove, import, import --replace), section, entry
+        (which one, by name) and detail (JSON of what it says, or "")."""
+        return self._read_history(since)
+
     def export(self) -> dict[str, Any]:
         """Every entry, read in one transaction; import_policy() reads it back."""
         return {"format": FORMAT, "version": FORMAT_VERSION, **self._read_sections(SECTIONS)}
+
+
+def _actor(by: str | None) -> str:
+    """Who makes a change: by (checked as a user name), else default_actor()."""
+    return default_actor() if by in (None, "") else canonical_user(by, "by")

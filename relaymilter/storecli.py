@@ -15,6 +15,9 @@ SYNOPSIS
     relaymilter VERB list [--json]
     relaymilter policy export [FILE]     JSON to FILE or standard output
     relaymilter policy import FILE [--replace] [--force] [--dry-run]
+    relaymilter policy copy --from PATH|URL [--to PATH|URL] [--replace]
+    relaymilter history [--since 24h|DATE] [--json]
+    relaymilter VERB ... --by NAME       who makes the change (history, added_by)
 
 DESCRIPTION
     The domain policy is the store's data (store.py): allowlist, relay
@@ -42,6 +45,7 @@ DESCRIPTION
 from __future__ import annotations
 
 import argparse
+import datetime
 import difflib
 import ipaddress
 import json
@@ -94,6 +98,14 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
                                   "differ (refused without it)")
         if name == "limit":
             limitcli.add_counter_actions(actions, common)
+    history = verb("history", cmd_history, "every change to the domain policy: when, who, "
+                                           "what, oldest first")
+    _store_option(history)
+    history.set_defaults(action="history", action_config=None, by=None)
+    history.add_argument("--since", type=_since, metavar="WHEN",
+                         help="only changes since WHEN: a time ago (90m, 24h, 7d) or a date "
+                              "and time (2026-12-01, 2026-12-01T08:30, local time)")
+    history.add_argument("--json", action="store_true", help="JSON instead of lines")
     policy = verb("policy", cmd_policy_bulk, "export or import the whole domain policy as JSON")
     actions = policy.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
@@ -122,14 +134,21 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _common_options() -> argparse.ArgumentParser:
-    """-c and --store, accepted after the action too (`hold add ... -c FILE`)."""
+    """-c, --by and --store, accepted after the action too (`hold add ... -c FILE`)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", dest="action_config", metavar="FILE",
                         help="config file naming [store] path or url")
-    common.add_argument("--store", metavar="PATH|URL",
+    common.add_argument("--by", metavar="NAME",
+                        help="who makes the change, for the history and added_by (default: "
+                             "$SUDO_USER, else the Unix user)")
+    _store_option(common)
+    return common
+
+
+def _store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", metavar="PATH|URL",
                         help="the domain policy store: a SQLite file or a postgresql:// URL "
                              "(default: [store] url, else path, of the config)")
-    return common
 
 
 def _allowlist_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
@@ -169,6 +188,19 @@ def _hold_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParse
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _since(text: str) -> float:
+    """--since: a duration ago ("24h") or a local date and time -> unix time."""
+    try:
+        return time.time() - _duration(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a time ago (24h, 7d) nor a "
+                                         "date and time (2026-12-01T08:30)") from None
 
 
 def _duration(text: str) -> float:
@@ -219,6 +251,23 @@ def cmd_policy_kind(args: argparse.Namespace) -> int:
         return limitcli.run(args, config_path(args.action_config or args.config))
     return _with_store(args, lambda store: _KIND_ACTIONS[args.kind](store, args),
                        create=args.action == "add")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    return _with_store(args, lambda store: _history(store, args), create=False)
+
+
+def _history(store: Storage, args: argparse.Namespace) -> int:
+    events = store.history(args.since)
+    if args.json:
+        sys.stdout.write(json.dumps(events, indent=1) + "\n")
+        return EX_OK
+    for event in events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["at"]))
+        detail = f"  {event['detail']}" if event["detail"] else ""
+        sys.stdout.write(f"{when}  {event['actor']}  {event['action']} {event['section']} "
+                         f"{event['entry']}{detail}\n")
+    return EX_OK
 
 
 def cmd_policy_bulk(args: argparse.Namespace) -> int:
@@ -376,11 +425,13 @@ def _who_of(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def _allowlist(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
-        store.add_allowlist(args.network, args.domain, comment=args.comment)
+        store.add_allowlist(args.network, args.domain, comment=args.comment,
+                            added_by=args.by)
         return EX_OK
     if args.action == "remove":
         what = args.network + (f" for {args.domain}" if args.domain else "")
-        return _changed(store.remove_allowlist(args.network, args.domain), what, store, args)
+        return _changed(store.remove_allowlist(args.network, args.domain, args.by), what,
+                        store, args)
     return _print(store.list_allowlist(), args)
 
 
@@ -390,10 +441,11 @@ def _relay_client(store: Storage, args: argparse.Namespace) -> int:
                              sender_domains=args.sender_domain):
             return EX_ERROR
         store.add_relay_client(args.network, args.sender_domain, comment=args.comment,
-                               force=args.force)
+                               added_by=args.by, force=args.force)
         return EX_OK
     if args.action == "remove":
-        return _changed(store.remove_relay_client(args.network), args.network, store, args)
+        return _changed(store.remove_relay_client(args.network, args.by), args.network, store,
+                        args)
     return _print(store.list_relay_clients(), args)
 
 
@@ -405,9 +457,10 @@ def _hold(store: Storage, args: argparse.Namespace) -> int:
         if _refuse_replacing(store, args, kind=kind, value=value, reason=args.reason):
             return EX_ERROR
         expires = None if args.duration is None else time.time() + args.duration
-        store.add_hold(kind, value, reason=args.reason, comment=args.comment, expires=expires)
+        store.add_hold(kind, value, reason=args.reason, comment=args.comment,
+                       added_by=args.by, expires=expires)
         return EX_OK
-    return _changed(store.remove_hold(kind, value), f"{kind} {value}", store, args)
+    return _changed(store.remove_hold(kind, value, args.by), f"{kind} {value}", store, args)
 
 
 def _limit(store: Storage, args: argparse.Namespace) -> int:
@@ -415,9 +468,9 @@ def _limit(store: Storage, args: argparse.Namespace) -> int:
         return _print(store.list_limits(), args)
     kind, value = _who_of(args)
     if args.action == "add":
-        store.set_limit(kind, value, args.per_hour, comment=args.comment)
+        store.set_limit(kind, value, args.per_hour, comment=args.comment, added_by=args.by)
         return EX_OK
-    return _changed(store.remove_limit(kind, value), f"{kind} {value or '(default)'}",
+    return _changed(store.remove_limit(kind, value, args.by), f"{kind} {value or '(default)'}",
                     store, args)
 
 
@@ -426,10 +479,10 @@ def _domain(store: Storage, args: argparse.Namespace) -> int:
         if _refuse_replacing(store, args, domain=args.domain, owners=args.owner):
             return EX_ERROR
         store.set_domain(args.domain, dnsbl=args.dnsbl, threshold=args.threshold,
-                         owners=args.owner, comment=args.comment)
+                         owners=args.owner, comment=args.comment, added_by=args.by)
         return EX_OK
     if args.action == "remove":
-        return _changed(store.remove_domain(args.domain), args.domain, store, args)
+        return _changed(store.remove_domain(args.domain, args.by), args.domain, store, args)
     return _print(store.list_domains(), args)
 
 
@@ -451,7 +504,8 @@ def _bulk(store: Storage, args: argparse.Namespace) -> int:
     document = _read_document(args.file)
     if document is None:
         return EX_ERROR
-    counts = store.import_policy(document, replace=args.replace, force=args.force)
+    counts = store.import_policy(document, replace=args.replace, force=args.force,
+                                 by=args.by)
     sys.stdout.write("imported " + ", ".join(f"{count} {kind}" for kind, count in counts.items())
                      + "\n")
     return EX_OK
@@ -478,7 +532,8 @@ def _copy(args: argparse.Namespace) -> int:
             sys.stderr.write(f"relaymilter: the target store has {entries} entries: use "
                              "--replace to replace them; nothing changed\n")
             return EX_ERROR
-        counts = target.import_policy(document, replace=args.replace, force=True)
+        counts = target.import_policy(document, replace=args.replace, force=True,
+                                      by=args.by)
         sys.stdout.write(f"copied from {shown}: "
                          + ", ".join(f"{count} {kind}" for kind, count in counts.items()) + "\n")
         return EX_OK

@@ -107,8 +107,12 @@ def test_a_hold_added_on_one_host_is_applied_by_the_other_within_two_seconds(fle
     assert within(PICKUP, lambda: two.answer("Mallory") == HELD) < PICKUP
     assert one.answer("mallory") == HELD
     assert two.answer("alice") != HELD
-    assert two.cli("hold", "remove", "--user", "mallory").returncode == 0
+    assert two.cli("hold", "remove", "--user", "mallory", "--by", "desk-7").returncode == 0
     within(PICKUP, lambda: one.answer("mallory") != HELD and two.answer("mallory") != HELD)
+    history = json.loads(two.cli("history", "--since", "1h", "--json").stdout)
+    assert [(event["action"], event["entry"], event["actor"])
+            for event in history if "mallory" in event["entry"]][-2:] == [
+        ("add", "user mallory", history[-2]["actor"]), ("remove", "user mallory", "desk-7")]
 
 
 def test_without_the_database_decisions_go_on_and_the_cli_changes_nothing(fleet):

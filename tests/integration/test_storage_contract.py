@@ -485,6 +485,37 @@ def test_a_bad_document_is_refused_with_a_clear_message(storage, bad, message):
     assert storage.export() == before
 
 
+# ----------------------------------------------------------- history ---
+
+def test_every_change_is_in_the_history_with_when_who_and_what(storage):
+    started = time.time()
+    storage.add_hold("user", "Alice", reason="phished", added_by="jane")
+    storage.add_allowlist("192.0.2.7/24", "Example.COM")
+    assert not storage.remove_hold("user", "nobody")            # nothing removed, no event
+    assert storage.remove_hold("user", " alice ", by="panel")
+    storage.import_policy(document(domains=[{"domain": "a.example"}]), replace=True)
+    events = storage.history()
+    assert [(event["actor"], event["action"], event["section"], event["entry"])
+            for event in events] == [
+        ("jane", "add", "holds", "user Alice"),
+        (default_actor(), "add", "allowlist", "192.0.2.0/24 for example.com"),
+        ("panel", "remove", "holds", "user alice"),
+        (default_actor(), "import --replace", "policy", "1 entries")]
+    assert json.loads(events[0]["detail"]) == {"reason": "phished"}
+    assert json.loads(events[3]["detail"])["domains"] == 1
+    assert all(started - 1 <= event["at"] <= time.time() for event in events)
+    assert storage.history(since=events[2]["at"]) == events[2:]
+    assert storage.history(since=time.time() + 60) == []
+
+
+def test_a_refused_write_leaves_no_trace_in_the_history(storage):
+    with pytest.raises(StoreInputError):
+        storage.import_policy(document(allowlist=[{"network": "bad"}]))
+    with pytest.raises(StoreInputError):
+        storage.add_hold("user", "alice", added_by="two words")
+    assert storage.history() == []
+
+
 # ------------------------------------------------------ data_version ---
 
 def test_data_version_moves_when_another_connection_commits(location):
