@@ -63,6 +63,7 @@ class RelayClient:
 
     network: str
     sender_domains: frozenset[str]
+    expires: float | None = None    # unix time it ends; None = until removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +110,13 @@ class DomainPolicy:
 
         Validated exactly as import_policy() validates (StoreInputError).
         """
-        records = validate_document(document, time.time(), "snapshot", header=False,
+        now = time.time()
+        records = validate_document(document, now, "snapshot", header=False,
                                     allow_wide=True)
-        allowlist = records["allowlist"]
+        allowlist = [entry for entry in records["allowlist"]
+                     if entry.expires is None or entry.expires > now]
+        allowlist_ends = min((entry.expires for entry in allowlist if entry.expires is not None),
+                             default=None)
         scopes = {domain: number for number, domain
                   in enumerate(sorted({entry.domain for entry in allowlist}))}
         index = NetworkIndex.from_packed((entry.packed, entry.prefixlen, scopes[entry.domain])
@@ -125,14 +130,14 @@ class DomainPolicy:
                 owners.setdefault(owner, []).append(entry.domain)
         return cls.from_rows(
             index, scopes,
-            ((entry.network, entry.packed, entry.prefixlen) for entry in relay),
+            ((entry.network, entry.packed, entry.prefixlen, entry.expires) for entry in relay),
             ((entry.network, domain) for entry in relay for domain in entry.sender_domains),
             ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.reason, entry.expires)
              for entry in records["holds"]),
             ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.per_hour)
              for entry in records["limits"]),
             [(dnsbl, threshold, names) for (dnsbl, threshold), names in settings.items()],
-            list(owners.items()))
+            list(owners.items()), allowlist_ends)
 
     @classmethod
     def from_rows(cls, allowlist: NetworkIndex, scopes: Mapping[str, int],
@@ -141,18 +146,22 @@ class DomainPolicy:
                   holds: Iterable[tuple[str, str, bytes | None, int | None, str, float | None]],
                   limits: Iterable[tuple[str, str, bytes | None, int | None, int]],
                   domains: Iterable[tuple[str, int | None, list[str]]],
-                  owners: Iterable[tuple[str, list[str]]]) -> DomainPolicy:
+                  owners: Iterable[tuple[str, list[str]]],
+                  allowlist_ends: float | None = None) -> DomainPolicy:
         """A domain policy from what a backend reads (plain rows, any iterables):
 
         allowlist             the index of allowlist networks, each tagged with
                               scopes[domain] ("" = every domain)
-        relay_clients         (network, packed address, prefix length)
+        relay_clients         (network, packed address, prefix length, expires); those
+                              already ended are left out
         relay_client_domains  (network, sender domain)
         holds                 (kind, value, packed or None, prefix length or None, reason,
                               expires: unix time or None); those already ended are left out
         limits                (kind, value, packed or None, prefix length or None, per hour)
         domains               (dnsbl "on"/"off", threshold or None, [domain, ...])
         owners                (SASL user, [domain, ...])
+        allowlist_ends        when the first allowlist entry in the index ends (the
+                              backend leaves ended ones out of it), or None
 
         SASL user names are compared without regard to letter case
         (entries.user_key): rows may spell one user in several ways.
@@ -160,20 +169,23 @@ class DomainPolicy:
         sender_domains: dict[str, set[str]] = {}
         for network, domain in relay_client_domains:
             sender_domains.setdefault(network, set()).add(domain)
-        relay_entries = list(relay_clients)
-        relay_list = tuple(RelayClient(network, frozenset(sender_domains.get(network, ())))
-                           for network, _, _ in relay_entries)
+        now = time.time()
+        relay_entries = [entry for entry in relay_clients if entry[3] is None or entry[3] > now]
+        relay_list = tuple(RelayClient(network, frozenset(sender_domains.get(network, ())),
+                                       expires)
+                           for network, _, _, expires in relay_entries)
         relay_index = NetworkIndex.from_packed(
-            (packed, prefixlen, tag) for tag, (_, packed, prefixlen) in enumerate(relay_entries))
+            (packed, prefixlen, tag)
+            for tag, (_, packed, prefixlen, _) in enumerate(relay_entries))
+        ends = [allowlist_ends] + [entry[3] for entry in relay_entries]
 
         client_holds: list[tuple[Hold, bytes, int]] = []
         user_holds: dict[str, Hold] = {}
-        now, next_expiry = time.time(), None
         for kind, value, packed, prefixlen, reason, expires in holds:
             if expires is not None:
                 if expires <= now:
                     continue
-                next_expiry = expires if next_expiry is None else min(next_expiry, expires)
+                ends.append(expires)
             hold = Hold(kind, value, reason, expires)
             if kind == "client":
                 client_holds.append((hold, packed, prefixlen))
@@ -223,12 +235,13 @@ class DomainPolicy:
                     "holds": len(client_holds) + len(user_holds),
                     "limits": len(default_limits) + len(user_limits) + len(client_limits),
                     "domains": len(domain_settings)},
-            next_expiry=next_expiry)
+            next_expiry=min((end for end in ends if end is not None), default=None))
 
     @property
     def next_expiry(self) -> float | None:
-        """When the first of its holds with an end ends (unix time): the policy
-        must be read again then. None: no hold ends by itself."""
+        """When the first of its entries with an end (allowlist, relay client,
+        hold) ends, unix time: the policy must be read again then. None: none
+        ends by itself."""
         return self._next_expiry
 
     @property
@@ -263,7 +276,9 @@ class DomainPolicy:
         if client is None:
             return None
         tag = self._relay_index.longest(client)
-        return None if tag is None else self._relay_clients[tag]
+        if tag is None or not _in_force(self._relay_clients[tag]):
+            return None
+        return self._relay_clients[tag]
 
     def owned_domains(self, user: str | None) -> frozenset[str] | None:
         """The sender domains user owns; None when it owns none (unrestricted)."""
@@ -325,5 +340,6 @@ class DomainPolicy:
 EMPTY_POLICY = DomainPolicy.from_rows(NetworkIndex.from_blocks(()), {}, (), (), (), (), (), ())
 
 
-def _in_force(hold: Hold) -> bool:
-    return hold.expires is None or time.time() < hold.expires
+def _in_force(entry: Hold | RelayClient) -> bool:
+    """Not ended since the policy was read (it is read again at next_expiry)."""
+    return entry.expires is None or time.time() < entry.expires

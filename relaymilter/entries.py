@@ -21,6 +21,8 @@ DESCRIPTION
                    opens relaying.
     relay_clients  a client network allowed to relay; with sender_domains,
                    only for MAIL FROM in one of those domains.
+    (Allowlist entries, relay clients and holds may end by themselves:
+    expires, a unix time; null = until removed.)
     holds          a client network (kind "client") or SASL user ("user")
                    whose relaying is suspended, with a reason, until
                    removed or until it expires (unix time; null: never).
@@ -243,6 +245,7 @@ class AllowlistRecord(NamedTuple):
     comment: str
     created: float
     added_by: str
+    expires: float | None   # unix time it ends; None = until removed
 
 
 class RelayClientRecord(NamedTuple):
@@ -252,6 +255,7 @@ class RelayClientRecord(NamedTuple):
     comment: str
     created: float
     added_by: str
+    expires: float | None   # unix time it ends; None = until removed
     sender_domains: tuple[str, ...]
 
 
@@ -300,7 +304,7 @@ def _allow_record(row: Mapping[str, Any], now: float, actor: str) -> AllowlistRe
     domain = "" if domain in (None, "") else canonical_domain(domain)
     return AllowlistRecord(network.version, network.prefixlen, network.network_address.packed,
                            domain, str(network), _text(row.get("comment"), "comment"),
-                           *_stamp(row, now, actor))
+                           *_stamp(row, now, actor), _expiry(row.get("expires")))
 
 
 def _network_key(row: Mapping[str, Any]) -> tuple:
@@ -312,7 +316,7 @@ def _relay_client_record(row: Mapping[str, Any], now: float, actor: str) -> Rela
     domains = _names(row.get("sender_domains"), "sender_domains", canonical_domain)
     return RelayClientRecord(str(network), network.network_address.packed, network.prefixlen,
                              _text(row.get("comment"), "comment"), *_stamp(row, now, actor),
-                             domains)
+                             _expiry(row.get("expires")), domains)
 
 
 def _hold_key(row: Mapping[str, Any]) -> tuple:
@@ -385,10 +389,11 @@ class Section:
 _STAMP_FIELDS = ("comment", "created", "added_by")
 # By name, in document order.
 SECTIONS = {section.name: section for section in (
-    Section("allowlist", _allow_record, ("network",), ("network", "domain") + _STAMP_FIELDS,
+    Section("allowlist", _allow_record, ("network",),
+            ("network", "domain") + _STAMP_FIELDS + ("expires",),
             ("family", "prefixlen", "packed", "domain"), AllowlistRecord._fields, _allow_key),
     Section("relay_clients", _relay_client_record, ("network",),
-            ("network", "sender_domains") + _STAMP_FIELDS, ("network",),
+            ("network", "sender_domains") + _STAMP_FIELDS + ("expires",), ("network",),
             RelayClientRecord._fields[:-1], _network_key, "sender_domains"),
     Section("holds", _hold_record, ("kind", "value"),
             ("kind", "value", "reason") + _STAMP_FIELDS + ("expires",), ("kind", "value_key"),

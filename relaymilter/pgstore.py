@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -178,6 +179,9 @@ MIGRATIONS = [
             detail  text NOT NULL DEFAULT ''
         )""",
      "CREATE INDEX history_at ON history (at)"],
+    # 4: allowlist entries and relay clients that end by themselves.
+    ["ALTER TABLE allowlist ADD COLUMN expires double precision",
+     "ALTER TABLE relay_client ADD COLUMN expires double precision"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -318,12 +322,17 @@ class PostgresStore(Storage):
     def load_policy(self) -> DomainPolicy:
         """Everything decisions need, in one snapshot; the allowlist aggregated
         by the server, a byte string per family and prefix length."""
+        now = time.time()
         with self._reading() as cursor:
             cursor.execute("SELECT family, prefixlen, string_agg(lookup_key, ''::bytea "
-                           "ORDER BY lookup_key) FROM allowlist GROUP BY family, prefixlen")
+                           "ORDER BY lookup_key) FROM allowlist "
+                           "WHERE expires IS NULL OR expires > %s GROUP BY family, prefixlen",
+                           (now,))
             allowlist = NetworkIndex.from_blocks(
                 (family, prefixlen, bytes(records))
                 for family, prefixlen, records in cursor.fetchall())
+            allowlist_ends = cursor.execute(
+                "SELECT min(expires) FROM allowlist WHERE expires > %s", (now,)).fetchone()[0]
             ids, names = cursor.execute(
                 "SELECT string_agg(id::text, ' ' ORDER BY id), "
                 "string_agg(domain, ' ' ORDER BY id) FROM allowlist_scope").fetchone()
@@ -337,11 +346,11 @@ class PostgresStore(Storage):
                                         "FROM domain_owner GROUP BY owner").fetchall()]
             return DomainPolicy.from_rows(
                 allowlist, scopes,
-                _rows(cursor, "SELECT network, packed, prefixlen FROM relay_client"),
+                _rows(cursor, "SELECT network, packed, prefixlen, expires FROM relay_client"),
                 _rows(cursor, "SELECT network, domain FROM relay_client_domain"),
                 _rows(cursor, "SELECT kind, value, packed, prefixlen, reason, expires FROM hold"),
                 _rows(cursor, "SELECT kind, value, packed, prefixlen, per_hour FROM rate_limit"),
-                domains, owners)
+                domains, owners, allowlist_ends)
 
 
 def _copy_allowlist(cursor: psycopg.Cursor, records: list) -> None:

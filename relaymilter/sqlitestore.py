@@ -54,6 +54,7 @@ import logging
 import os
 import pathlib
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -216,6 +217,11 @@ MIGRATIONS = [
         detail  TEXT NOT NULL DEFAULT ''
     );
     CREATE INDEX history_at ON history (at);
+    """,
+    # 5: allowlist entries and relay clients that end by themselves.
+    """
+    ALTER TABLE allowlist ADD COLUMN expires REAL;
+    ALTER TABLE relay_client ADD COLUMN expires REAL;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -400,12 +406,16 @@ class SQLiteStore(Storage):
         order: a million allowlist networks reach Python as a few byte
         strings per prefix length, not as a million rows (netindex.py).
         """
+        now = time.time()
         with self._transaction("cannot read", "BEGIN") as connection:
             allowlist = NetworkIndex.from_blocks(
                 (family, prefixlen, bytes.fromhex(records))
                 for family, prefixlen, records in connection.execute(
                     "SELECT family, prefixlen, group_concat(hex(lookup_key), '') "
-                    "FROM allowlist GROUP BY family, prefixlen"))
+                    "FROM allowlist WHERE expires IS NULL OR expires > ? "
+                    "GROUP BY family, prefixlen", (now,)))
+            allowlist_ends = connection.execute(
+                "SELECT min(expires) FROM allowlist WHERE expires > ?", (now,)).fetchone()[0]
             # Both group_concat() see the rows in the same order.
             ids, names = connection.execute(
                 "SELECT group_concat(id, ' '), group_concat(domain, ' ') "
@@ -420,13 +430,13 @@ class SQLiteStore(Storage):
                                             "FROM domain_owner GROUP BY owner")]
             return DomainPolicy.from_rows(
                 allowlist, scopes,
-                connection.execute("SELECT network, packed, prefixlen FROM relay_client"),
+                connection.execute("SELECT network, packed, prefixlen, expires FROM relay_client"),
                 connection.execute("SELECT network, domain FROM relay_client_domain"),
                 connection.execute(
                     "SELECT kind, value, packed, prefixlen, reason, expires FROM hold"),
                 connection.execute(
                     "SELECT kind, value, packed, prefixlen, per_hour FROM rate_limit"),
-                domains, owners)
+                domains, owners, allowlist_ends)
 
 
 def _statements(script: str) -> Iterator[str]:

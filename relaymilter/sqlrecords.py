@@ -109,17 +109,18 @@ def lookup_key(packed: bytes, scope: int) -> bytes:
 # The allowlist table's columns, in the order of allowlist_rows(); a write
 # replaces the stamp of an entry of the same key.
 ALLOWLIST_COLUMNS = ("family", "prefixlen", "lookup_key", "scope", "network", "comment",
-                     "created", "added_by")
+                     "created", "added_by", "expires")
 ALLOWLIST_CONFLICT = ("ON CONFLICT (family, prefixlen, lookup_key) DO UPDATE SET "
                       "comment = excluded.comment, created = excluded.created, "
-                      "added_by = excluded.added_by")
+                      "added_by = excluded.added_by, expires = excluded.expires")
 
 
 def allowlist_rows(records: list[AllowlistRecord], scopes: dict[str, int]) -> list[tuple]:
     """The allowlist table's rows (ALLOWLIST_COLUMNS) of records, given each
     domain's scope number."""
     return [(entry.family, entry.prefixlen, lookup_key(entry.packed, scopes[entry.domain]),
-             scopes[entry.domain], entry.network, entry.comment, entry.created, entry.added_by)
+             scopes[entry.domain], entry.network, entry.comment, entry.created, entry.added_by,
+             entry.expires)
             for entry in records]
 
 

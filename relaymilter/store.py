@@ -165,11 +165,12 @@ class Storage(abc.ABC):
         return self._delete_record(section, key, event)
 
     def add_allowlist(self, network: str, domain: str | None = None, comment: str = "",
-                      added_by: str | None = None) -> None:
+                      added_by: str | None = None, expires: float | None = None) -> None:
         """Never refuse clients in network for a DNSBL listing: for recipients in
-        domain, or for every recipient (domain None or "")."""
+        domain, or for every recipient (domain None or ""); until removed, or
+        until expires (unix time), as every entry with expires."""
         self._put("allowlist", network=network, domain=domain, comment=comment,
-                  added_by=added_by)
+                  added_by=added_by, expires=expires)
 
     def remove_allowlist(self, network: str, domain: str | None = None,
                          by: str | None = None) -> bool:
@@ -179,11 +180,11 @@ class Storage(abc.ABC):
 
     def add_relay_client(self, network: str, sender_domains: Iterable[str] = (),
                          comment: str = "", added_by: str | None = None,
-                         force: bool = False) -> None:
+                         force: bool = False, expires: float | None = None) -> None:
         """Let clients in network relay; with sender_domains, only for MAIL FROM
         in one of them. A network wider than /8 or /32 needs force."""
         self._put("relay_clients", force=force, network=network, sender_domains=sender_domains,
-                  comment=comment, added_by=added_by)
+                  comment=comment, added_by=added_by, expires=expires)
 
     def remove_relay_client(self, network: str, by: str | None = None) -> bool:
         return self._delete("relay_clients", by, network=network)

@@ -66,9 +66,10 @@ from relaymilter.storelocation import display_location
 # (verb, help, list columns)
 KINDS = {
     "allowlist": ("DNSBL allowlist: client networks never refused for a DNSBL listing",
-                  ("network", "domain", "comment", "added_by", "created")),
+                  ("network", "domain", "comment", "added_by", "created", "expires")),
     "relay-client": ("client networks allowed to relay, optionally for some sender domains",
-                     ("network", "sender_domains", "comment", "added_by", "created")),
+                     ("network", "sender_domains", "comment", "added_by", "created",
+                      "expires")),
     "hold": ("client networks and SASL users whose relaying is suspended",
              ("kind", "value", "reason", "comment", "added_by", "created", "expires")),
     "limit": ("outbound recipients per hour, per SASL user and per relaying client",
@@ -92,6 +93,8 @@ def add_policy_verbs(verb: Callable[..., argparse.ArgumentParser]) -> None:
         listing.add_argument("--json", action="store_true", help="JSON instead of a table")
         _SELECTORS[name](add, remove)
         add.add_argument("--comment", default="", help="free text kept with the entry")
+        if name in ("allowlist", "relay-client", "hold"):
+            _for_option(add)
         if name in _GUARDED:
             add.add_argument("--replace", action="store_true",
                              help=f"replace an entry of the same key whose {_GUARDED[name][1]} "
@@ -182,9 +185,16 @@ def _hold_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParse
     _who(add)
     _who(remove)
     add.add_argument("--reason", default="", help="why (shown by list, logged)")
+
+
+def _for_option(add: argparse.ArgumentParser) -> None:
     add.add_argument("--for", dest="duration", type=_duration, metavar="DURATION",
-                     help="end the hold by itself after DURATION: 90m, 24h, 7d, 2w "
+                     help="end the entry by itself after DURATION: 90m, 24h, 7d, 2w "
                           "(default: until removed)")
+
+
+def _expires(args: argparse.Namespace) -> float | None:
+    return None if args.duration is None else time.time() + args.duration
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -426,7 +436,7 @@ def _who_of(args: argparse.Namespace) -> tuple[str, str | None]:
 def _allowlist(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
         store.add_allowlist(args.network, args.domain, comment=args.comment,
-                            added_by=args.by)
+                            added_by=args.by, expires=_expires(args))
         return EX_OK
     if args.action == "remove":
         what = args.network + (f" for {args.domain}" if args.domain else "")
@@ -441,7 +451,7 @@ def _relay_client(store: Storage, args: argparse.Namespace) -> int:
                              sender_domains=args.sender_domain):
             return EX_ERROR
         store.add_relay_client(args.network, args.sender_domain, comment=args.comment,
-                               added_by=args.by, force=args.force)
+                               added_by=args.by, force=args.force, expires=_expires(args))
         return EX_OK
     if args.action == "remove":
         return _changed(store.remove_relay_client(args.network, args.by), args.network, store,
@@ -456,9 +466,8 @@ def _hold(store: Storage, args: argparse.Namespace) -> int:
     if args.action == "add":
         if _refuse_replacing(store, args, kind=kind, value=value, reason=args.reason):
             return EX_ERROR
-        expires = None if args.duration is None else time.time() + args.duration
         store.add_hold(kind, value, reason=args.reason, comment=args.comment,
-                       added_by=args.by, expires=expires)
+                       added_by=args.by, expires=_expires(args))
         return EX_OK
     return _changed(store.remove_hold(kind, value, args.by), f"{kind} {value}", store, args)
 

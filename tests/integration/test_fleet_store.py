@@ -234,3 +234,23 @@ def test_an_automatic_hold_is_applied_everywhere_and_notified_once(fleet, public
     finally:
         one.cli("hold", "remove", "--user", "mike")
         one.cli("limit", "remove", "--user", "mike")
+
+
+def test_a_relay_client_for_a_while_stops_relaying_when_it_ends(fleet):
+    _, one, two, _ = fleet
+    customer = "192.0.2.77"
+
+    def relaying() -> bool:
+        client = PolicyClient(str(two.service.socket_path))
+        try:
+            answer = client.ask(request(REMOTE, client=customer))[0]
+        finally:
+            client.close()
+        assert answer == b"action=OK" or answer.startswith(b"action=554 5.7.1"), answer
+        return answer == b"action=OK"
+    assert not relaying()
+    done = one.cli("relay-client", "add", customer, "--for", "3s", "--comment", "migration")
+    assert done.returncode == 0, done.stderr
+    within(PICKUP, relaying)
+    assert within(3.0 + PICKUP, lambda: not relaying()) > 0.5
+    assert one.cli("relay-client", "remove", customer).returncode == 0

@@ -80,7 +80,7 @@ def test_every_entry_records_comment_creation_time_and_who_added_it(storage):
     storage.add_allowlist("192.0.2.0/24", comment="partner MX", added_by="carol")
     (entry,) = storage.list_allowlist()
     assert entry == {"network": "192.0.2.0/24", "domain": "", "comment": "partner MX",
-                     "created": entry["created"], "added_by": "carol"}
+                     "created": entry["created"], "added_by": "carol", "expires": None}
     assert before <= entry["created"] <= time.time()
 
 
@@ -207,6 +207,27 @@ def test_a_hold_with_an_end_is_in_force_until_then_and_the_policy_says_when(stor
     assert policy.next_expiry == pytest.approx(now + 60)
     exported = storage.export()
     assert [row["expires"] for row in exported["holds"]][1] == pytest.approx(now + 3600)
+
+
+def test_allowlist_entries_and_relay_clients_may_end_by_themselves(storage, monkeypatch):
+    now = time.time()
+    storage.add_allowlist("192.0.2.0/24", expires=now + 60)
+    storage.add_allowlist("198.51.100.0/24", "example.com", expires=now - 1)   # over
+    storage.add_relay_client("203.0.113.0/24", expires=now + 30)
+    storage.add_relay_client("203.0.113.64/26", expires=now - 1)               # over
+    assert [entry["expires"] for entry in storage.list_allowlist()] == [
+        pytest.approx(now + 60), pytest.approx(now - 1)]
+    policy = storage.load_policy()
+    assert policy.allowlisted(ip("192.0.2.9"), "example.org")
+    assert not policy.allowlisted(ip("198.51.100.9"), "example.com")
+    assert policy.relay_client(ip("203.0.113.70")).network == "203.0.113.0/24"
+    assert policy.next_expiry == pytest.approx(now + 30)
+    assert policy.counts["allowlist"] == 1 and policy.counts["relay_clients"] == 1
+    later = now + 31
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert policy.relay_client(ip("203.0.113.70")) is None     # ended: no relaying
+    exported = storage.export()
+    assert exported["relay_clients"][0]["expires"] == pytest.approx(now + 30)
 
 
 def test_a_hold_that_ends_while_the_policy_is_in_force_stops_counting(storage, monkeypatch):
