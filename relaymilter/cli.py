@@ -38,7 +38,7 @@ import sys
 import threading
 
 from relaymilter import __version__
-from relaymilter.config import ConfigError, config_path, load_config
+from relaymilter.config import Config, ConfigError, config_path, load_config
 from relaymilter.dnsbl import report_lines
 from relaymilter.endpoint import parse_socket
 from relaymilter.engine import Engine
@@ -50,6 +50,8 @@ from relaymilter.reload import NO_LOCAL_DOMAINS, build_dnsbl, build_snapshot
 from relaymilter.runtime import Runtime
 from relaymilter.metrics import MetricsListener, MetricsUnavailable, make_recorder
 from relaymilter.recorder import Recorder
+from relaymilter.openstore import open_store
+from relaymilter.store import StoreError
 from relaymilter.storecli import add_policy_verbs
 from relaymilter.text import one_line
 from relaymilter.address import parse_ip
@@ -235,11 +237,53 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_policyd(args: argparse.Namespace) -> int:
-    """The same policy as a Postfix policy service."""
+    """The same policy as a Postfix policy service, in [policyd] workers processes."""
+    if load_config(config_path(args.config)).policyd.workers > 1:
+        return _serve_workers(args)
     return _serve(args, "policyd")
 
 
-def _serve(args: argparse.Namespace, front_end: str) -> int:
+def _serve_workers(args: argparse.Namespace) -> int:
+    """[policyd] workers > 1: bind the socket here, then supervise the workers
+    (workers.py), each a whole policy service on that socket."""
+    setup_logging(args.syslog, args.debug)
+    path = config_path(args.config)
+    config = load_config(path)
+    count = config.policyd.workers
+    refusal = _per_process_limits(config)
+    if refusal:
+        raise ConfigError(path, "policyd.workers", f"{count} workers would each allow the "
+                          f"whole outbound limit: {refusal}; set [counters] url (Redis) to "
+                          "count them together, or workers = 1")
+    from relaymilter import policyd, workers
+    try:
+        listener = policyd.open_listener(config.policyd.socket, config.policyd.mode)
+    except OSError as error:
+        log.error("%s", error)
+        return EX_UNAVAILABLE
+    spec = parse_socket(config.policyd.socket)
+    return workers.supervise(count, lambda number: _serve(args, "policyd", number, listener),
+                             spec.path if spec.kind == "unix" else None)
+
+
+
+def _per_process_limits(config: Config) -> str | None:
+    """Why several workers would count limits apart (None: they would not)."""
+    if config.counters.url is not None or config.store.location is None:
+        return None
+    try:
+        with open_store(config.store.location, create=False) as store:
+            limits = len(store.list_limits())
+    except (StoreError, OSError):
+        return None         # no store yet, or unreadable: no limits to count apart
+    if not limits:
+        return None
+    return f"the policy store holds {limits} limit{'s' if limits > 1 else ''} and " \
+           "[counters] url is not set"
+
+
+def _serve(args: argparse.Namespace, front_end: str, worker: int = 0,
+           policy_socket: socket.socket | None = None) -> int:
     """Run one front end until SIGTERM or SIGINT; SIGHUP reloads, never stops.
 
     Signals: every thread started here inherits SIGTERM, SIGINT and SIGHUP
@@ -251,7 +295,7 @@ def _serve(args: argparse.Namespace, front_end: str) -> int:
     too, never sees it. The policy service handles all three on the main
     thread (policyd.serve).
     """
-    setup_logging(args.syslog, args.debug)
+    setup_logging(args.syslog, args.debug)       # again in a worker: its own pid
     path = config_path(args.config)
     config = load_config(path)
     recorder = metrics_recorder(config, front_end)
@@ -268,6 +312,8 @@ def _serve(args: argparse.Namespace, front_end: str) -> int:
     metrics_key = METRICS_KEYS[front_end]
     metrics_address = config.metrics.address if front_end == "milter" \
         else config.metrics.policyd_address
+    if metrics_address is not None and worker > 1:      # one listener per worker
+        metrics_address = (metrics_address[0], metrics_address[1] + worker - 1)
     listener = runtime = None
     try:
         if metrics_address is not None:
@@ -301,7 +347,7 @@ def _serve(args: argparse.Namespace, front_end: str) -> int:
             _serve_milter(engine, runtime, recorder)
         else:
             from relaymilter import policyd
-            policyd.serve(engine, reload=runtime.reload_now)
+            policyd.serve(engine, reload=runtime.reload_now, listener=policy_socket)
     except OSError as error:
         log.error("%s", error)
         return EX_UNAVAILABLE

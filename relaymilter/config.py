@@ -310,6 +310,10 @@ SCHEMA: tuple[Key, ...] = (
         "Most policy service connections served at once (Postfix keeps one per smtpd "
         "process); further ones are accepted but not read until one closes; logged.",
         minimum=1, maximum=10000, restart_only=True),
+    Key("policyd", "workers", int, 1,
+        "Processes that serve the policy service's socket together (one per core): with "
+        "limits in the store, more than 1 needs [counters] url.",
+        minimum=1, maximum=64, restart_only=True),
     Key("metrics", "listen", str, "",
         "Where the milter (`relaymilter run`) serves Prometheus metrics (/metrics) and the "
         "health check (/healthz), \"IP:PORT\" or \"[IPv6]:PORT\"; \"\" = off. Needs the "
@@ -439,6 +443,7 @@ class PolicydConfig:
     socket_mode: str        # octal text, as written
     idle_timeout: int
     max_connections: int
+    workers: int
 
     @property
     def mode(self) -> int:

@@ -433,13 +433,17 @@ class PolicyServer:
 
     def __init__(self, engine: Engine, where: str, socket_mode: int = 0o660,
                  max_connections: int = 200, idle_timeout: float = 330.0,
-                 io: ioloop.IoLoop | None = None) -> None:
+                 io: ioloop.IoLoop | None = None,
+                 listener: socket.socket | None = None) -> None:
+        """listener: a socket open_listener() bound in the supervisor of several
+        workers (workers.py), who also removes it at the end; else one of its own."""
         self.engine = engine
         self.where = where
         self.io = io or ioloop.shared()
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
-        self._socket = _listen(where, socket_mode)
+        self._owns_socket = listener is None
+        self._socket = open_listener(where, socket_mode) if listener is None else listener
         self.address = self._socket.getsockname()
         # Owned by the loop thread:
         self._served: set[PolicyConnection] = set()
@@ -476,7 +480,7 @@ class PolicyServer:
         if not self.io.on_loop:
             closed.wait(5)
         spec = parse_socket(self.where)
-        if spec.kind == "unix":
+        if spec.kind == "unix" and self._owns_socket:
             try:
                 os.unlink(spec.path)
             except OSError:
@@ -513,7 +517,7 @@ class PolicyServer:
             waiting.admitted()
 
 
-def _listen(where: str, socket_mode: int) -> socket.socket:
+def open_listener(where: str, socket_mode: int) -> socket.socket:
     """A bound socket for "unix:/path" or "inet[6]:PORT@HOST" (the loop listens on it).
 
     Raises OSError naming the socket: socketclaim.SocketBusy when a live
@@ -539,16 +543,17 @@ def _listen(where: str, socket_mode: int) -> socket.socket:
     return bound
 
 
-def serve(engine: Engine, reload=None) -> None:
+def serve(engine: Engine, reload=None, listener: socket.socket | None = None) -> None:
     """Serve until SIGTERM or SIGINT; SIGHUP calls reload() (runtime.reload_now).
 
-    Raises OSError when the socket cannot be opened.
+    listener: the supervisor's socket, for a worker (workers.py). Raises
+    OSError when the socket cannot be opened.
     """
     import signal
 
     settings = engine.snapshot.config.policyd
     server = PolicyServer(engine, settings.socket, settings.mode, settings.max_connections,
-                          settings.idle_timeout)
+                          settings.idle_timeout, listener=listener)
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:

@@ -380,7 +380,7 @@ def test_the_restart_only_keys_are_the_listeners():
         "milter.socket", "milter.timeout", "milter.session_timeout", "metrics.listen",
         "metrics.policyd_listen",
         "policyd.socket", "policyd.socket_mode", "policyd.idle_timeout",
-        "policyd.max_connections"}
+        "policyd.max_connections", "policyd.workers"}
 
 
 def test_keep_restart_only_with_nothing_changed_returns_the_new_config():
