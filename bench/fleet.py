@@ -6,6 +6,7 @@ NAME
 
 SYNOPSIS
     .venv/bin/python bench/fleet.py [--charges N] [--rounds R] [--holds H]
+                                    [--decisions D] [--workers 2[,4...]]
 
 DESCRIPTION
     Part 1 - the counter. In this process, --charges recipients (default
@@ -26,6 +27,15 @@ DESCRIPTION
     own start-up is not counted). Printed: median and maximum. The promise:
     under 2 s (the watcher polls the store every second).
 
+    Part 3 - workers. `relaymilter policyd` with [counters] url on a private
+    Redis and a default user limit far from reach, so that every recipient
+    is charged in Redis and answered OK: --decisions requests (default
+    20,000) of 1,000 SASL users, each a new message, driven by
+    bench/dnsbl_storm.py's load generator (20 connections, closed loop,
+    every answer checked), with workers = 1 and each of --workers, the
+    order rotated per round. Printed: decisions/s, median of --rounds, and
+    the ratio to one process.
+
     Everything runs on loopback and unix sockets, started and stopped here.
 """
 
@@ -41,7 +51,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "integration")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "integration"), str(ROOT / "bench")]
 
 from policy_client import PolicyClient, request  # noqa: E402
 from postgres_instance import PostgresInstance  # noqa: E402
@@ -140,16 +150,86 @@ def propagation_part(args: argparse.Namespace) -> None:
     print("  " + " ".join(f"{delay * 1000:.0f}" for delay in delays))
 
 
+class _Workers:
+    """What dnsbl_storm.drive() needs of a service: its socket, its CPU, its log."""
+
+    def __init__(self, process: RelaymilterProcess) -> None:
+        self.process, self.name = process, process.name
+        self.socket_path = process.socket_path
+
+    def cpu_seconds(self) -> float:
+        """The supervisor and its live workers, utime + stime."""
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            pid = int(stat.parent.name)
+            if pid == self.process.process.pid or int(fields[1]) == self.process.process.pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def log(self) -> str:
+        return self.process.log_text()
+
+
+def workers_part(args: argparse.Namespace) -> None:
+    import dnsbl_storm
+    counts = sorted({1, *args.workers})
+    print(f"\nPart 3: decisions/s of the policy service, {args.decisions:,} authenticated "
+          f"outbound recipients per run (1,000 users, each limited, counted in Redis), "
+          f"20 connections, {args.rounds} rounds; workers: {', '.join(map(str, counts))}")
+    tree = Path(tempfile.mkdtemp(prefix="relaymilter-workers-bench-"))
+    tree.chmod(0o755)
+    store = tree / "policy.sqlite3"
+    subprocess.run([RELAYMILTER, "limit", "add", "--default", "user", "1000000", "--store",
+                    str(store)], check=True, capture_output=True)
+    expected = b"action=OK\n\n"
+    rates: dict[int, list[float]] = {count: [] for count in counts}
+    with RedisInstance() as redis_server:
+        for round_number in range(args.rounds):
+            order = counts[round_number % len(counts):] + counts[:round_number % len(counts)]
+            for count in order:
+                redis_server.client().flushall()
+                service = RelaymilterProcess(
+                    public_subdirectory(tree, f"w{count}r{round_number}"), front_end="policyd",
+                    policyd={"workers": count}, relay={"local_domains": ["local.test"]},
+                    store={"path": str(store)}, counters={"url": redis_server.url()})
+                service.start()
+                try:
+                    time.sleep(1.5)         # every worker up and its store read
+                    run = dnsbl_storm.drive(
+                        _Workers(service), args.decisions,
+                        lambda n: request("x@remote.test", sasl_username=f"user{n % 1000}",
+                                          instance=f"b{round_number}.{n}"),
+                        lambda n: expected, 20, f"workers={count}")
+                finally:
+                    service.stop()
+                rates[count].append(args.decisions / run.wall)
+    base = statistics.median(rates[1])
+    for count in counts:
+        median = statistics.median(rates[count])
+        print(f"  workers {count}: {median:8,.0f} decisions/s  ({median / base:.2f} x one "
+              f"process)   rounds: {' '.join(f'{rate:,.0f}' for rate in rates[count])}")
+    print(f"  ({os.cpu_count()} CPUs here, shared by the workers, Redis and this load "
+          "generator)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--charges", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--holds", type=int, default=10)
+    parser.add_argument("--decisions", type=int, default=20000)
+    parser.add_argument("--workers", type=lambda text: [int(n) for n in text.split(",")],
+                        default=[2], help="worker counts to set against one process (2)")
     args = parser.parse_args()
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")
     counters_part(args)
     propagation_part(args)
+    workers_part(args)
 
 
 if __name__ == "__main__":
