@@ -299,15 +299,23 @@ class DomainPolicy:
     def limit(self, kind: str, value: str | IPAddress | None) -> int | None:
         """Recipients per hour: value's own limit, else the kind's default, else None.
 
-        kind "user": value is the SASL user name. kind "client": value is an
-        address or network (text or ipaddress); the longest limit network
-        holding it counts. A value that is neither gets the default.
+        kind "user": value is the SASL user name; between its own limit and
+        the default comes its domain's (the entry "@domain", for logins
+        user@domain). kind "client": value is an address or network (text or
+        ipaddress); the longest limit network holding it counts. A value
+        that is neither gets the default.
         """
         if kind == "user":
             if value:
-                own = self._user_limits.get(user_key(value))
+                key = user_key(value)
+                own = self._user_limits.get(key)
                 if own is not None:
                     return own
+                at = key.rfind("@")
+                if at > 0:
+                    domain = self._user_limits.get(key[at:])
+                    if domain is not None:
+                        return domain
         elif kind == "client":
             if value and self._client_limits:
                 own = self._client_limit(value)

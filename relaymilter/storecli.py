@@ -56,7 +56,7 @@ from typing import Any
 
 from relaymilter import limitcli
 from relaymilter.config import ConfigError, config_path, load_config
-from relaymilter.entries import SECTIONS, import_changes, user_key
+from relaymilter.entries import SECTIONS, canonical_domain, import_changes, user_key
 from relaymilter.exitcodes import EX_ERROR, EX_NOINPUT, EX_OK, EX_TEMPFAIL
 from relaymilter.openstore import open_store
 from relaymilter.store import (Storage, StoreError, StoreInputError, StoreMissingError,
@@ -177,8 +177,12 @@ def _who(parser: argparse.ArgumentParser, default: bool = False) -> None:
     group.add_argument("--client", metavar="NETWORK", help="a client address or network")
     group.add_argument("--user", metavar="USER", help="a SASL user name")
     if default:
+        group.add_argument("--domain", metavar="DOMAIN",
+                           help="the limit of every SASL user USER@DOMAIN without one of its "
+                                "own (kept as the user entry @DOMAIN)")
         group.add_argument("--default", choices=("client", "user"),
-                           help="the limit of every client or user without one of its own")
+                           help="the limit of every client or user without one of its own "
+                                "(or of its domain)")
 
 
 def _hold_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
@@ -430,6 +434,8 @@ def _refuse_replacing(store: Storage, args: argparse.Namespace, **fields: Any) -
 def _who_of(args: argparse.Namespace) -> tuple[str, str | None]:
     if getattr(args, "default", None):
         return args.default, None
+    if getattr(args, "domain", None) and args.kind == "limit":
+        return "user", "@" + canonical_domain(args.domain)
     return ("client", args.client) if args.client else ("user", args.user)
 
 

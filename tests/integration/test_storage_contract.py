@@ -641,6 +641,18 @@ def test_limit_is_the_override_else_the_default_else_none(policy):
         policy.limit("domain", "example.com")
 
 
+def test_a_user_limit_is_its_own_else_its_domain_s_else_the_default(storage):
+    storage.set_limit("user", None, 50)
+    storage.set_limit("user", "@example.com", 200)
+    storage.set_limit("user", "Bob@Example.com", 999)
+    policy = storage.load_policy()
+    assert policy.limit("user", "bob@example.com") == 999
+    assert policy.limit("user", "Alice@EXAMPLE.COM") == 200
+    assert policy.limit("user", "carol@sub.example.com") == 50     # no parent domains
+    assert policy.limit("user", "dave") == 50
+    assert policy.limit("user", "@example.com") == 200
+
+
 def test_client_limit_falls_back_to_the_client_default(storage):
     storage.set_limit("client", None, 1000)
     storage.set_limit("client", "10.0.0.0/8", 10)
