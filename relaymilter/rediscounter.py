@@ -48,7 +48,9 @@ DESCRIPTION
     next charges go straight to the fallback, a RecipientCounter of this
     process (on_error "local"), or are answered `unavailable`
     (on_error "tempfail": the caller defers the recipient, never a 5xx).
-    Then one charge tries Redis again. The outage is logged once when it
+    Then one charge tries Redis again, and a probe thread PINGs it every
+    RETRY_AFTER seconds meanwhile (so the health report sees it back even
+    when no limited recipient comes). The outage is logged once when it
     starts and once when it ends, and reported to the metrics recorder on
     every charge it touches.
 
@@ -208,6 +210,21 @@ class RedisCounter:
                      else "deferring limited recipients (on_error = tempfail)")
             log.error("Redis counters at %s unavailable, %s until they answer (retried every "
                       "%.0f s): %s", self.shown, doing, RETRY_AFTER, self._outage)
+            threading.Thread(target=self._probe, name="relaymilter-redis-probe",
+                             daemon=True).start()
+
+    def _probe(self) -> None:
+        """During an outage, PING every RETRY_AFTER seconds, so that the health
+        report and the log see Redis back even while no limited recipient comes."""
+        while self._outage is not None:
+            time.sleep(RETRY_AFTER)
+            try:
+                self._client.ping()
+            except redis.RedisError:
+                continue
+            with self._lock:
+                self._open_until = 0.0
+            self._recovered()
 
     def _recovered(self) -> None:
         with self._lock:

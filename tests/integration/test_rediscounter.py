@@ -141,3 +141,21 @@ def test_tempfail_mode_answers_unavailable_while_redis_is_gone():
         server.kill()
         charge = counter.charge(ALICE, 3)
     assert charge.unavailable and not charge.allowed
+
+
+def test_redis_back_is_seen_without_any_recipient_to_count(monkeypatch):
+    from redis_instance import RedisInstance
+
+    monkeypatch.setattr(rediscounter, "RETRY_AFTER", 0.3)
+    metrics = PrometheusRecorder()
+    with RedisInstance() as server:
+        counter, = counters(server.url(), count=1, metrics=metrics)
+        server.kill()
+        counter.charge(ALICE, 3)
+        assert metrics.health_state.counters_error is not None
+        server.start()
+        deadline = time.monotonic() + 5
+        while metrics.health_state.counters_error is not None:
+            assert time.monotonic() < deadline, "still degraded"
+            time.sleep(0.05)
+        assert counter.charge(ALICE, 3).attempts == 1          # counted in Redis again
