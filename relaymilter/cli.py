@@ -323,6 +323,8 @@ def _serve(args: argparse.Namespace, front_end: str, worker: int = 0,
                 log.error("%s: %s: %s", path, metrics_key, error)
                 return EX_UNAVAILABLE
         runtime = Runtime.start(config, metrics=recorder)
+        if worker == 1:         # one of several: the first says what they all do
+            runtime.workers_counting_apart = config.policyd.workers
         log.info("relaymilter %s %s starting on %s with %s (%d local domains%s)", __version__,
                  front_end, socket_text, path, runtime.snapshot.local_domain_count,
                  ", dry run" if config.decisions.dry_run else "")

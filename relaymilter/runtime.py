@@ -84,6 +84,9 @@ class Runtime:
         self._reload_requested = False
         self._thread: threading.Thread | None = None
         self._listener: "ChangeListener | None" = None     # a PostgreSQL store's NOTIFY
+        # Set by cli.py in the first of several policy service workers.
+        self.workers_counting_apart = 0
+        self._warned_limits = False
         metrics.config_loaded(snapshot.config.path, reload=False)
 
     @classmethod
@@ -119,7 +122,21 @@ class Runtime:
         if policy is None:
             return False
         self.snapshot = replace(self.snapshot, domain_policy=policy)
+        self._warn_limits_counted_apart(policy)
         return True
+
+    def _warn_limits_counted_apart(self, policy: DomainPolicy) -> None:
+        """Workers started without limits in the store (cli.py refuses them with)
+        count limits added later each for itself: say so, once."""
+        config = self.snapshot.config
+        workers = self.workers_counting_apart
+        if workers > 1 and config.counters.url is None and policy.counts["limits"] \
+                and not self._warned_limits:
+            self._warned_limits = True
+            log.warning("the policy store now holds limits, and %d policy service workers "
+                        "count them each for itself ([counters] url is not set): a sender may "
+                        "send %d times its limit; set [counters] url or workers = 1",
+                        workers, workers)
 
     def reload_now(self) -> None:
         """Have the watcher thread reload the config and follow the store at

@@ -5,7 +5,8 @@ Postfix-shaped requests spread over the workers (each has its own metrics
 port), a killed worker is replaced, SIGHUP reaches every worker, SIGTERM
 stops them all and removes the socket, and a supervisor killed outright
 takes its workers with it. Limits: refused with per-process counters when
-the store holds limits; exact across workers with Redis.
+the store holds limits, warned about when they come later; exact across
+workers with Redis.
 """
 
 from __future__ import annotations
@@ -114,6 +115,26 @@ def test_workers_with_limits_counted_per_process_are_refused(public_tree):
     assert "policyd.workers: 2 workers would each allow the whole outbound limit" in done.stderr
     assert "set [counters] url" in done.stderr
     assert not (directory / "policyd.sock").exists()
+
+
+def test_limits_added_later_to_workers_without_redis_are_warned_about(public_tree):
+    directory = public_subdirectory(public_tree, "warned")
+    store = directory / "policy.sqlite3"
+    service = RelaymilterProcess(directory, front_end="policyd", policyd={"workers": 2},
+                                 relay=RELAY, store={"path": str(store)})
+    service.start()
+    try:
+        within(10, lambda: len(workers_of(service.process.pid)) == 2)
+        done = subprocess.run([RELAYMILTER, "limit", "add", "--user", "alice", "5", "--store",
+                               str(store)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        line = service.wait_for_log(r"warning: the policy store now holds limits.*", timeout=5)
+        assert "2 policy service workers count them each for itself" in line.group(0)
+        assert "send 2 times its limit" in line.group(0)
+        time.sleep(1.5)
+        assert service.log_text().count("now holds limits") == 1      # one worker says it
+    finally:
+        service.stop()
 
 
 def test_a_limit_is_exact_across_workers_with_shared_counters(public_tree, redis_server):
