@@ -55,6 +55,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "integration"), str(ROOT / "benc
 
 from policy_client import PolicyClient, request  # noqa: E402
 from postgres_instance import PostgresInstance  # noqa: E402
+from procs import children  # noqa: E402
 from redis_instance import RedisInstance  # noqa: E402
 from relaymilter.limits import RecipientCounter  # noqa: E402
 from relaymilter.rediscounter import RedisCounter  # noqa: E402
@@ -159,15 +160,14 @@ class _Workers:
 
     def cpu_seconds(self) -> float:
         """The supervisor and its live workers, utime + stime."""
+        supervisor = self.process.process.pid
         total = 0.0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        for pid in [supervisor, *children(supervisor)]:
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            pid = int(stat.parent.name)
-            if pid == self.process.process.pid or int(fields[1]) == self.process.process.pid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
 
     def log(self) -> str:

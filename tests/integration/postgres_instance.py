@@ -47,6 +47,8 @@ from pathlib import Path
 
 import psycopg
 
+from procs import alive, children
+
 SERVER_USER = "postgres"
 KEEP_DIRECTORY_ENV = "RELAYMILTER_KEEP_POSTGRES"  # =1 keeps the cluster for debugging
 
@@ -160,11 +162,11 @@ class PostgresInstance:
         notice the postmaster's death), so that a start() can follow."""
         if not self.running:
             return
-        children = _children(self._process.pid)
+        waiting = children(self._process.pid)
         self._process.kill()
         self._process.wait()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(map(_alive, children)):
+        while time.monotonic() < deadline and any(map(alive, waiting)):
             time.sleep(0.05)
 
     def close(self) -> None:
@@ -210,25 +212,3 @@ def _socket_number() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is pid."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """pid runs (a zombie, dead but not reaped by its new parent, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from policy_client import PolicyClient, request
+from procs import alive, children
 from relaymilter_process import RELAYMILTER, RelaymilterProcess, _free_port, public_subdirectory
 
 RELAY = {"local_domains": ["local.test"]}
@@ -27,16 +28,7 @@ LIMITED = b"action=450 4.7.1 Sending rate limit exceeded, try again later"
 
 
 def workers_of(supervisor: int) -> list[int]:
-    """The live child processes of supervisor."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == supervisor and fields[0] != "Z":
-            children.append(int(stat.parent.name))
-    return sorted(children)
+    return children(supervisor)
 
 
 def within(seconds: float, condition) -> None:
@@ -85,7 +77,7 @@ def test_three_workers_share_one_socket_and_are_kept_running(public_tree):
         pids = workers_of(service.process.pid)
         assert service.stop() == 0
         assert not service.socket_path.exists()
-        assert not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in pids)
+        assert not any(Path(f"/proc/{pid}").exists() and alive(pid) for pid in pids)
         assert "worker" in service.log_text() and "Traceback" not in service.log_text()
     finally:
         service.kill()
@@ -98,7 +90,7 @@ def test_workers_end_with_a_supervisor_killed_outright(public_tree):
     within(10, lambda: len(workers_of(service.process.pid)) == 2)
     pids = workers_of(service.process.pid)
     service.kill()
-    within(10, lambda: not any(_alive(pid) for pid in pids))
+    within(10, lambda: not any(alive(pid) for pid in pids))
 
 
 def test_workers_with_limits_counted_per_process_are_refused(public_tree):
@@ -163,11 +155,3 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
