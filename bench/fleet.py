@@ -10,8 +10,10 @@ SYNOPSIS
 
 DESCRIPTION
     Part 1 - the counter. In this process, --charges recipients (default
-    20,000) of 1,000 senders charged one after another to (local) the
-    in-process RecipientCounter, the baseline; (unix) a RedisCounter on a
+    20,000) of 1,000 senders, 3 recipients a message, each sender held to
+    three rates (recipients per hour and per day, messages per hour), all
+    checked and counted, charged one after another to (local) the
+    in-process LimitCounter, the baseline; (unix) a RedisCounter on a
     private redis-server's unix socket; (tcp) the same Redis over TCP on
     127.0.0.1. Every charge is timed (perf_counter); printed per kind: the
     median and 99th percentile latency, CPU per charge of this process
@@ -57,12 +59,14 @@ from policy_client import PolicyClient, request  # noqa: E402
 from postgres_instance import PostgresInstance  # noqa: E402
 from procs import children  # noqa: E402
 from redis_instance import RedisInstance  # noqa: E402
-from relaymilter.limits import RecipientCounter  # noqa: E402
+from relaymilter.limits import Limit, LimitCounter  # noqa: E402
 from relaymilter.rediscounter import RedisCounter  # noqa: E402
 from relaymilter_process import (RELAYMILTER, RelaymilterProcess, _free_port,  # noqa: E402
                                  public_subdirectory)
 
 HELD = b"action=550 5.7.1 Relaying suspended for this sender"
+# Three rates in force, all far from reach: every one is checked and counted.
+LIMIT = Limit(per_hour=1_000_000, per_day=10_000_000, messages_per_hour=1_000_000)
 
 
 def time_charges(counter, charges: int) -> tuple[list[float], float]:
@@ -73,7 +77,7 @@ def time_charges(counter, charges: int) -> tuple[list[float], float]:
     for number in range(charges):
         key = ("user", f"sender{number % 1000}")
         started = clock()
-        counter.charge(key, 1_000_000, f"bench.{number}", "rcpt@example.org")
+        counter.charge(key, LIMIT, f"bench.{number // 3}", f"rcpt{number % 3}@example.org")
         latencies.append(clock() - started)
     return latencies, (time.process_time() - cpu) / charges
 
@@ -85,11 +89,12 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def counters_part(args: argparse.Namespace) -> None:
     print(f"Part 1: one limited recipient charged, {args.charges:,} per run, "
-          f"{args.rounds} rounds, 1,000 senders")
+          f"{args.rounds} rounds, 1,000 senders, 3 recipients a message, 3 rates "
+          f"({LIMIT.describe()})")
     with RedisInstance(tcp_port=_free_port()) as server:
-        kinds = {"local": lambda: RecipientCounter(window=3600),
-                 "unix": lambda: RedisCounter(server.url(), window=3600, timeout=1.0),
-                 "tcp": lambda: RedisCounter(server.tcp_url(), window=3600, timeout=1.0)}
+        kinds = {"local": lambda: LimitCounter(hour=3600),
+                 "unix": lambda: RedisCounter(server.url(), hour=3600, timeout=1.0),
+                 "tcp": lambda: RedisCounter(server.tcp_url(), hour=3600, timeout=1.0)}
         figures: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in kinds}
         names = list(kinds)
         for round_number in range(args.rounds):
@@ -97,7 +102,7 @@ def counters_part(args: argparse.Namespace) -> None:
             for kind in order:
                 server.client().flushall()
                 counter = kinds[kind]()
-                counter.charge(("user", "warm"), 1)         # connected before timing
+                counter.charge(("user", "warm"), Limit(1))  # connected before timing
                 latencies, cpu = time_charges(counter, args.charges)
                 figures[kind].append((statistics.median(latencies),
                                       percentile(latencies, 0.99), cpu))

@@ -274,11 +274,12 @@ SCHEMA: tuple[Key, ...] = (
         "postgresql://USER@HOST/DATABASE (a unix socket: ?host=/DIRECTORY). Set, it "
         "replaces path.", _store_url),
     Key("limits", "window", int, 3600,
-        "Seconds over which an outbound limit (`relaymilter limit`, recipients per hour) "
-        "counts: 3600; other values stretch or shrink that hour.", minimum=1, maximum=86400),
+        "Seconds in the hour of the outbound limits (`relaymilter limit`: per hour, and "
+        "per day = 24 of them): 3600; other values stretch or shrink that hour.",
+        minimum=1, maximum=86400),
     Key("limits", "auto_hold_factor", int, 0,
-        "Put a sender on hold when its attempts reach this many times its limit in one "
-        "window; 0 = never.", minimum=0, maximum=1000),
+        "Put a sender on hold when its attempts reach this many times one of its rates "
+        "within that rate's window; 0 = never.", minimum=0, maximum=1000),
     Key("limits", "auto_hold_duration", int, 0,
         "Seconds an automatic hold lasts before it ends by itself; 0 = until removed by "
         "hand.", minimum=0, maximum=10 * 365 * 86400),

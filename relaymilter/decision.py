@@ -103,8 +103,9 @@ class RecipientFacts:
 
     recipient           the argument as the client wrote it
     resolved_recipient  the MTA's own resolution ({rcpt_addr}), None if unsaid
-    instance            the MTA's id of the message (Postfix's policy `instance`),
-                        so that a recipient asked again is not counted twice
+    instance            the id of the message (Postfix's policy `instance`, the
+                        milter's own), so that a recipient asked again is not
+                        counted twice and a message counts once for the limits
     listing             the client's DNSBL lookups; None: none (no zones, trusted)
     """
 

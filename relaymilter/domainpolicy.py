@@ -11,7 +11,7 @@ SYNOPSIS
     policy.owned_domains("alice")                          # frozenset or None
     policy.allowlisted(ip_address("192.0.2.7"), "example.com")    # True or False
     policy.domain_dnsbl("example.com")                     # DomainDnsbl or None
-    policy.limit("user", "alice")                          # per hour, or None
+    policy.limit("user", "alice")                          # a limits.Limit, or None
     policy.counts                                          # entries per section
     EMPTY_POLICY                                           # no entries at all
 
@@ -44,6 +44,7 @@ from typing import Any
 
 from relaymilter.address import IPAddress, parse_network
 from relaymilter.entries import too_wide, user_key, validate_document
+from relaymilter.limits import Limit
 from relaymilter.netindex import NetworkIndex
 
 
@@ -134,7 +135,8 @@ class DomainPolicy:
             ((entry.network, domain) for entry in relay for domain in entry.sender_domains),
             ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.reason, entry.expires)
              for entry in records["holds"]),
-            ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.per_hour)
+            ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.per_hour,
+              entry.per_day, entry.messages_per_hour, entry.messages_per_day)
              for entry in records["limits"]),
             [(dnsbl, threshold, names) for (dnsbl, threshold), names in settings.items()],
             list(owners.items()), allowlist_ends)
@@ -144,7 +146,7 @@ class DomainPolicy:
                   relay_clients: Iterable[tuple[str, bytes, int]],
                   relay_client_domains: Iterable[tuple[str, str]],
                   holds: Iterable[tuple[str, str, bytes | None, int | None, str, float | None]],
-                  limits: Iterable[tuple[str, str, bytes | None, int | None, int]],
+                  limits: Iterable[tuple],
                   domains: Iterable[tuple[str, int | None, list[str]]],
                   owners: Iterable[tuple[str, list[str]]],
                   allowlist_ends: float | None = None) -> DomainPolicy:
@@ -157,7 +159,9 @@ class DomainPolicy:
         relay_client_domains  (network, sender domain)
         holds                 (kind, value, packed or None, prefix length or None, reason,
                               expires: unix time or None); those already ended are left out
-        limits                (kind, value, packed or None, prefix length or None, per hour)
+        limits                (kind, value, packed or None, prefix length or None, then
+                              the rates of a limits.Limit: per hour, per day, messages
+                              per hour, messages per day, each a count or None)
         domains               (dnsbl "on"/"off", threshold or None, [domain, ...])
         owners                (SASL user, [domain, ...])
         allowlist_ends        when the first allowlist entry in the index ends (the
@@ -194,16 +198,17 @@ class DomainPolicy:
         hold_index = NetworkIndex.from_packed(
             (packed, prefixlen, tag) for tag, (_, packed, prefixlen) in enumerate(client_holds))
 
-        default_limits: dict[str, int] = {}
-        user_limits: dict[str, int] = {}
-        client_limits: list[tuple[bytes, int, int]] = []
-        for kind, value, packed, prefixlen, per_hour in limits:
+        default_limits: dict[str, Limit] = {}
+        user_limits: dict[str, Limit] = {}
+        client_limits: list[tuple[bytes, int, Limit]] = []
+        for kind, value, packed, prefixlen, *rates in limits:
+            limit = Limit(*rates)
             if value == "":
-                default_limits[kind] = per_hour
+                default_limits[kind] = limit
             elif kind == "client":
-                client_limits.append((packed, prefixlen, per_hour))
+                client_limits.append((packed, prefixlen, limit))
             else:
-                user_limits[user_key(value)] = per_hour
+                user_limits[user_key(value)] = limit
         client_limit_index = NetworkIndex.from_packed(
             (packed, prefixlen, tag) for tag, (packed, prefixlen, _) in enumerate(client_limits))
 
@@ -228,7 +233,7 @@ class DomainPolicy:
             default_limits=default_limits,
             user_limits=user_limits,
             client_limit_index=client_limit_index,
-            client_limits=tuple((prefixlen, per_hour) for _, prefixlen, per_hour in client_limits),
+            client_limits=tuple((prefixlen, limit) for _, prefixlen, limit in client_limits),
             domains=domain_settings,
             owned={owner: frozenset(names) for owner, names in owned.items()},
             counts={"allowlist": len(allowlist), "relay_clients": len(relay_list),
@@ -296,8 +301,8 @@ class DomainPolicy:
         """The domain's DNSBL setting; None when the domain has no entry."""
         return self._domains.get(recipient_domain) if recipient_domain else None
 
-    def limit(self, kind: str, value: str | IPAddress | None) -> int | None:
-        """Recipients per hour: value's own limit, else the kind's default, else None.
+    def limit(self, kind: str, value: str | IPAddress | None) -> Limit | None:
+        """The rates value is held to: its own limit, else the kind's default, else None.
 
         kind "user": value is the SASL user name; between its own limit and
         the default comes its domain's (the entry "@domain", for logins
@@ -325,7 +330,7 @@ class DomainPolicy:
             raise ValueError(f"limit kind must be 'client' or 'user', not {kind!r}")
         return self._default_limits.get(kind)
 
-    def _client_limit(self, value: str | IPAddress) -> int | None:
+    def _client_limit(self, value: str | IPAddress) -> Limit | None:
         if isinstance(value, str):
             try:
                 value = ipaddress.ip_address(value)
@@ -337,9 +342,9 @@ class DomainPolicy:
         if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
             # A network's limit is that of a limit network containing it whole.
             for tag in self._client_limit_index.tags(value.network_address):
-                prefixlen, per_hour = self._client_limits[tag]
+                prefixlen, limit = self._client_limits[tag]
                 if prefixlen <= value.prefixlen:
-                    return per_hour
+                    return limit
             return None
         tag = self._client_limit_index.longest(value)
         return None if tag is None else self._client_limits[tag][1]

@@ -66,7 +66,7 @@ from relaymilter.zones import ListingResult, summarise
 
 if TYPE_CHECKING:
     from relaymilter.config import Config
-    from relaymilter.limits import RecipientCounter
+    from relaymilter.limits import LimitCounter
 
 
 class ListingSource(Protocol):
@@ -94,7 +94,7 @@ class Snapshot:
 # ---------------------------------------------------------------- decide ---
 
 def decide_recipient(facts: RecipientFacts, snapshot: Snapshot,
-                     counter: "RecipientCounter | None" = None) -> Decision:
+                     counter: "LimitCounter | None" = None) -> Decision:
     """The decision for one recipient, in the order of the module docstring."""
     try:
         recipient = parse_recipient(facts.recipient)
@@ -153,7 +153,7 @@ def _inbound(facts: RecipientFacts, recipient: Recipient, trust: Trust, reason: 
 
 
 def _outbound(facts: RecipientFacts, trust: Trust, snapshot: Snapshot,
-              counter: "RecipientCounter | None") -> Decision:
+              counter: "LimitCounter | None") -> Decision:
     """Relaying by a trusted sender: the outbound limit of the user or client."""
     client = facts.client
     if trust is Trust.AUTHENTICATED:
@@ -210,7 +210,7 @@ class Running(Protocol):
     """What the engine reads of the running process (runtime.Runtime)."""
 
     snapshot: Snapshot
-    counter: "RecipientCounter"
+    counter: "LimitCounter"
     metrics: Recorder
 
     def request_hold(self, kind: str, value: str, reason: str) -> None: ...

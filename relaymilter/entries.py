@@ -26,9 +26,13 @@ DESCRIPTION
     holds          a client network (kind "client") or SASL user ("user")
                    whose relaying is suspended, with a reason, until
                    removed or until it expires (unix time; null: never).
-    limits         recipients per hour a SASL user ("user") or a relaying
-                   client ("client") may send out; value "" is the default
-                   of its kind, any other value an override.
+    limits         how much a SASL user ("user") or a relaying client
+                   ("client") may send out: recipients per hour (per_hour)
+                   and per day (per_day), messages per hour and per day
+                   (messages_per_hour, messages_per_day), one at least;
+                   value "" is the default of its kind, "@domain" the
+                   default of a domain's users, any other value an
+                   override.
     domains        a hosted domain: DNSBL "on" or "off" for its recipients,
                    its own DNSBL threshold (or none), and its owners, the
                    SASL users that may send as this domain.
@@ -76,6 +80,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from relaymilter.address import IPNetwork, normalise_domain, parse_network
+from relaymilter.limits import RATE_NAMES
 
 FORMAT = "relaymilter-policy"
 FORMAT_VERSION = 1
@@ -278,7 +283,10 @@ class LimitRecord(NamedTuple):
     value: str
     packed: bytes | None
     prefixlen: int | None
-    per_hour: int
+    per_hour: int | None        # the rates of a limits.Limit; one at least
+    per_day: int | None
+    messages_per_hour: int | None
+    messages_per_day: int | None
     comment: str
     created: float
     added_by: str
@@ -348,7 +356,11 @@ def _limit_record(row: Mapping[str, Any], now: float, actor: str) -> LimitRecord
     value = row.get("value")
     value_columns = ("", "", None, None) if value in (None, "") else \
         _client_value(kind, value, "user name")
-    return LimitRecord(kind, *value_columns, _count(row.get("per_hour"), "per_hour"),
+    rates = [None if row.get(name) is None else _count(row.get(name), name)
+             for name in RATE_NAMES]
+    if all(rate is None for rate in rates):
+        raise StoreInputError("a limit needs one rate at least: " + ", ".join(RATE_NAMES))
+    return LimitRecord(kind, *value_columns, *rates,
                        _text(row.get("comment"), "comment"), *_stamp(row, now, actor))
 
 
@@ -398,8 +410,8 @@ SECTIONS = {section.name: section for section in (
     Section("holds", _hold_record, ("kind", "value"),
             ("kind", "value", "reason") + _STAMP_FIELDS + ("expires",), ("kind", "value_key"),
             HoldRecord._fields, _hold_key),
-    Section("limits", _limit_record, ("kind", "per_hour"),
-            ("kind", "value", "per_hour") + _STAMP_FIELDS, ("kind", "value_key"),
+    Section("limits", _limit_record, ("kind",),
+            ("kind", "value") + RATE_NAMES + _STAMP_FIELDS, ("kind", "value_key"),
             LimitRecord._fields, _limit_key),
     Section("domains", _domain_record, ("domain",),
             ("domain", "dnsbl", "threshold", "owners") + _STAMP_FIELDS, ("domain",),

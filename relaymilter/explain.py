@@ -44,7 +44,7 @@ from relaymilter.dnsbl import report_lines as zone_lines
 from relaymilter.domainpolicy import EMPTY_POLICY, DomainPolicy
 from relaymilter.engine import decide_recipient, enforce, lookups_needed
 from relaymilter.exitcodes import EX_DEFERRED, EX_OK, EX_REFUSED
-from relaymilter.limits import RecipientCounter
+from relaymilter.limits import RATE_NAMES, Limit, LimitCounter
 from relaymilter.openstore import open_store
 from relaymilter.relay import Trust, client_trust, relay_verdict
 from relaymilter.reload import build_snapshot
@@ -119,7 +119,7 @@ def explain(config: Config, question: Question) -> dict[str, Any]:
         hold = policy.held(address, client.auth_user)
         relay_client = policy.relay_client(address)
         listing = snapshot.dnsbl.start(address) if lookups_needed(client, snapshot) else None
-        counter = RecipientCounter(window=config.limits.window)
+        counter = LimitCounter(hour=config.limits.window)
         report: dict[str, Any] = {
             "client": {
                 "address": str(address), "helo": question.helo, "sasl_user": client.auth_user,
@@ -169,7 +169,7 @@ def _dnsbl(listing, snapshot, store: _Store, address: IPAddress) -> dict[str, An
 
 
 def _recipient(config: Config, snapshot, client: ClientFacts, trust: Trust, sender: str,
-               text: str, listing, counter: RecipientCounter) -> dict[str, Any]:
+               text: str, listing, counter: LimitCounter) -> dict[str, Any]:
     facts = RecipientFacts(client=client, sender=sender, recipient=text, listing=listing)
     decision = enforce(decide_recipient(facts, snapshot, counter), config.decisions.dry_run)
     entry: dict[str, Any] = {"recipient": text, "decision": _decision(decision)}
@@ -191,9 +191,9 @@ def _recipient(config: Config, snapshot, client: ClientFacts, trust: Trust, send
     if not verdict.allowed and trust is not Trust.UNTRUSTED:
         kind, value = (("user", client.auth_user) if trust is Trust.AUTHENTICATED
                        else ("client", client.address))
-        per_hour = policy.limit(kind, value)
-        entry["limit"] = None if per_hour is None else {"kind": kind, "value": str(value),
-                                                        "per_hour": per_hour}
+        limit = policy.limit(kind, value)
+        entry["limit"] = None if limit is None else {"kind": kind, "value": str(value),
+                                                     **limit._asdict()}
     return entry
 
 
@@ -255,8 +255,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             lines.append("  allowlisted for this domain")
         if entry.get("limit"):
             limit = entry["limit"]
-            lines.append(f"  outbound limit: {limit['per_hour']} recipients per hour for "
-                         f"{limit['kind']} {limit['value']} (counted here from zero; the running "
-                         "daemon keeps its own count)")
+            rates = Limit(*(limit[name] for name in RATE_NAMES)).describe()
+            lines.append(f"  outbound limit: {rates} for {limit['kind']} {limit['value']} "
+                         "(counted here from zero; the running daemon keeps its own count)")
     lines.append(f"verdict: {report['verdict']}")
     return lines

@@ -9,12 +9,14 @@ SYNOPSIS
 
 DESCRIPTION
     With [counters] url (Redis), every relaymilter process counts a sender
-    together, and these verbs read and clear that count: status shows the
-    recipients accepted in the sender's window, its attempts (refused ones
-    included), the limit in force (its own, else the default of its kind,
-    from the store), what is left and when the window ends; reset ends the
-    window now, so the sender starts again from zero (a hold is separate:
-    `relaymilter hold remove`).
+    together, and these verbs read and clear that count: status shows, per
+    rate of the limit in force (its own, else its domain's, else the
+    default of its kind, from the store) and per rate with a count, the
+    recipients or messages accepted in the sliding window, the attempts
+    (refused ones included), what is left, when the oldest accepted slot
+    leaves the window (some allowance comes back) and when the last does
+    (the count is zero); reset forgets every count of the sender, so it
+    starts again from zero (a hold is separate: `relaymilter hold remove`).
 
     Without [counters] url each process counts for itself, in memory:
     there is nothing to read from outside, and both verbs say so (exit 1).
@@ -32,6 +34,7 @@ from typing import Any
 from relaymilter.config import load_config
 from relaymilter.entries import user_key
 from relaymilter.exitcodes import EX_ERROR, EX_OK, EX_TEMPFAIL
+from relaymilter.limits import RATE_NAMES, RATES, Limit, WindowCount
 from relaymilter.openstore import open_store
 from relaymilter.store import StoreError
 
@@ -40,7 +43,7 @@ def add_counter_actions(actions: Any, common: argparse.ArgumentParser) -> None:
     """status and reset, beside the limit verb's add, remove and list."""
     status = actions.add_parser("status", help="the sender's count in the shared counters",
                                 parents=[common])
-    reset = actions.add_parser("reset", help="end the sender's window now: it starts again "
+    reset = actions.add_parser("reset", help="forget the sender's counts: it starts again "
                                              "from zero", parents=[common])
     for parser in (status, reset):
         who = parser.add_mutually_exclusive_group(required=True)
@@ -65,22 +68,22 @@ def run(args: argparse.Namespace, config_file: str) -> int:
     import redis
 
     from relaymilter.rediscounter import RedisCounter
-    counter = RedisCounter(config.counters.url, window=config.limits.window, timeout=5.0)
+    counter = RedisCounter(config.counters.url, hour=config.limits.window, timeout=5.0)
     try:
         if args.action == "reset":
             ended = counter.reset(key)
-            sys.stdout.write(f"{kind} {value}: " + ("window ended, the count starts again "
-                                                    "from zero\n" if ended else
-                                                    "no open window, nothing to reset\n"))
+            sys.stdout.write(f"{kind} {value}: " + ("counts forgotten, it starts again from "
+                                                    "zero\n" if ended else
+                                                    "nothing counted, nothing to reset\n"))
             return EX_OK
-        window = counter.status(key)
+        counts = counter.status(key)
     except redis.RedisError as error:
         sys.stderr.write(f"relaymilter: Redis counters at {counter.shown} unavailable; try "
                          f"again later: {type(error).__name__}: {error}\n")
         return EX_TEMPFAIL
     finally:
         counter.close()
-    return _show(kind, value, window, _limit_of(config, kind, value), args.json)
+    return _show(kind, value, counts, _limit_of(config, kind, value), args.json)
 
 
 def _sender(args: argparse.Namespace) -> tuple[str, str, tuple[str, str]]:
@@ -99,7 +102,7 @@ def _sender(args: argparse.Namespace) -> tuple[str, str, tuple[str, str]]:
     return "client", str(address), ("client", str(address))
 
 
-def _limit_of(config: Any, kind: str, value: str) -> int | None:
+def _limit_of(config: Any, kind: str, value: str) -> Limit | None:
     """The limit in force for the sender, from the store; None: none or unreadable."""
     location = config.store.location
     if location is None:
@@ -111,26 +114,37 @@ def _limit_of(config: Any, kind: str, value: str) -> int | None:
         return None
 
 
-def _show(kind: str, value: str, window: dict[str, Any] | None, limit: int | None,
+def _show(kind: str, value: str, counts: dict[str, WindowCount], limit: Limit | None,
           as_json: bool) -> int:
-    accepted = window["accepted"] if window else 0
-    document = {"kind": kind, "value": value, "limit": limit, "accepted": accepted,
-                "attempts": window["attempts"] if window else 0,
-                "remaining": None if limit is None else max(0, limit - accepted),
-                "resets_in": window["resets_in"] if window else None}
+    allowed = limit._asdict() if limit is not None else dict.fromkeys(RATE_NAMES)
+    rates = {}
+    for (name, unit, hours) in RATES:
+        count = counts[name]
+        if allowed[name] is None and not count.attempts:
+            continue
+        rates[name] = {"unit": unit, "window": "hour" if hours == 1 else "day",
+                       "limit": allowed[name], "accepted": count.accepted,
+                       "attempts": count.attempts,
+                       "remaining": (None if allowed[name] is None
+                                     else max(0, allowed[name] - count.accepted)),
+                       "frees_in": count.frees_in, "empty_in": count.empty_in}
     if as_json:
+        document = {"kind": kind, "value": value,
+                    "limit": None if limit is None else limit._asdict(), "rates": rates}
         sys.stdout.write(json.dumps(document, indent=1) + "\n")
         return EX_OK
-    if limit is None:
-        of = "no limit in force"
-    else:
-        of = f"limit {limit}, {document['remaining']} left"
-    if window is None:
-        sys.stdout.write(f"{kind} {value}: no open window ({of})\n")
-    else:
-        sys.stdout.write(f"{kind} {value}: {accepted} recipients accepted, "
-                         f"{document['attempts']} attempts ({of}); the window ends in "
-                         f"{_duration(window['resets_in'])}\n")
+    sys.stdout.write(f"{kind} {value}: "
+                     + (f"limit {limit.describe()}" if limit else "no limit in force") + "\n")
+    if not rates:
+        sys.stdout.write("  nothing counted\n")
+    for rate in rates.values():
+        of = "no limit" if rate["limit"] is None else f"{rate['remaining']} of {rate['limit']} left"
+        line = (f"  {rate['unit']} per {rate['window']}: {rate['accepted']} accepted, "
+                f"{rate['attempts']} attempts, {of}")
+        if rate["frees_in"] is not None:
+            line += (f"; the oldest leave the window in {_duration(rate['frees_in'])}, "
+                     f"the last in {_duration(rate['empty_in'])}")
+        sys.stdout.write(line + "\n")
     return EX_OK
 
 

@@ -62,7 +62,9 @@ DESCRIPTION
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import os
 import socket
 import sys
 import threading
@@ -85,6 +87,12 @@ EXPECTED_MACROS = {"connect": ("j", "{client_addr}"), "envrcpt": ("{rcpt_addr}",
 
 # Stands for a macro value that was not UTF-8; it parses as no address.
 UNDECODABLE = "\udcff"
+
+# Message ids for the outbound limits (limits.py): unique across processes
+# and hosts, so that a recipient asked again is not counted twice and a
+# message counts once, whatever its recipients.
+_MESSAGE_PREFIX = os.urandom(6).hex()
+_message_numbers = itertools.count(1)
 
 
 class MacroWarnings:
@@ -150,6 +158,7 @@ class RelayMilter(Milter.Base):
         self._client_addr_text = client_addr_text   # the {client_addr} the session began with
         self._listing = None
         self._sender: str | None = None
+        self._message_id: str | None = None
         self._session_fault = False
         self._message_fault = False
         self._aborted = False       # an ABORT since the session began: MAIL macros may be stale
@@ -215,6 +224,7 @@ class RelayMilter(Milter.Base):
         self._follow_client()
         self._message_fault = False
         self._sender = _text(sender)
+        self._message_id = f"{_MESSAGE_PREFIX}.{os.getpid()}.{next(_message_numbers)}"
         auth_user = self._macro("{auth_authen}") or None
         if auth_user is not None and self._aborted and not self._mail_macros_fresh():
             log.warning("ignoring {auth_authen} at MAIL from %s: the MTA sent no new MAIL "
@@ -245,7 +255,8 @@ class RelayMilter(Milter.Base):
             self._warnings.missing("RCPT", "{rcpt_addr}")
         facts = RecipientFacts(client=self._client, sender=self._sender or "",
                                recipient=recipient, resolved_recipient=resolved,
-                               queue_id=queue_id, listing=self._listing)
+                               queue_id=queue_id, listing=self._listing,
+                               instance=self._message_id)
         return self._answer(self._engine.answer_recipient(facts))
 
     @guarded("data")
@@ -260,6 +271,7 @@ class RelayMilter(Milter.Base):
         client, HELO and DNSBL lookups belong to the session and stay.
         """
         self._sender = None
+        self._message_id = None
         self._message_fault = False
         self._aborted = True
         self._client = ClientFacts(self._client.address, self._client.name, self._client.helo)

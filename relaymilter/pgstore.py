@@ -182,6 +182,13 @@ MIGRATIONS = [
     # 4: allowlist entries and relay clients that end by themselves.
     ["ALTER TABLE allowlist ADD COLUMN expires double precision",
      "ALTER TABLE relay_client ADD COLUMN expires double precision"],
+    # 5: limits of several rates: recipients per hour (now optional) and per
+    # day, messages per hour and per day; one at least.
+    ["ALTER TABLE rate_limit ALTER COLUMN per_hour DROP NOT NULL",
+     "ALTER TABLE rate_limit ADD COLUMN per_day integer CHECK (per_day >= 1), "
+     "ADD COLUMN messages_per_hour integer CHECK (messages_per_hour >= 1), "
+     "ADD COLUMN messages_per_day integer CHECK (messages_per_day >= 1), "
+     "ADD CHECK (coalesce(per_hour, per_day, messages_per_hour, messages_per_day) IS NOT NULL)"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -349,7 +356,8 @@ class PostgresStore(Storage):
                 _rows(cursor, "SELECT network, packed, prefixlen, expires FROM relay_client"),
                 _rows(cursor, "SELECT network, domain FROM relay_client_domain"),
                 _rows(cursor, "SELECT kind, value, packed, prefixlen, reason, expires FROM hold"),
-                _rows(cursor, "SELECT kind, value, packed, prefixlen, per_hour FROM rate_limit"),
+                _rows(cursor, "SELECT kind, value, packed, prefixlen, per_hour, per_day, "
+                              "messages_per_hour, messages_per_day FROM rate_limit"),
                 domains, owners, allowlist_ends)
 
 

@@ -1,51 +1,41 @@
 """rediscounter - outbound limits counted in Redis, shared by every process and host.
 
 NAME
-    rediscounter - RedisCounter: the fleet's rate counter, with a local fallback
+    rediscounter - RedisCounter: the fleet's limit counter, with a local fallback
 
 SYNOPSIS
-    counter = RedisCounter("redis://counters.example/0", window=3600, auto_hold_factor=3,
+    counter = RedisCounter("redis://counters.example/0", hour=3600, auto_hold_factor=3,
                            timeout=0.05, on_error="local", metrics=recorder)
-    charge = counter.charge(("user", "alice"), limit=500, instance="4F1A2.6554.0",
-                            recipient="bob@example.org")
-    counter.status(("user", "alice"))      # {"accepted": 12, "attempts": 12, "resets_in": 3170.2}
-    counter.reset(("user", "alice"))       # True: there was a window
+    charge = counter.charge(("user", "alice"), Limit(per_hour=500, messages_per_day=1000),
+                            message="4F1A2.6554.0", recipient="bob@example.org")
+    counter.status(("user", "alice"))         # {"per_hour": WindowCount(...), ...}
+    counter.reset(("user", "alice"))          # True: something was counted
     counter.close()
 
 DESCRIPTION
-    The same counting as limits.RecipientCounter, kept in Redis so that
-    every relaymilter process on every host counts one sender together,
-    and a restart of relaymilter forgets nothing:
-
-    Window. A sender's window opens with its first recipient and lasts
-    `window` seconds on Redis's clock (the key's expiry): up to `limit`
-    recipients are accepted in it, fleet-wide; further ones are refused
-    and, with the accepted ones, counted as attempts; when the attempts
-    reach auto_hold_factor x limit, hold_due is set once per window. The
-    fixed window is the local counter's, so that a fallback counts alike;
-    its known cost is that a sender may send `limit` at the end of one
-    window and `limit` again at the start of the next.
+    The counting of limits.LimitCounter (sliding windows of SLOTS slots,
+    recipient and message rates, attempts and the hold that falls due
+    once, an answer remembered per message and recipient), kept in Redis
+    so that every relaymilter process on every host counts one sender
+    together, and a restart of relaymilter forgets nothing. The slots are
+    numbered on Redis's clock (TIME), so the hosts' clocks do not matter.
 
     One round trip. Check and count are one Lua script (SCRIPT), which
-    Redis runs atomically: two hosts never both take the last
-    recipient of a limit, so the fleet never accepts more than `limit` in a
-    window, and the precision is exact (not "one over per host").
+    Redis runs atomically: two hosts never both take the last recipient of
+    a rate, so the fleet never accepts more than a rate allows, exactly
+    (not "one over per host").
 
-    Asked again. With an instance (Postfix's per-message `instance`
-    attribute) and a recipient, the script remembers the answer for
-    ASKED_AGAIN_TTL seconds: the same recipient of the same message asked
-    again (a client repeating RCPT TO, a second policy check) gets that
-    answer and is not counted twice.
-
-    Keys. KEY_PREFIX{kind:value}:w holds a window (a hash: accepted,
-    attempts, hold_done) and KEY_PREFIX{kind:value}:r:INSTANCE:RECIPIENT
-    an answer already given. The part in braces is a Redis Cluster hash
-    tag, so a sender's keys share one slot; "{", "}", ":" and "%" in
-    names are %-escaped so that no name can reach another sender's keys.
+    Keys. Under KEY_PREFIX{kind:value}: one hash per rate (":per_hour",
+    ...; fields aSLOT and tSLOT, the accepted recipients and attempts of
+    a slot), ":m:MESSAGE" the fate of a message (a message rate refused
+    it, or not), ":r:MESSAGE:RECIPIENT" an answer already given. The part
+    in braces is a Redis Cluster hash tag, so a sender's keys share one
+    slot; "{", "}", ":" and "%" in names are %-escaped so that no name can
+    reach another sender's keys. Every key expires by itself.
 
     Faults. A call waits at most `timeout` seconds (connect and answer).
     An error or a timeout opens the circuit for RETRY_AFTER seconds: the
-    next charges go straight to the fallback, a RecipientCounter of this
+    next charges go straight to the fallback, a LimitCounter of this
     process (on_error "local"), or are answered `unavailable`
     (on_error "tempfail": the caller defers the recipient, never a 5xx).
     Then one charge tries Redis again, and a probe thread PINGs it every
@@ -64,11 +54,11 @@ import logging
 import threading
 import time
 from collections.abc import Hashable
-from typing import Any
 
 import redis
 
-from relaymilter.limits import Charge, RecipientCounter
+from relaymilter.limits import (ANSWER_TTL, RATE_NAMES, RATES, SLOTS, Charge, Limit,
+                                LimitCounter, Rate, WindowCount, slot_seconds, window_count)
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.storelocation import display_location
 
@@ -76,47 +66,84 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "relaymilter:"
 RETRY_AFTER = 5.0               # seconds the circuit stays open after a fault
-ASKED_AGAIN_TTL = 3600          # seconds an answer is remembered for its message
 
-# KEYS[1] the sender's window, KEYS[2] the answer of this recipient of this
-# message (KEYS[1] again when there is none).
-# ARGV limit, window in ms, auto-hold factor, 1 when KEYS[2] is an answer key,
-# its TTL in seconds. Returns allowed (0/1), accepted, attempts, hold_due, the
-# window's remaining ms.
+# KEYS[1] the answer of this recipient of this message, KEYS[2] the
+# message's fate (each a key of the sender's that is never written when
+# there is none), KEYS[3...] one hash per rate.
+# ARGV[1] "1" when KEYS[1] is an answer key, ARGV[2] "1" when KEYS[2] is a
+# message key, ARGV[3] the auto-hold factor, ARGV[4] the TTL of answers and
+# messages (s), then per rate: its name, "m" for messages or "r", its slot
+# length (ms), its count. Returns {allowed 0/1, hold_due 0/1, the rate that
+# refused ("" when none)}. The rules are limits.LimitCounter._count's.
 SCRIPT = """
-local window, limit = KEYS[1], tonumber(ARGV[1])
-if ARGV[4] == '1' then
-    local given = redis.call('GET', KEYS[2])
+if redis.replicate_commands then redis.replicate_commands() end
+local has_answer, has_message = ARGV[1] == '1', ARGV[2] == '1'
+local factor, ttl, slots = tonumber(ARGV[3]), tonumber(ARGV[4]), %(slots)d
+if has_answer then
+    local given = redis.call('GET', KEYS[1])
     if given then
-        local counts = redis.call('HMGET', window, 'accepted', 'attempts')
-        return {tonumber(given), tonumber(counts[1]) or 0, tonumber(counts[2]) or 0, 0,
-                redis.call('PTTL', window)}
+        if given == '+' then return {1, 0, ''} end
+        return {0, 0, given}
     end
 end
-if redis.call('EXISTS', window) == 0 then
-    redis.call('HSET', window, 'accepted', 0, 'attempts', 0, 'hold_done', 0)
-    redis.call('PEXPIRE', window, ARGV[2])
+local seen = false
+if has_message then
+    local fate = redis.call('GET', KEYS[2])
+    if fate then
+        if fate ~= '+' then
+            if has_answer then redis.call('SET', KEYS[1], fate, 'EX', ttl) end
+            return {0, 0, fate}
+        end
+        seen = true
+    end
 end
-local attempts = redis.call('HINCRBY', window, 'attempts', 1)
-local accepted = tonumber(redis.call('HGET', window, 'accepted'))
-local allowed = 0
-if accepted < limit then
-    accepted = redis.call('HINCRBY', window, 'accepted', 1)
-    allowed = 1
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local involved, exceeded, hold_due = {}, nil, 0
+for i = 0, (#ARGV - 4) / 4 - 1 do
+    local name, unit = ARGV[5 + 4 * i], ARGV[6 + 4 * i]
+    local slot_ms, count = tonumber(ARGV[7 + 4 * i]), tonumber(ARGV[8 + 4 * i])
+    if unit == 'r' or not seen then
+        local key = KEYS[3 + i]
+        local current = math.floor(now_ms / slot_ms)
+        local flat = redis.call('HGETALL', key)
+        local accepted, attempts, stale = 0, 0, {}
+        for j = 1, #flat, 2 do
+            local field = flat[j]
+            local number = tonumber(string.sub(field, 2))
+            if number <= current - slots then
+                stale[#stale + 1] = field
+            elseif string.sub(field, 1, 1) == 'a' then
+                accepted = accepted + tonumber(flat[j + 1])
+            else
+                attempts = attempts + tonumber(flat[j + 1])
+            end
+        end
+        if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+        if exceeded == nil and accepted >= count then exceeded = name end
+        redis.call('HINCRBY', key, 't' .. current, 1)
+        redis.call('PEXPIRE', key, slot_ms * (slots + 1))
+        local threshold = factor * count
+        if threshold > 0 and attempts < threshold and threshold <= attempts + 1 then
+            hold_due = 1
+        end
+        involved[#involved + 1] = {key, current}
+    end
 end
-local hold_due, factor = 0, tonumber(ARGV[3])
-if factor > 0 and attempts >= factor * limit
-        and redis.call('HGET', window, 'hold_done') == '0' then
-    redis.call('HSET', window, 'hold_done', 1)
-    hold_due = 1
+if exceeded == nil then
+    for _, rate in ipairs(involved) do
+        redis.call('HINCRBY', rate[1], 'a' .. rate[2], 1)
+    end
 end
-if ARGV[4] == '1' then
-    redis.call('SET', KEYS[2], allowed, 'EX', ARGV[5])
+if has_message and not seen and (exceeded == nil or string.sub(exceeded, 1, 8) == 'messages') then
+    redis.call('SET', KEYS[2], exceeded or '+', 'EX', ttl)
 end
-return {allowed, accepted, attempts, hold_due, redis.call('PTTL', window)}
-"""
+if has_answer then redis.call('SET', KEYS[1], exceeded or '+', 'EX', ttl) end
+if exceeded == nil then return {1, hold_due, ''} end
+return {0, hold_due, exceeded}
+""" % {"slots": SLOTS}
 
-UNAVAILABLE = Charge(allowed=False, accepted=0, attempts=0, hold_due=False, unavailable=True)
+UNAVAILABLE = Charge(allowed=False, unavailable=True)
 
 
 def _escaped(text: str) -> str:
@@ -133,10 +160,10 @@ def sender_tag(key: Hashable) -> str:
 class RedisCounter:
     """See the module docstring."""
 
-    def __init__(self, url: str, window: float = 3600.0, auto_hold_factor: int = 0,
+    def __init__(self, url: str, hour: float = 3600.0, auto_hold_factor: int = 0,
                  timeout: float = 0.05, on_error: str = "local",
                  metrics: Recorder = NO_METRICS) -> None:
-        self.window = window
+        self.hour = hour
         self.auto_hold_factor = auto_hold_factor
         self.shown = display_location(url)
         self._on_error = on_error
@@ -145,59 +172,82 @@ class RedisCounter:
                                             socket_connect_timeout=timeout,
                                             retry_on_timeout=False)
         self._script = self._client.register_script(SCRIPT)
-        self.fallback = RecipientCounter(window=window, auto_hold_factor=auto_hold_factor)
+        self.fallback = LimitCounter(hour=hour, auto_hold_factor=auto_hold_factor)
         self._lock = threading.Lock()
         self._open_until = 0.0          # monotonic time the circuit closes again
         self._outage: str | None = None     # the error that opened it, until Redis answers
 
-    def charge(self, key: Hashable, limit: int, instance: str | None = None,
+    def _slot_ms(self, rate: Rate) -> int:
+        return max(1, round(slot_seconds(self.hour, rate) * 1000))
+
+    def charge(self, key: Hashable, limit: Limit, message: str | None = None,
                recipient: str | None = None) -> Charge:
-        """Count one recipient for key against limit, fleet-wide (see the module
-        docstring); a fault counts in this process or answers UNAVAILABLE."""
+        """Count one recipient for key against every rate of limit, fleet-wide
+        (see the module docstring); a fault counts in this process or answers
+        UNAVAILABLE."""
         if time.monotonic() < self._open_until:
-            return self._fallen_back(key, limit)
-        tag = sender_tag(key)
-        window_key = KEY_PREFIX + tag + ":w"
-        asked_again = bool(instance and recipient)
-        answer_key = (f"{KEY_PREFIX}{tag}:r:{_escaped(instance)}:{_escaped(recipient)}"
-                      if asked_again else window_key)
+            return self._fallen_back(key, limit, message, recipient)
+        tag = KEY_PREFIX + sender_tag(key)
+        rates = list(limit.rates())
+        has_answer = bool(message and recipient)
+        keys = [f"{tag}:r:{_escaped(message)}:{_escaped(recipient)}" if has_answer
+                else tag + ":r",
+                f"{tag}:m:{_escaped(message)}" if message else tag + ":m"]
+        args: list = [int(has_answer), int(bool(message)), self.auto_hold_factor,
+                      int(ANSWER_TTL)]
+        for rate in rates:
+            keys.append(f"{tag}:{rate.name}")
+            args += [rate.name, "m" if rate.unit == "messages" else "r", self._slot_ms(rate),
+                     rate.count]
         try:
-            allowed, accepted, attempts, hold_due, _ = self._script(
-                keys=[window_key, answer_key],
-                args=[limit, max(1, int(self.window * 1000)), self.auto_hold_factor,
-                      int(asked_again), ASKED_AGAIN_TTL])
+            allowed, hold_due, exceeded = self._script(keys=keys, args=args)
         except redis.RedisError as error:
             self._failed(error)
-            return self._fallen_back(key, limit)
+            return self._fallen_back(key, limit, message, recipient)
         if self._outage is not None:
             self._recovered()
-        return Charge(bool(allowed), int(accepted), int(attempts), bool(hold_due))
+        exceeded = exceeded.decode() if isinstance(exceeded, bytes) else exceeded
+        return Charge(bool(allowed), bool(hold_due), exceeded or None)
 
-    def status(self, key: Hashable) -> dict[str, Any] | None:
-        """The sender's open window: accepted, attempts and the seconds until it
-        ends; None when it has none. Raises redis.RedisError."""
-        window_key = KEY_PREFIX + sender_tag(key) + ":w"
+    def status(self, key: Hashable) -> dict[str, WindowCount]:
+        """Per rate (by name: "per_hour" ...), what the sender's window holds now,
+        on Redis's clock. Raises redis.RedisError."""
+        tag = KEY_PREFIX + sender_tag(key)
+        rates = [Rate(name, unit, hours, 0) for name, unit, hours in RATES]
         with self._client.pipeline(transaction=True) as pipeline:
-            counts, remaining = pipeline.hgetall(window_key).pttl(window_key).execute()
-        if not counts:
-            return None
-        return {"accepted": int(counts[b"accepted"]), "attempts": int(counts[b"attempts"]),
-                "resets_in": max(0, remaining) / 1000}
+            pipeline.time()
+            for rate in rates:
+                pipeline.hgetall(f"{tag}:{rate.name}")
+            (seconds, microseconds), *hashes = pipeline.execute()
+        now = seconds + microseconds / 1e6
+        counts = {}
+        for rate, fields in zip(rates, hashes):
+            accepted: dict[int, int] = {}
+            attempts: dict[int, int] = {}
+            for field, value in fields.items():
+                field = field.decode()
+                (accepted if field[0] == "a" else attempts)[int(field[1:])] = int(value)
+            counts[rate.name] = window_count(accepted, attempts, now,
+                                             self._slot_ms(rate) / 1000)
+        return counts
 
     def reset(self, key: Hashable) -> bool:
-        """End the sender's window now; True when it had one. Raises redis.RedisError."""
-        return bool(self._client.delete(KEY_PREFIX + sender_tag(key) + ":w"))
+        """Forget the sender's counts now; True when it had some. Raises
+        redis.RedisError."""
+        tag = KEY_PREFIX + sender_tag(key)
+        return bool(self._client.delete(*(f"{tag}:{name}" for name in RATE_NAMES)))
 
     def close(self) -> None:
         self._client.close()
 
     # ------------------------------------------------------------ faults ---
 
-    def _fallen_back(self, key: Hashable, limit: int) -> Charge:
+    def _fallen_back(self, key: Hashable, limit: Limit, message: str | None,
+                     recipient: str | None) -> Charge:
         self._metrics.counter_fallback()
         if self._on_error == "tempfail":
             return UNAVAILABLE
-        return self.fallback.charge(key, limit)
+        return self.fallback.charge(key, limit, message, recipient)
 
     def _failed(self, error: Exception) -> None:
         with self._lock:

@@ -44,7 +44,7 @@ from relaymilter.dnsblwatch import DnsblWatch
 from relaymilter.domainpolicy import DomainPolicy
 from relaymilter.engine import Snapshot
 from relaymilter.holdnotify import notify
-from relaymilter.limits import RecipientCounter
+from relaymilter.limits import LimitCounter
 from relaymilter.recorder import NO_METRICS, Recorder
 from relaymilter.reload import ConfigReloader, build_snapshot
 from relaymilter.storefollow import StoreFollower
@@ -57,13 +57,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _counter(config: Config, metrics: Recorder) -> "RecipientCounter | RedisCounter":
+def _counter(config: Config, metrics: Recorder) -> "LimitCounter | RedisCounter":
     """The outbound limits' counter: in Redis ([counters] url), else in this process."""
     limits, counters = config.limits, config.counters
     if counters.url is None:
-        return RecipientCounter(window=limits.window, auto_hold_factor=limits.auto_hold_factor)
+        return LimitCounter(hour=limits.window, auto_hold_factor=limits.auto_hold_factor)
     from relaymilter.rediscounter import RedisCounter     # redis-py only when configured
-    return RedisCounter(counters.url, window=limits.window,
+    return RedisCounter(counters.url, hour=limits.window,
                         auto_hold_factor=limits.auto_hold_factor,
                         timeout=counters.timeout_ms / 1000, on_error=counters.on_error,
                         metrics=metrics)

@@ -223,6 +223,32 @@ MIGRATIONS = [
     ALTER TABLE allowlist ADD COLUMN expires REAL;
     ALTER TABLE relay_client ADD COLUMN expires REAL;
     """,
+    # 6: limits of several rates: recipients per hour (now optional) and per
+    # day, messages per hour and per day; one at least.
+    """
+    CREATE TABLE rate_limit_v6 (
+        kind      TEXT NOT NULL CHECK (kind IN ('client', 'user')),
+        value_key TEXT NOT NULL,
+        value     TEXT NOT NULL,
+        packed    BLOB,
+        prefixlen INTEGER,
+        per_hour  INTEGER CHECK (per_hour >= 1),
+        per_day   INTEGER CHECK (per_day >= 1),
+        messages_per_hour INTEGER CHECK (messages_per_hour >= 1),
+        messages_per_day  INTEGER CHECK (messages_per_day >= 1),
+        comment   TEXT NOT NULL DEFAULT '',
+        created   REAL NOT NULL,
+        added_by  TEXT NOT NULL,
+        PRIMARY KEY (kind, value_key),
+        CHECK (coalesce(per_hour, per_day, messages_per_hour, messages_per_day) IS NOT NULL)
+    ) WITHOUT ROWID;
+    INSERT INTO rate_limit_v6 (kind, value_key, value, packed, prefixlen, per_hour, comment,
+                               created, added_by)
+        SELECT kind, value_key, value, packed, prefixlen, per_hour, comment, created, added_by
+        FROM rate_limit;
+    DROP TABLE rate_limit;
+    ALTER TABLE rate_limit_v6 RENAME TO rate_limit;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -435,7 +461,8 @@ class SQLiteStore(Storage):
                 connection.execute(
                     "SELECT kind, value, packed, prefixlen, reason, expires FROM hold"),
                 connection.execute(
-                    "SELECT kind, value, packed, prefixlen, per_hour FROM rate_limit"),
+                    "SELECT kind, value, packed, prefixlen, per_hour, per_day, messages_per_hour, "
+                    "messages_per_day FROM rate_limit"),
                 domains, owners, allowlist_ends)
 
 

@@ -199,12 +199,16 @@ class Storage(abc.ABC):
     def remove_hold(self, kind: str, value: str, by: str | None = None) -> bool:
         return self._delete("holds", by, kind=kind, value=value)
 
-    def set_limit(self, kind: str, value: str | None, per_hour: int, comment: str = "",
-                  added_by: str | None = None) -> None:
-        """Recipients per hour for a user or client network; value None or "" sets
-        the default of the kind."""
-        self._put("limits", kind=kind, value=value, per_hour=per_hour, comment=comment,
-                  added_by=added_by)
+    def set_limit(self, kind: str, value: str | None, per_hour: int | None = None,
+                  comment: str = "", added_by: str | None = None, *,
+                  per_day: int | None = None, messages_per_hour: int | None = None,
+                  messages_per_day: int | None = None) -> None:
+        """The rates of a user or client network (limits.Limit; one at least);
+        value None or "" sets the default of the kind, "@domain" that of the
+        domain's users."""
+        self._put("limits", kind=kind, value=value, per_hour=per_hour, per_day=per_day,
+                  messages_per_hour=messages_per_hour, messages_per_day=messages_per_day,
+                  comment=comment, added_by=added_by)
 
     def remove_limit(self, kind: str, value: str | None, by: str | None = None) -> bool:
         return self._delete("limits", by, kind=kind, value=value)

@@ -7,7 +7,9 @@ SYNOPSIS
     relaymilter allowlist add NETWORK [--domain DOMAIN] [--comment TEXT]
     relaymilter relay-client add NETWORK [--sender-domain DOMAIN]... [--comment TEXT]
     relaymilter hold add (--client NETWORK | --user USER) [--reason TEXT] [--for 24h]
-    relaymilter limit add (--client NETWORK | --user USER | --default client|user) PER_HOUR
+    relaymilter limit add (--client NETWORK | --user USER | --domain DOMAIN |
+                          --default client|user) [PER_HOUR] [--per-day N]
+                          [--messages-per-hour N] [--messages-per-day N]
     relaymilter limit status|reset (--client ADDRESS | --user USER)   (limitcli.py)
     relaymilter domain add DOMAIN [--dnsbl on|off] [--threshold N] [--owner USER]...
     relaymilter VERB add ... [--replace] replace an entry that says otherwise
@@ -72,8 +74,10 @@ KINDS = {
                       "expires")),
     "hold": ("client networks and SASL users whose relaying is suspended",
              ("kind", "value", "reason", "comment", "added_by", "created", "expires")),
-    "limit": ("outbound recipients per hour, per SASL user and per relaying client",
-              ("kind", "value", "per_hour", "comment", "added_by", "created")),
+    "limit": ("outbound recipients and messages per hour and per day, per SASL user and "
+              "per relaying client",
+              ("kind", "value", "per_hour", "per_day", "messages_per_hour", "messages_per_day",
+               "comment", "added_by", "created")),
     "domain": ("hosted domains: DNSBL opt-out or threshold, owners (SASL users)",
                ("domain", "dnsbl", "threshold", "owners", "comment", "added_by", "created")),
 }
@@ -233,8 +237,14 @@ def _duration(text: str) -> float:
 def _limit_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
     _who(add, default=True)
     _who(remove, default=True)
-    add.add_argument("per_hour", type=int, metavar="PER_HOUR",
+    add.add_argument("per_hour", type=int, metavar="PER_HOUR", nargs="?",
                      help="recipients outside our domains per hour")
+    add.add_argument("--per-day", type=int, metavar="N",
+                     help="recipients outside our domains per day")
+    add.add_argument("--messages-per-hour", type=int, metavar="N",
+                     help="messages per hour (a message counts once, whatever its "
+                          "recipients)")
+    add.add_argument("--messages-per-day", type=int, metavar="N", help="messages per day")
 
 
 def _domain_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParser) -> None:
@@ -483,7 +493,9 @@ def _limit(store: Storage, args: argparse.Namespace) -> int:
         return _print(store.list_limits(), args)
     kind, value = _who_of(args)
     if args.action == "add":
-        store.set_limit(kind, value, args.per_hour, comment=args.comment, added_by=args.by)
+        store.set_limit(kind, value, args.per_hour, comment=args.comment, added_by=args.by,
+                        per_day=args.per_day, messages_per_hour=args.messages_per_hour,
+                        messages_per_day=args.messages_per_day)
         return EX_OK
     return _changed(store.remove_limit(kind, value, args.by), f"{kind} {value or '(default)'}",
                     store, args)

@@ -53,7 +53,8 @@ def config(rbldnsd, tmp_path_factory) -> Path:
     cli("allowlist", "add", PARTNER, "--domain", "local.test", "-c", str(path), check=True)
     cli("hold", "add", "--user", "mallory", "--reason", "password phished", "-c", str(path),
         check=True)
-    cli("limit", "add", "--user", "alice", "1", "-c", str(path), check=True)
+    cli("limit", "add", "--user", "alice", "1", "--messages-per-day", "9", "-c", str(path),
+        check=True)
     return path
 
 
@@ -120,7 +121,7 @@ def test_explain_defers_past_the_outbound_limit_with_exit_3(config):
     assert done.returncode == 3, done.stdout + done.stderr
     assert "<a@remote.test>: ACCEPTED (reason authenticated)" in done.stdout
     assert "<b@remote.test>: DEFERRED 450 4.7.1" in done.stdout
-    assert "outbound limit: 1 recipients per hour for user alice" in done.stdout
+    assert "outbound limit: 1 recipients per hour, 9 messages per day for user alice" in done.stdout
 
 
 def test_explain_json_is_the_same_report(config):

@@ -49,10 +49,10 @@ class Host:
             limits={"auto_hold_factor": AUTO_HOLD_FACTOR}, holds={"notify": notify},
             metrics={"policyd_listen": f"127.0.0.1:{self.metrics_port}"})
 
-    def answer(self, user: str, message: str = "") -> bytes:
+    def answer(self, user: str, message: str = "", recipient: str = REMOTE) -> bytes:
         client = PolicyClient(str(self.service.socket_path))
         try:
-            return client.ask(request(REMOTE, sasl_username=user, instance=message))[0]
+            return client.ask(request(recipient, sasl_username=user, instance=message))[0]
         finally:
             client.close()
 
@@ -157,16 +157,38 @@ def test_a_limit_of_five_is_reached_by_three_messages_on_each_host(fleet):
         assert two.answer("bob", "m0.False") != LIMITED     # asked again: counted once
         status = two.cli("limit", "status", "--user", "BOB", "--json")
         assert status.returncode == 0, status.stderr
-        window = json.loads(status.stdout)
-        assert (window["limit"], window["accepted"], window["attempts"], window["remaining"]) \
+        shown = json.loads(status.stdout)
+        rate = shown["rates"]["per_hour"]
+        assert (rate["limit"], rate["accepted"], rate["attempts"], rate["remaining"]) \
             == (5, 5, 6, 0)
-        assert 3500 < window["resets_in"] <= 3600
-        assert "bob: window ended" in one.cli("limit", "reset", "--user", "bob").stdout
-        assert "no open window (limit 5, 5 left)" in \
+        assert 3500 < rate["frees_in"] <= rate["empty_in"] <= 3600
+        assert list(shown["rates"]) == ["per_hour"] and shown["limit"]["per_hour"] == 5
+        assert "bob: counts forgotten" in one.cli("limit", "reset", "--user", "bob").stdout
+        assert "recipients per hour: 0 accepted, 0 attempts, 5 of 5 left" in \
             one.cli("limit", "status", "--user", "bob").stdout
         assert two.answer("bob", "m9") != LIMITED
     finally:
         one.cli("limit", "remove", "--user", "bob")
+
+
+def test_messages_are_counted_once_across_hosts_beside_recipients(fleet):
+    _, one, two, _ = fleet
+    done = one.cli("limit", "add", "--user", "frank", "--messages-per-hour", "2", "--per-day",
+                   "100")
+    assert done.returncode == 0, done.stderr
+    try:
+        time.sleep(PICKUP)
+        first = [one.answer("frank", "f1", f"r{number}@remote.test") for number in range(3)]
+        second = [two.answer("frank", "f2", f"r{number}@remote.test") for number in range(2)]
+        assert LIMITED not in first + second
+        assert one.answer("frank", "f3") == LIMITED and two.answer("frank", "f3") == LIMITED
+        assert two.answer("frank", "f1", "r9@remote.test") != LIMITED     # an allowed message
+        rates = json.loads(two.cli("limit", "status", "--user", "frank", "--json").stdout)[
+            "rates"]
+        assert (rates["messages_per_hour"]["accepted"], rates["per_day"]["accepted"]) == (2, 6)
+        assert rates["per_day"]["remaining"] == 94
+    finally:
+        one.cli("limit", "remove", "--user", "frank")
 
 
 def test_redis_killed_mid_run_loses_no_mail(fleet):

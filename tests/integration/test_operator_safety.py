@@ -262,3 +262,16 @@ def test_make_run_uses_the_dev_config():
     done = subprocess.run(["make", "-n", "-C", str(ROOT), "run"], capture_output=True,
                           text=True, timeout=60)
     assert "relaymilter run -c build/dev/relaymilter.toml" in done.stdout, done.stdout
+
+
+# ------------------------------------------------ limits of several rates ---
+
+def test_limit_add_takes_several_rates_and_refuses_none(store):
+    done = relaymilter("limit", "add", "--user", "bob", "--store", str(store), expect=1)
+    assert "a limit needs one rate at least" in done.stderr
+    relaymilter("limit", "add", "--domain", "example.com", "500", "--per-day", "2000",
+                "--messages-per-hour", "50", "--messages-per-day", "400", "--store", str(store))
+    listed = relaymilter("limit", "list", "--store", str(store)).stdout.splitlines()
+    assert listed[0].split()[:6] == ["kind", "value", "per_hour", "per_day",
+                                     "messages_per_hour", "messages_per_day"]
+    assert listed[1].split()[:6] == ["user", "@example.com", "500", "2000", "50", "400"]

@@ -226,6 +226,22 @@ def test_limit_trips_at_the_count_and_resets_after_the_window(site):
     site.cli("limit", "remove", "--user", "carol")
 
 
+def test_a_message_counts_once_whatever_its_recipients(site):
+    # Both front ends: Postfix's policy `instance`, the milter's own message id.
+    site.cli("limit", "add", "--user", "dora", "--messages-per-hour", "2")
+    time.sleep(PICKUP)
+    messages = []
+    with SmtpDialog(site.postfix.port) as smtp:
+        smtp.ehlo()
+        smtp.xclient(addr=CLEAN, login="dora")
+        for number in range(3):
+            assert smtp.mail_from("<dora@sender.test>").code == 250
+            messages.append([smtp.rcpt_to(f"<r{n}@remote.test>").code for n in range(3)])
+            smtp.rset()
+    assert messages == [[250] * 3, [250] * 3, [450] * 3]
+    site.cli("limit", "remove", "--user", "dora")
+
+
 def test_sender_far_over_its_limit_is_put_on_hold(site):
     site.cli("limit", "add", "--user", "spammer", "2")
     time.sleep(PICKUP)

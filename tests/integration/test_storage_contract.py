@@ -15,6 +15,7 @@ import time
 import pytest
 
 from relaymilter.domainpolicy import DomainDnsbl, DomainPolicy, Hold, RelayClient
+from relaymilter.limits import RATE_NAMES, Limit
 from relaymilter.openstore import open_store
 from relaymilter.store import FORMAT, StoreInputError, default_actor
 
@@ -257,7 +258,7 @@ def test_user_limits_and_owners_ignore_case(storage):
     storage.set_domain("cust.example", owners=["Alice", "alice", "Bob"])
     assert storage.list_domains()[0]["owners"] == ["Alice", "Bob"]
     policy = storage.load_policy()
-    assert policy.limit("user", "carol") == 7
+    assert policy.limit("user", "carol").per_hour == 7
     assert policy.owned_domains("ALICE") == frozenset({"cust.example"})
     assert storage.remove_limit("user", "carol")
 
@@ -325,6 +326,24 @@ def test_limits_have_a_default_per_kind_and_overrides(storage):
     assert storage.remove_limit("user", None)
     assert storage.remove_limit("client", "192.0.2.1/24")
     assert not storage.remove_limit("user", "")
+
+
+def test_a_limit_keeps_every_rate_and_needs_one(storage):
+    storage.set_limit("user", "bob", per_day=2000, messages_per_hour=40)
+    storage.set_limit("client", "192.0.2.0/24", 100, messages_per_day=300)
+    assert [{name: entry[name] for name in RATE_NAMES} for entry in storage.list_limits()] == [
+        {"per_hour": 100, "per_day": None, "messages_per_hour": None, "messages_per_day": 300},
+        {"per_hour": None, "per_day": 2000, "messages_per_hour": 40, "messages_per_day": None}]
+    policy = storage.load_policy()
+    assert policy.limit("user", "BOB") == Limit(per_day=2000, messages_per_hour=40)
+    assert policy.limit("client", "192.0.2.9") == Limit(100, None, None, 300)
+    with pytest.raises(StoreInputError, match="a limit needs one rate at least"):
+        storage.set_limit("user", "carol")
+    with pytest.raises(StoreInputError, match="messages_per_day must be a whole number"):
+        storage.set_limit("user", "carol", messages_per_day=0)
+    document = storage.export()
+    storage.import_policy(document, replace=True)
+    assert storage.export()["limits"] == document["limits"]
 
 
 def test_domains_keep_dnsbl_threshold_and_owners(storage):
@@ -492,7 +511,8 @@ def test_ten_thousand_rows_import_in_well_under_two_seconds(storage):
     (document(allowlist=["10.0.0.0/8"]), "allowlist row 1: an entry is a JSON object"),
     (document(holds=[{"kind": "user", "value": "eve", "until": 5}]),
      "holds row 1: unknown key 'until'"),
-    (document(limits=[{"kind": "user", "value": "eve"}]), "limits row 1: 'per_hour' is missing"),
+    (document(limits=[{"kind": "user", "value": "eve"}]),
+     "limits row 1: a limit needs one rate at least"),
     (document(domains=[{"domain": "example.com", "created": "yesterday"}]),
      "domains row 1: created must be a unix time"),
     (document(domains=[{"domain": "a.example"}, {"domain": "b.example", "owners": "bob"}]),
@@ -628,12 +648,12 @@ def test_domain_dnsbl_settings(policy):
 
 
 def test_limit_is_the_override_else_the_default_else_none(policy):
-    assert policy.limit("user", "bob") == 5000
-    assert policy.limit("user", "carol") == 500
-    assert policy.limit("user", None) == 500
-    assert policy.limit("client", "203.0.113.5") == 100
-    assert policy.limit("client", ip("203.0.113.5")) == 100
-    assert policy.limit("client", "203.0.113.0/26") == 100
+    assert policy.limit("user", "bob").per_hour == 5000
+    assert policy.limit("user", "carol").per_hour == 500
+    assert policy.limit("user", None).per_hour == 500
+    assert policy.limit("client", "203.0.113.5").per_hour == 100
+    assert policy.limit("client", ip("203.0.113.5")).per_hour == 100
+    assert policy.limit("client", "203.0.113.0/26").per_hour == 100
     assert policy.limit("client", "203.0.113.0/24") is None     # wider than the override
     assert policy.limit("client", "203.0.113.200") is None
     assert policy.limit("client", "unknown") is None
@@ -646,11 +666,11 @@ def test_a_user_limit_is_its_own_else_its_domain_s_else_the_default(storage):
     storage.set_limit("user", "@example.com", 200)
     storage.set_limit("user", "Bob@Example.com", 999)
     policy = storage.load_policy()
-    assert policy.limit("user", "bob@example.com") == 999
-    assert policy.limit("user", "Alice@EXAMPLE.COM") == 200
-    assert policy.limit("user", "carol@sub.example.com") == 50     # no parent domains
-    assert policy.limit("user", "dave") == 50
-    assert policy.limit("user", "@example.com") == 200
+    assert policy.limit("user", "bob@example.com").per_hour == 999
+    assert policy.limit("user", "Alice@EXAMPLE.COM").per_hour == 200
+    assert policy.limit("user", "carol@sub.example.com").per_hour == 50     # no parent domains
+    assert policy.limit("user", "dave").per_hour == 50
+    assert policy.limit("user", "@example.com").per_hour == 200
 
 
 def test_client_limit_falls_back_to_the_client_default(storage):
@@ -658,9 +678,9 @@ def test_client_limit_falls_back_to_the_client_default(storage):
     storage.set_limit("client", "10.0.0.0/8", 10)
     storage.set_limit("client", "10.1.0.0/16", 20)
     policy = storage.load_policy()
-    assert policy.limit("client", "10.1.2.3") == 20
-    assert policy.limit("client", "10.2.2.3") == 10
-    assert policy.limit("client", "192.0.2.1") == 1000
+    assert policy.limit("client", "10.1.2.3").per_hour == 20
+    assert policy.limit("client", "10.2.2.3").per_hour == 10
+    assert policy.limit("client", "192.0.2.1").per_hour == 1000
 
 
 def test_a_loaded_domain_policy_never_changes(storage, policy):

@@ -66,7 +66,7 @@ def test_user_holds_limits_and_owners_match_the_login_whatever_its_case():
         "domains": [{"domain": "cust.example", "owners": ["Alice"]},
                     {"domain": "other.example", "owners": ["alice"]}]})
     assert policy.held(None, "zed@example.com") == Hold("user", "Zed@Example.COM", "phished")
-    assert policy.limit("user", "carol") == 5
+    assert policy.limit("user", "carol").per_hour == 5
     assert policy.owned_domains("ALICE") == frozenset({"cust.example", "other.example"})
     assert policy.held(None, "zed@example.org") is None
 

@@ -169,7 +169,7 @@ def test_no_lookups_without_zones():
 
 from dataclasses import replace as _replace  # noqa: E402
 
-from relaymilter.limits import RecipientCounter  # noqa: E402
+from relaymilter.limits import LimitCounter  # noqa: E402
 from relaymilter.domainpolicy import DomainPolicy  # noqa: E402
 
 OUR_USER_IP = "192.0.2.60"
@@ -268,7 +268,7 @@ def test_domain_threshold_can_be_stricter_than_the_global_one():
 
 def test_outbound_limit_defers_over_the_count_and_asks_for_a_hold():
     snap = with_policy(limits=[{"kind": "user", "value": "alice", "per_hour": 2}])
-    counter = RecipientCounter(window=3600, auto_hold_factor=2)
+    counter = LimitCounter(hour=3600, auto_hold_factor=2)
     decisions = [decide_recipient(relay_facts(), snap, counter) for _ in range(4)]
     assert [d.code for d in decisions] == [None, None, 450, 450]
     assert decisions[2].reply == "450 4.7.1 Sending rate limit exceeded, try again later"
@@ -277,7 +277,7 @@ def test_outbound_limit_defers_over_the_count_and_asks_for_a_hold():
 
 def test_default_client_limit_covers_trusted_networks_and_not_inbound_mail():
     snap = with_policy(limits=[{"kind": "client", "value": "", "per_hour": 1}])
-    counter = RecipientCounter(window=3600)
+    counter = LimitCounter(hour=3600)
     trusted = relay_facts(ip="198.51.100.7", auth_user=None)
     assert decide_recipient(trusted, snap, counter).action is Action.PERMIT
     assert decide_recipient(trusted, snap, counter).code == 450
@@ -310,7 +310,7 @@ def test_authenticated_client_may_send_every_relay_form(recipient):
 
 def test_one_outbound_count_per_user_however_the_login_is_spelt():
     snap = with_policy(limits=[{"kind": "user", "value": "Zed@Example.COM", "per_hour": 1}])
-    counter = RecipientCounter(window=3600)
+    counter = LimitCounter(hour=3600)
     first = decide_recipient(relay_facts(auth_user="zed@example.com"), snap, counter)
     second = decide_recipient(relay_facts(auth_user="ZED@example.com"), snap, counter)
     assert (first.action, second.action) == (Action.PERMIT, Action.DEFER)

@@ -251,7 +251,7 @@ def test_a_version_1_store_is_upgraded_keeping_entries_and_the_newest_of_one_use
         policy = store.load_policy()
         assert policy.held(None, "zed@example.com").reason == "phished"
         assert policy.held(None, "ALICE").value == "alice"
-        assert policy.limit("user", "carol") == 9
+        assert policy.limit("user", "carol").per_hour == 9
         assert policy.owned_domains("bob") == frozenset({"cust.example"})
         store.add_hold("user", "ZED@EXAMPLE.COM", reason="again")
         assert len(store.list_holds()) == 3
