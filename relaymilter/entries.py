@@ -426,7 +426,7 @@ class Event(NamedTuple):
 
     at: float               # unix time
     actor: str              # who: added_by of what was written, or who removed it
-    action: str             # add, remove, import, import --replace
+    action: str             # add, remove, import, import --replace, expire
     section: str            # allowlist ... domains, or "policy" for an import
     entry: str              # which entry: "user alice", "192.0.2.0/24 for example.com"
     detail: str             # what it says: JSON of its other fields, "" when none

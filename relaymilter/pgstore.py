@@ -304,9 +304,10 @@ class PostgresStore(Storage):
                     sqlrecords.write(cursor, SECTIONS[name], section_records, "%s")
             sqlrecords.write_event(cursor, event, "%s")
 
-    def _delete_record(self, section: Section, key: tuple, event: Event) -> bool:
+    def _delete_record(self, section: Section, key: tuple, event: Event,
+                       ended_by: float | None = None) -> bool:
         with self._writing("cannot write") as cursor:
-            deleted = sqlrecords.delete(cursor, section, key, "%s")
+            deleted = sqlrecords.delete(cursor, section, key, "%s", ended_by)
             if deleted:
                 sqlrecords.write_event(cursor, event, "%s")
             return deleted
@@ -317,9 +318,10 @@ class PostgresStore(Storage):
 
     # ---------------------------------------------------------- reads ---
 
-    def _read_sections(self, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    def _read_sections(self, names: Iterable[str],
+                       ended_by: float | None = None) -> dict[str, list[dict[str, Any]]]:
         with self._reading() as cursor:
-            return sqlrecords.read_sections(cursor, names)
+            return sqlrecords.read_sections(cursor, names, ended_by, "%s")
 
     def data_version(self) -> int:
         """meta.data_version: moves with every committed write, from any host."""

@@ -402,10 +402,11 @@ class SQLiteStore(Storage):
                 sqlrecords.write(cursor, SECTIONS[name], section_records, "?")
             sqlrecords.write_event(cursor, event, "?")
 
-    def _delete_record(self, section: Section, key: tuple, event: Event) -> bool:
+    def _delete_record(self, section: Section, key: tuple, event: Event,
+                       ended_by: float | None = None) -> bool:
         with self._transaction("cannot write") as connection:
             cursor = connection.cursor()
-            deleted = sqlrecords.delete(cursor, section, key, "?")
+            deleted = sqlrecords.delete(cursor, section, key, "?", ended_by)
             if deleted:
                 sqlrecords.write_event(cursor, event, "?")
             return deleted
@@ -416,9 +417,10 @@ class SQLiteStore(Storage):
 
     # ---------------------------------------------------------- reads ---
 
-    def _read_sections(self, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    def _read_sections(self, names: Iterable[str],
+                       ended_by: float | None = None) -> dict[str, list[dict[str, Any]]]:
         with self._transaction("cannot read", "BEGIN") as connection:
-            return sqlrecords.read_sections(connection.cursor(), names)
+            return sqlrecords.read_sections(connection.cursor(), names, ended_by, "?")
 
     def data_version(self) -> int:
         """PRAGMA data_version: moves when another connection has committed."""

@@ -92,12 +92,17 @@ def write(cursor: Any, section: Section, records: list[tuple], mark: str) -> Non
                            f"VALUES ({mark}, {mark})", items)
 
 
-def delete(cursor: Any, section: Section, key: tuple, mark: str) -> bool:
-    """Delete the entry of key with its list; False when there was none. Lists go
-    by ON DELETE CASCADE."""
+def delete(cursor: Any, section: Section, key: tuple, mark: str,
+           ended_by: float | None = None) -> bool:
+    """Delete the entry of key with its list; False when there was none (or, with
+    ended_by, none that had ended by then: an entry written again meanwhile
+    stays). Lists go by ON DELETE CASCADE."""
     if section.name == "allowlist":
-        return _delete_allowlist(cursor, *key, mark=mark)
+        return _delete_allowlist(cursor, *key, mark=mark, ended_by=ended_by)
     where = " AND ".join(f"{column} = {mark}" for column in section.key_columns)
+    if ended_by is not None:
+        where += f" AND expires <= {mark}"
+        key = key + (ended_by,)
     cursor.execute(f"DELETE FROM {TABLES[section.name].name} WHERE {where}", key)
     return cursor.rowcount > 0
 
@@ -138,26 +143,35 @@ def _write_allowlist(cursor: Any, records: list[AllowlistRecord], mark: str) -> 
 
 
 def _delete_allowlist(cursor: Any, family: int, prefixlen: int, packed: bytes, domain: str,
-                      mark: str) -> bool:
+                      mark: str, ended_by: float | None) -> bool:
     """The domain's scope number stays (finding out whether another entry uses
     it would read the whole table)."""
     cursor.execute(f"SELECT id FROM allowlist_scope WHERE domain = {mark}", (domain,))
     scope = cursor.fetchone()
     if scope is None:
         return False
+    values: tuple = (family, prefixlen, lookup_key(packed, scope[0]))
+    ended = ""
+    if ended_by is not None:
+        ended, values = f" AND expires <= {mark}", values + (ended_by,)
     cursor.execute(f"DELETE FROM allowlist WHERE family = {mark} AND prefixlen = {mark} "
-                   f"AND lookup_key = {mark}", (family, prefixlen, lookup_key(packed, scope[0])))
+                   f"AND lookup_key = {mark}{ended}", values)
     return cursor.rowcount > 0
 
 
-def read_section(cursor: Any, section: Section) -> list[dict[str, Any]]:
-    """The section's entries as dicts of its fields, in list order."""
+def read_section(cursor: Any, section: Section, ended_by: float | None = None,
+                 mark: str = "?") -> list[dict[str, Any]]:
+    """The section's entries as dicts of its fields, in list order; with
+    ended_by (unix time), only those that had ended by then."""
     table = TABLES[section.name]
     plain = [field for field in section.fields if field != section.list_field]
     source = table.name
     if section.name == "allowlist":
         source = "allowlist JOIN allowlist_scope ON allowlist_scope.id = allowlist.scope"
-    cursor.execute(f"SELECT {', '.join(plain)} FROM {source} ORDER BY {table.order}")
+    where, values = ("", ()) if ended_by is None else (f" WHERE expires <= {mark}",
+                                                        (ended_by,))
+    cursor.execute(f"SELECT {', '.join(plain)} FROM {source}{where} ORDER BY {table.order}",
+                   values)
     entries = [dict(zip(plain, row)) for row in cursor.fetchall()]
     if table.child is None:
         return entries
@@ -174,8 +188,9 @@ def read_section(cursor: Any, section: Section) -> list[dict[str, Any]]:
     return [{name: entry[name] for name in section.fields} for entry in entries]
 
 
-def read_sections(cursor: Any, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    return {name: read_section(cursor, SECTIONS[name]) for name in names}
+def read_sections(cursor: Any, names: Iterable[str], ended_by: float | None = None,
+                  mark: str = "?") -> dict[str, list[dict[str, Any]]]:
+    return {name: read_section(cursor, SECTIONS[name], ended_by, mark) for name in names}
 
 
 def names_of(joined: str) -> list[str]:

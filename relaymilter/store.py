@@ -69,11 +69,16 @@ from typing import Any, Self
 from relaymilter.domainpolicy import DomainPolicy
 from relaymilter.entries import (FORMAT, FORMAT_VERSION, SECTIONS, Event, Section,
                                  StoreInputError, WideNetworkError, added_event, canonical_user,
-                                 default_actor, import_changes, refuse_wide, removed_event,
-                                 validate_document)
+                                 default_actor, entry_name, import_changes, refuse_wide,
+                                 removed_event, validate_document)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Storage", "StoreError", "StoreInputError",
            "StoreMissingError", "StoreUnavailableError", "WideNetworkError", "default_actor"]
+
+
+# The sections whose entries may end by themselves (expires), and who ends them.
+ENDING = ("allowlist", "relay_clients", "holds")
+ENDED_ACTOR = "relaymilter"
 
 
 class StoreError(Exception):
@@ -133,10 +138,12 @@ class Storage(abc.ABC):
         entry of its key, list field included; and append event to the history."""
 
     @abc.abstractmethod
-    def _delete_record(self, section: Section, key: tuple, event: Event) -> bool:
+    def _delete_record(self, section: Section, key: tuple, event: Event,
+                       ended_by: float | None = None) -> bool:
         """Delete the entry of key (section.key() of a record) with its list, and
         append event to the history, in one transaction; False (and no event)
-        when there was none."""
+        when there was none, or with ended_by (unix time) none that had ended
+        by then."""
 
     @abc.abstractmethod
     def _read_history(self, since: float | None) -> list[dict[str, Any]]:
@@ -144,10 +151,12 @@ class Storage(abc.ABC):
         first: dicts with Event's fields."""
 
     @abc.abstractmethod
-    def _read_sections(self, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    def _read_sections(self, names: Iterable[str],
+                       ended_by: float | None = None) -> dict[str, list[dict[str, Any]]]:
         """Each named section's entries, read in one transaction: dicts with the
         section's fields in their order (lists sorted), entries in the order the
-        list_*() methods give."""
+        list_*() methods give; with ended_by (unix time), only the entries that
+        had ended by then (sections with expires)."""
 
     # ----------------------------------------------------------- writes ---
 
@@ -280,9 +289,26 @@ class Storage(abc.ABC):
     def _list(self, name: str) -> list[dict[str, Any]]:
         return self._read_sections((name,))[name]
 
+    def remove_ended(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Delete the allowlist entries, relay clients and holds that have ended
+        (expires <= now), each with an "expire" event in the history, dated when
+        it ended, by ENDED_ACTOR; the names of those removed. Several processes
+        or hosts may do it at once: each entry goes, and is written in the
+        history, once; an entry written again meanwhile, with a new end, stays."""
+        now = time.time() if now is None else now
+        removed = []
+        for name, entries in self._read_sections(ENDING, ended_by=now).items():
+            section = SECTIONS[name]
+            for fields in entries:
+                event = Event(fields["expires"], ENDED_ACTOR, "expire", name,
+                              entry_name(name, fields), "")
+                if self._delete_record(section, section.row_key(fields), event, ended_by=now):
+                    removed.append((name, event.entry))
+        return removed
+
     def history(self, since: float | None = None) -> list[dict[str, Any]]:
         """Every change since unix time since (all if None), oldest first: at,
-        actor, action (add, remove, import, import --replace), section, entry
+        actor, action (add, remove, import, import --replace, expire), section, entry
         (which one, by name) and detail (JSON of what it says, or "")."""
         return self._read_history(since)
 

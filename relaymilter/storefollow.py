@@ -42,6 +42,7 @@ class StoreFollower:
         self._metrics = metrics
         self._watcher: StoreWatcher | None = None
         self._seen: tuple[str | None, bool] = (None, False)   # by load(): error, loaded
+        self._swept = False     # ended entries removed through this watcher
 
     def load(self, path: str | None) -> DomainPolicy | None:
         """Read the store now, with a connection of its own; None: no store or unreadable."""
@@ -59,13 +60,19 @@ class StoreFollower:
     def poll(self, path: str | None, in_force: DomainPolicy) -> DomainPolicy | None:
         """The policy to swap in, or None: unchanged (or unreadable: keep the last).
 
-        Read again, changed or not, once a hold of the policy in force has
-        ended (DomainPolicy.next_expiry): the new one leaves it out."""
+        Once an entry of the policy in force has ended (DomainPolicy.next_expiry),
+        delete it from the store, writing its end in the history, and read
+        the store again, changed or not: the new policy leaves it out."""
         if path is None:
             self._drop()
             return None if in_force is EMPTY_POLICY else EMPTY_POLICY
         ended = in_force.next_expiry is not None and time.time() >= in_force.next_expiry
-        return self._connected(path).poll(force=ended)
+        watcher = self._connected(path)
+        policy = watcher.poll(force=ended)
+        if ended or not self._swept:
+            # Also once per connection: entries that ended while no daemon ran.
+            self._swept = watcher.remove_ended() or self._swept
+        return policy
 
     def put_on_hold(self, path: str | None, request: HoldRequest,
                     expires: float | None = None) -> bool:
@@ -88,6 +95,7 @@ class StoreFollower:
         if self._watcher is None:
             last_error, loaded = self._seen
             self._watcher = StoreWatcher(path, self._metrics, last_error, loaded)
+            self._swept = False
         return self._watcher
 
     def _drop(self) -> None:

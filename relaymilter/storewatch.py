@@ -55,6 +55,7 @@ class StoreWatcher:
         self._store: Storage | None = None
         self._version: int | None = None
         self._last_error = last_error
+        self._remove_error: str | None = None
         self.loaded = loaded
 
     @property
@@ -115,6 +116,28 @@ class StoreWatcher:
             self._drop()
             return False
         log.warning("%s %s put on hold: %s", kind, value, reason)
+        return True
+
+    def remove_ended(self) -> bool:
+        """Delete the entries that have ended, with their "expire" events in the
+        history (Storage.remove_ended), through the connection poll() opened
+        (none: nothing to do). A store that cannot be written is logged, once
+        per distinct error, and left as it is: the ended entries are out of
+        force all the same. False when there was no connection to try."""
+        if self._store is None:
+            return False
+        try:
+            removed = self._store.remove_ended()
+        except (StoreError, OSError) as error:
+            text = f"{type(error).__name__}: {error}"
+            if text != self._remove_error:
+                log.error("could not remove ended entries from %s (they are out of force "
+                          "all the same): %s", self._shown, text)
+                self._remove_error = text
+            return True
+        self._remove_error = None
+        for section, entry in removed:
+            log.info("%s %s ended", section, entry)
         return True
 
     def close(self) -> None:

@@ -231,6 +231,29 @@ def test_allowlist_entries_and_relay_clients_may_end_by_themselves(storage, monk
     assert exported["relay_clients"][0]["expires"] == pytest.approx(now + 30)
 
 
+def test_ended_entries_are_removed_once_with_their_end_in_the_history(location):
+    now = time.time()
+    with open_store(location()) as storage:
+        storage.add_hold("user", "alice", expires=now + 100)
+        storage.add_hold("user", "bob")
+        storage.add_allowlist("192.0.2.0/24", "example.com", expires=now + 50)
+        storage.add_relay_client("203.0.113.0/24", expires=now + 200)
+        assert storage.remove_ended(now + 40) == []
+        with open_store(location()) as other:       # another process, another host
+            assert other.remove_ended(now + 150) == [
+                ("allowlist", "192.0.2.0/24 for example.com"), ("holds", "user alice")]
+        assert storage.remove_ended(now + 150) == []
+        assert [entry["value"] for entry in storage.list_holds()] == ["bob"]
+        assert storage.list_allowlist() == []
+        assert len(storage.list_relay_clients()) == 1
+        storage.add_hold("user", "alice", expires=now + 1000)   # written again: stays
+        assert storage.remove_ended(now + 150) == []
+        ended = [(event["at"], event["actor"], event["entry"])
+                 for event in storage.history() if event["action"] == "expire"]
+    assert ended == [(pytest.approx(now + 50), "relaymilter", "192.0.2.0/24 for example.com"),
+                     (pytest.approx(now + 100), "relaymilter", "user alice")]
+
+
 def test_a_hold_that_ends_while_the_policy_is_in_force_stops_counting(storage, monkeypatch):
     storage.add_hold("user", "alice", expires=time.time() + 60)
     policy = storage.load_policy()

@@ -31,5 +31,25 @@ def test_the_policy_is_read_again_once_a_hold_in_it_has_ended(tmp_path):
         assert again is not None and again.held(CLIENT, None).reason == "the whole range"
         assert again.next_expiry is None
         assert follower.poll(location, again) is None
+        with open_store(location) as store:     # gone from the store, its end written
+            assert [hold["value"] for hold in store.list_holds()] == ["192.0.2.0/24"]
+            assert [(event["action"], event["entry"]) for event in store.history()][-1] == \
+                ("expire", "client 192.0.2.7/32")
+    finally:
+        follower.close()
+
+
+def test_entries_that_ended_while_no_daemon_ran_are_removed_at_start(tmp_path):
+    location = str(tmp_path / "policy.sqlite3")
+    with open_store(location) as store:
+        store.add_hold("user", "alice", expires=time.time() - 60)
+        store.add_hold("user", "bob")
+    follower = StoreFollower()
+    try:
+        policy = follower.load(location)
+        follower.poll(location, policy)
+        with open_store(location) as store:
+            assert [hold["value"] for hold in store.list_holds()] == ["bob"]
+            assert store.history()[-1]["action"] == "expire"
     finally:
         follower.close()
