@@ -53,6 +53,7 @@ from relaymilter.recorder import Recorder
 from relaymilter.openstore import open_store
 from relaymilter.store import StoreError
 from relaymilter.storecli import add_policy_verbs
+from relaymilter.probecli import add_probe_verb
 from relaymilter.text import one_line
 from relaymilter.address import parse_ip
 from relaymilter.relay import RelayRules, Trust, client_trust
@@ -456,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="a recipient (repeatable)")
     explain_verb.add_argument("--json", action="store_true", help="JSON instead of text")
     add_policy_verbs(verb)
+    add_probe_verb(verb)
     return parser
 
 

@@ -187,6 +187,8 @@ def command_page() -> str:
     lines += [".SH POLICY STORE GUARD RAILS"] + markdown_block(guide_part("Guard rails"))
     lines += [".SH POLICY IMPORT FORMAT"] + markdown_block(guide_part("Import format"))
     lines += [".SH STARTING AND STOPPING"] + markdown_block(guide_part("Starting and stopping"))
+    lines += [".SH IS MY SERVER AN OPEN RELAY?"] + markdown_block(
+        guide_part("11. Is my server an open relay?"))
     lines += [".SH EXIT STATUS",
               "0 success; 1 other failure (a bad policy entry: the store is unchanged); "
               "64 usage; 66 no policy store where list, remove or policy export looks "
@@ -194,7 +196,8 @@ def command_page() -> str:
               "69 the milter or policy service socket is unavailable or in use (a second "
               "instance), or the metrics listener cannot bind; 75 the policy store's server "
               "(PostgreSQL) cannot be reached: nothing changed, try again; 78 bad "
-              "configuration.",
+              "configuration. \\fBprobe\\fR: 0 closed, 1 open, 69 unreachable, 75 not "
+              "proven, 77 closed but the login of \\-\\-auth was refused, 70 a bug.",
               ".SH ENVIRONMENT", "\\fBRELAYMILTER_CONFIG\\fR: the config file when "
               "\\fB\\-c\\fR is not given.",
               ".SH FILES", "/etc/relaymilter/relaymilter.toml", ".br",

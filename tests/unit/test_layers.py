@@ -27,7 +27,7 @@ IO_MODULES = ("sqlite3", "socket", "socketserver", "http", "ssl", "selectors", "
               "relaymilter.milter", "relaymilter.policyd", "relaymilter.metrics",
               "relaymilter.sqlitestore", "relaymilter.pgstore", "relaymilter.pgnotify",
               "relaymilter.storewatch", "relaymilter.rediscounter", "relaymilter.dnsbl",
-              "relaymilter.cli")
+              "relaymilter.cli", "smtplib", "relaymilter.probe")
 
 
 def module_name(path: pathlib.Path) -> str:
