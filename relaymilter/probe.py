@@ -57,6 +57,10 @@ class Unreachable(Exception):
     """No SMTP session could be opened: the message says why."""
 
 
+class NoLocalDomain(ValueError):
+    """No --local-domain, and the greeting names none."""
+
+
 class _Client(smtplib.SMTP):
     """smtplib's client, with every reply bounded in size and time: a hostile
     server may trickle a line or never end a multi-line reply."""
@@ -69,6 +73,7 @@ class _Client(smtplib.SMTP):
     def connect(self, host: str = "localhost", port: int = 0,
                 source_address: tuple | None = None):
         self._pending = b""
+        self._host = host       # STARTTLS checks the certificate against it
         return super().connect(host, port, source_address)
 
     def starttls(self, *args, **kwargs):
@@ -308,7 +313,7 @@ def run_probe(options: ProbeOptions) -> Report:
         local = options.local_domain or server_name
         if not local:
             session.close()
-            raise ValueError("the greeting names no domain: give --local-domain")
+            raise NoLocalDomain("the greeting names no domain: give --local-domain")
         report.local_domain = local.lower().rstrip(".")
         peer = session.client.sock.getpeername()[0] if session.client.sock else None
         sender = options.sender or f"relaytest@{report.relay_domain}"

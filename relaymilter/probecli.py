@@ -86,7 +86,7 @@ def add_probe_verb(verb: Any) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from relaymilter.probe import Unreachable, run_probe
+    from relaymilter.probe import NoLocalDomain, Unreachable, run_probe
     try:
         options = _options(args)
     except ValueError as error:
@@ -97,7 +97,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     except Unreachable as error:
         sys.stderr.write(f"relaymilter probe: {error}\n")
         return EX_UNAVAILABLE
-    except ValueError as error:
+    except NoLocalDomain as error:
         sys.stderr.write(f"relaymilter probe: {error}\n")
         return EX_USAGE
     except Exception as error:      # a bug must not read as 1, "open"

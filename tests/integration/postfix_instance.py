@@ -50,6 +50,10 @@ DESCRIPTION
       for every process of the instance in 10 ms steps. The master's
       children exit just after it and are reaped by init, which here takes
       up to 2 s: ps shows them <defunct> meanwhile.
+    - smtpd's STARTTLS needs tlsmgr(8) in master.cf (its entropy and session
+      cache): without it "454 4.7.0 TLS not available due to local problem".
+    - Debian's Postfix reads Cyrus SASL's smtpd.conf from
+      $config_directory/sasl/ and ignores cyrus_sasl_config_path.
     - start() waits for the banner (any reply code): that probe reaches the
       milter as one connection with a connect from 127.0.0.1 and no HELO.
 """
@@ -91,6 +95,7 @@ error       unix  -       -       n       -       -       error
 retry       unix  -       -       n       -       -       error
 anvil       unix  -       -       n       -       1       anvil
 scache      unix  -       -       n       -       1       scache
+tlsmgr      unix  -       -       n       1000?   1       tlsmgr
 postlog     unix-dgram n  -       n       -       1       postlogd
 # Delivery: the usual transport names, all discard(8).
 discard     unix  -       -       n       -       -       discard

@@ -112,6 +112,72 @@ def test_self_probe_uses_the_config_and_xclient(postfix_factory, public_tree):
         service.kill()
 
 
+@pytest.fixture
+def submission(postfix_factory, tmp_path):
+    """A Postfix that relays only for SASL users (Cyrus sasldb: alice@local.test,
+    password s3cret), and offers AUTH only after STARTTLS."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=mx.local.test", "-addext",
+                    "subjectAltName=IP:127.0.0.1,DNS:mx.local.test", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    tmp_path.chmod(0o755)
+    key.chmod(0o644)            # read by smtpd as the postfix user
+    postfix = postfix_factory(extra_main_cf={
+        "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "cyrus", "smtpd_sasl_path": "smtpd",
+        "smtpd_tls_security_level": "may", "smtpd_tls_auth_only": "yes",
+        "smtpd_tls_cert_file": str(cert), "smtpd_tls_key_file": str(key),
+        "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination"})
+    # Debian's Postfix reads Cyrus's smtpd.conf from $config_directory/sasl
+    # (cyrus_sasl_config_path is not used); smtpd reads it when it starts.
+    sasl = postfix.config_directory / "sasl"
+    sasl.mkdir()
+    sasldb = sasl / "sasldb2"       # under the instance: the postfix user reaches it
+    subprocess.run(["saslpasswd2", "-c", "-p", "-f", str(sasldb), "-u", "local.test", "alice"],
+                   input=b"s3cret", check=True, timeout=30)
+    sasldb.chmod(0o644)
+    (sasl / "smtpd.conf").write_text(
+        f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n"
+        f"sasldb_path: {sasldb}\n")
+    postfix.reload()
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    return postfix, cert, password
+
+
+def test_authenticated_relaying_works_where_unauthenticated_does_not(submission):
+    postfix, cert, password = submission
+    status, report = probe(f"127.0.0.1:{postfix.port}", "--starttls", "--tls-cafile", str(cert),
+                           "--auth", "alice@local.test", "--password-file", str(password))
+    assert status == CLOSED and report["tls"] is True, report
+    assert report["authenticated"]["verdict"] == "relayed"
+    assert report["authenticated"]["code"] == 250
+
+
+def test_a_refused_login_is_said_and_a_password_never_taken_from_the_command_line(submission,
+                                                                                 tmp_path):
+    postfix, cert, _ = submission
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess\n")
+    done = subprocess.run([RELAYMILTER, "probe", f"127.0.0.1:{postfix.port}", "--starttls",
+                           "--tls-cafile", str(cert), "--auth", "alice@local.test",
+                           "--password-file", str(wrong)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 77, done.stdout + done.stderr
+    assert "authenticated: relaying NOT allowed" in done.stdout and "535" in done.stdout
+    bare = subprocess.run([RELAYMILTER, "probe", f"127.0.0.1:{postfix.port}", "--auth", "alice"],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert bare.returncode == 64 and "RELAYMILTER_PROBE_PASSWORD" in bare.stderr
+
+
+def test_a_certificate_that_does_not_verify_stops_the_probe(submission):
+    postfix, _, _ = submission
+    status, report = probe(f"127.0.0.1:{postfix.port}", "--starttls")
+    assert status == TEMPFAIL and report["forms"] == []
+    assert "CERTIFICATE_VERIFY_FAILED" in " ".join(report["notes"])
+
+
 def test_a_server_deferring_everything_is_not_proven(postfix_factory):
     postfix = postfix_factory(extra_main_cf={"smtpd_relay_restrictions": "defer"})
     status, report = probe(f"127.0.0.1:{postfix.port}")
