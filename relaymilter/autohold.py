@@ -26,6 +26,8 @@ class HoldRequest(NamedTuple):
     kind: str           # "client" or "user"
     value: str
     reason: str
+    scope: str = "relay"            # "all": block the client (a relay prober)
+    duration: float | None = None   # seconds; None: [limits] auto_hold_duration
 
 
 class HoldQueue:
@@ -34,9 +36,10 @@ class HoldQueue:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
 
-    def request(self, kind: str, value: str, reason: str) -> None:
+    def request(self, kind: str, value: str, reason: str, scope: str = "relay",
+                duration: float | None = None) -> None:
         """Any thread; never blocks."""
-        self._queue.put(HoldRequest(kind, value, reason))
+        self._queue.put(HoldRequest(kind, value, reason, scope, duration))
 
     def wake(self) -> None:
         """Make a waiting take() return None now (the runtime stops)."""

@@ -283,6 +283,18 @@ SCHEMA: tuple[Key, ...] = (
     Key("limits", "auto_hold_duration", int, 0,
         "Seconds an automatic hold lasts before it ends by itself; 0 = until removed by "
         "hand.", minimum=0, maximum=10 * 365 * 86400),
+    Key("probes", "detect", bool, True,
+        "Block a client that keeps trying to relay: after `refusals` refused relay "
+        "attempts within `window` seconds, every recipient it sends for `block_for` "
+        "seconds gets a 5xx (an automatic hold on everything, reason \"relay probing\"). "
+        "Trusted networks and authenticated clients are never counted."),
+    Key("probes", "refusals", int, 5,
+        "Refused relay attempts that make a client a prober.", minimum=2, maximum=10000),
+    Key("probes", "window", int, 600,
+        "Seconds over which the refused relay attempts are counted (a sliding window).",
+        minimum=10, maximum=86400),
+    Key("probes", "block_for", int, 3600,
+        "Seconds a prober stays blocked.", minimum=60, maximum=30 * 86400),
     Key("holds", "notify", str, "",
         "A command run when relaymilter puts a sender on hold by itself, with the hold "
         "in its environment (RELAYMILTER_HOLD_KIND, _VALUE, _REASON, _EXPIRES, _HOST); "
@@ -406,6 +418,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ProbesConfig:
+    detect: bool
+    refusals: int
+    window: int
+    block_for: int
+
+
+@dataclass(frozen=True)
 class HoldsConfig:
     notify: str | None
 
@@ -461,6 +481,7 @@ class Config:
     cache: CacheConfig
     store: StoreConfig
     limits: LimitsConfig
+    probes: ProbesConfig
     holds: HoldsConfig
     counters: CountersConfig
     metrics: MetricsConfig
@@ -499,7 +520,8 @@ class Config:
 
 _SECTION_TYPES = {"milter": MilterConfig, "decisions": DecisionsConfig, "relay": RelayConfig,
                   "dnsbl": DnsblConfig, "cache": CacheConfig, "store": StoreConfig,
-                  "limits": LimitsConfig, "holds": HoldsConfig, "counters": CountersConfig,
+                  "limits": LimitsConfig, "probes": ProbesConfig, "holds": HoldsConfig,
+                  "counters": CountersConfig,
                   "metrics": MetricsConfig,
                   "policyd": PolicydConfig}
 

@@ -44,6 +44,7 @@ class Decision:
 
     dry_run        the decision is a reject or defer, answered as a permit
     hold_request   (kind, value) the engine asks to put on hold
+    block_request  the client address the engine asks to block (a relay prober)
     hold_reason    the reason text of the hold that refused: for the log
                    line (hold_reason=<...>), never for the SMTP reply
     """
@@ -56,6 +57,7 @@ class Decision:
     dry_run: bool = False
     hold_request: tuple[str, str] | None = None
     hold_reason: str | None = None
+    block_request: str | None = None
 
     @property
     def reply(self) -> str:
@@ -131,6 +133,16 @@ _PERMITS = {reason: Decision(Action.PERMIT, reason) for reason in Reason}
 def relay_denied(recipient_path: str, reason: Reason) -> Decision:
     return Decision(Action.REJECT, reason, 554, "5.7.1",
                     f"<{printable(recipient_path)}>: Relay access denied")
+
+
+PROBING = "relay probing"      # the reason of the automatic block of a relay prober
+
+
+def client_blocked(client: IPAddress | None, hold_reason: str) -> Decision:
+    """A hold of scope "all" refuses every recipient; its reason is named."""
+    return Decision(Action.REJECT, Reason.BLOCKED, 554, "5.7.1",
+                    f"Client host [{client}] blocked: {printable(hold_reason or 'by policy')}",
+                    hold_reason=hold_reason or None)
 
 
 def bad_recipient_syntax() -> Decision:

@@ -50,12 +50,14 @@ from relaymilter.netindex import NetworkIndex
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """A suspension in force: kind "client" (value: the network) or "user"."""
+    """A suspension in force: kind "client" (value: the network) or "user"; scope
+    "relay" (relaying suspended) or "all" (a client refused every recipient)."""
 
     kind: str
     value: str
     reason: str
     expires: float | None = None    # unix time it ends; None = until removed
+    scope: str = "relay"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +135,8 @@ class DomainPolicy:
             index, scopes,
             ((entry.network, entry.packed, entry.prefixlen, entry.expires) for entry in relay),
             ((entry.network, domain) for entry in relay for domain in entry.sender_domains),
-            ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.reason, entry.expires)
-             for entry in records["holds"]),
+            ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.reason, entry.expires,
+              entry.scope) for entry in records["holds"]),
             ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.per_hour,
               entry.per_day, entry.messages_per_hour, entry.messages_per_day)
              for entry in records["limits"]),
@@ -145,7 +147,8 @@ class DomainPolicy:
     def from_rows(cls, allowlist: NetworkIndex, scopes: Mapping[str, int],
                   relay_clients: Iterable[tuple[str, bytes, int]],
                   relay_client_domains: Iterable[tuple[str, str]],
-                  holds: Iterable[tuple[str, str, bytes | None, int | None, str, float | None]],
+                  holds: Iterable[tuple[str, str, bytes | None, int | None, str, float | None,
+                                        str]],
                   limits: Iterable[tuple],
                   domains: Iterable[tuple[str, int | None, list[str]]],
                   owners: Iterable[tuple[str, list[str]]],
@@ -158,7 +161,8 @@ class DomainPolicy:
                               already ended are left out
         relay_client_domains  (network, sender domain)
         holds                 (kind, value, packed or None, prefix length or None, reason,
-                              expires: unix time or None); those already ended are left out
+                              expires: unix time or None, scope "relay" or "all"); those
+                              already ended are left out
         limits                (kind, value, packed or None, prefix length or None, then
                               the rates of a limits.Limit: per hour, per day, messages
                               per hour, messages per day, each a count or None)
@@ -185,12 +189,12 @@ class DomainPolicy:
 
         client_holds: list[tuple[Hold, bytes, int]] = []
         user_holds: dict[str, Hold] = {}
-        for kind, value, packed, prefixlen, reason, expires in holds:
+        for kind, value, packed, prefixlen, reason, expires, scope in holds:
             if expires is not None:
                 if expires <= now:
                     continue
                 ends.append(expires)
-            hold = Hold(kind, value, reason, expires)
+            hold = Hold(kind, value, reason, expires, scope)
             if kind == "client":
                 client_holds.append((hold, packed, prefixlen))
             else:
@@ -269,6 +273,17 @@ class DomainPolicy:
             if hold is not None and _in_force(hold):
                 return hold
         return None
+
+    def blocked(self, client: IPAddress | None) -> Hold | None:
+        """The hold refusing every recipient of client (scope "all"), if the
+        longest hold network holding it is one."""
+        if client is None:
+            return None
+        tag = self._hold_index.longest(client)
+        if tag is None:
+            return None
+        hold = self._client_holds[tag]
+        return hold if hold.scope == "all" and _in_force(hold) else None
 
     def wide_relay_clients(self) -> list[str]:
         """Relay-client networks wider than /8 or /32 (entries.too_wide): each an

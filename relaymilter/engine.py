@@ -21,6 +21,8 @@ DESCRIPTION
     no store. Order at RCPT (docs/guide.md, "Decision order"):
 
     1. recipient syntax                          501 5.1.3
+    1b. an untrusted client blocked (a hold of scope "all": a relay prober)
+       -> 554 5.7.1, whatever the recipient.
     2. a recipient in our own domains (the relay verdict for an untrusted
        client, DESIGN section 2) is inbound mail: postmaster -> permit;
        per-domain allowlist or DNSBL opt-out -> permit; DNSBL verdict with
@@ -28,7 +30,9 @@ DESCRIPTION
        Trusted, authenticated and relay clients skip the DNSBL.
     3. any other recipient is relaying: a hold on the client or user ->
        550 5.7.1; no permission (trusted networks, a relay client entry,
-       SMTP AUTH) -> 554 5.7.1 Relay access denied; a relay client's sender
+       SMTP AUTH) -> 554 5.7.1 Relay access denied, counted per client
+       ([probes]: the refusal that reaches `refusals` within `window`
+       asks for the client's block); a relay client's sender
        domains, a SASL user's owned domains -> 554 / 553 5.7.1; the
        outbound limit -> 450 4.7.1.
 
@@ -53,11 +57,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from relaymilter.address import AddressSyntaxError, IPAddress, Recipient, parse_recipient, resolved_domain
 from relaymilter.decision import (Action, ClientFacts, Decision, PendingVerdict, RecipientFacts,
-                                  bad_recipient_syntax, client_listed, internal_fault, permit,
+                                  bad_recipient_syntax, client_blocked, client_listed,
+                                  internal_fault, permit,
                                   rate_limited, relay_denied, relaying_suspended,
                                   sender_not_owned)
 from relaymilter.domainpolicy import EMPTY_POLICY, DomainPolicy
 from relaymilter.entries import user_key
+from relaymilter.limits import Limit
 from relaymilter.logline import log_decision
 from relaymilter.reason import Reason
 from relaymilter.recorder import Recorder
@@ -94,8 +100,10 @@ class Snapshot:
 # ---------------------------------------------------------------- decide ---
 
 def decide_recipient(facts: RecipientFacts, snapshot: Snapshot,
-                     counter: "LimitCounter | None" = None) -> Decision:
-    """The decision for one recipient, in the order of the module docstring."""
+                     counter: "LimitCounter | None" = None,
+                     probes: "LimitCounter | None" = None) -> Decision:
+    """The decision for one recipient, in the order of the module docstring;
+    counter counts the outbound limits, probes the refused relay attempts."""
     try:
         recipient = parse_recipient(facts.recipient)
     except AddressSyntaxError:
@@ -104,6 +112,10 @@ def decide_recipient(facts: RecipientFacts, snapshot: Snapshot,
     client = facts.client
     local = relay_verdict(recipient, facts.resolved_recipient, rules)
     trust = client_trust(client.address, client.auth_user, rules)
+    if trust is Trust.UNTRUSTED:
+        block = policy.blocked(client.address)
+        if block is not None:
+            return client_blocked(client.address, block.reason)
     if local.allowed:
         return _inbound(facts, recipient, trust, local.reason, snapshot)
     # The recipient is not ours: relaying.
@@ -115,7 +127,8 @@ def decide_recipient(facts: RecipientFacts, snapshot: Snapshot,
     if trust is Trust.UNTRUSTED:
         relay_client = policy.relay_client(client.address)
         if relay_client is None:
-            return relay_denied(recipient.path, local.reason)
+            return _probe_counted(relay_denied(recipient.path, local.reason), facts,
+                                  snapshot, probes)
         trust = Trust.RELAY_CLIENT
     sender_domain = _sender_domain(facts.sender)
     if trust is Trust.RELAY_CLIENT and relay_client.sender_domains \
@@ -174,6 +187,23 @@ def _outbound(facts: RecipientFacts, trust: Trust, snapshot: Snapshot,
     return Decision(Action.PERMIT, trust.reason, hold_request=hold)
 
 
+def _probe_counted(decision: Decision, facts: RecipientFacts, snapshot: Snapshot,
+                   probes: "LimitCounter | None") -> Decision:
+    """A refused relay attempt of an untrusted client, counted ([probes]): the
+    one that reaches `refusals` within `window` asks for the client's block."""
+    settings = snapshot.config.probes
+    address = facts.client.address
+    if probes is None or not settings.detect or address is None:
+        return decision
+    # The same recipient of the same message asked twice (two restriction
+    # lists calling the policy service) is one attempt.
+    charge = probes.charge(("probe", str(address)), Limit(per_hour=settings.refusals),
+                           facts.instance, facts.recipient)
+    if charge.hold_due:
+        return replace(decision, block_request=str(address))
+    return decision
+
+
 def _sender_domain(sender: str) -> str | None:
     """The normalised domain of MAIL FROM; None for <> or an unreadable one."""
     try:
@@ -211,9 +241,12 @@ class Running(Protocol):
 
     snapshot: Snapshot
     counter: "LimitCounter"
+    probes: "LimitCounter"
     metrics: Recorder
 
     def request_hold(self, kind: str, value: str, reason: str) -> None: ...
+
+    def request_block(self, address: str) -> None: ...
 
 
 class Engine:
@@ -258,12 +291,14 @@ class Engine:
         """The decision for one RCPT TO, applied: dry run, holds, log, metrics."""
         running = self._running
         snapshot = running.snapshot
-        decision = enforce(decide_recipient(facts, snapshot, running.counter),
+        decision = enforce(decide_recipient(facts, snapshot, running.counter, running.probes),
                            snapshot.config.decisions.dry_run)
         if decision.hold_request is not None and not decision.dry_run:
             kind, value = decision.hold_request
             running.request_hold(kind, value, f"over {snapshot.config.limits.auto_hold_factor}"
                                               " times its outbound limit")
+        if decision.block_request is not None and not decision.dry_run:
+            running.request_block(decision.block_request)
         return self._applied(decision, facts.client, facts.sender, facts.recipient,
                              facts.queue_id)
 

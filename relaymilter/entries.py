@@ -24,8 +24,10 @@ DESCRIPTION
     (Allowlist entries, relay clients and holds may end by themselves:
     expires, a unix time; null = until removed.)
     holds          a client network (kind "client") or SASL user ("user")
-                   whose relaying is suspended, with a reason, until
-                   removed or until it expires (unix time; null: never).
+                   whose relaying is suspended (scope "relay"), or a client
+                   network refused every recipient (scope "all": a relay
+                   prober), with a reason, until removed or until it
+                   expires (unix time; null: never).
     limits         how much a SASL user ("user") or a relaying client
                    ("client") may send out: recipients per hour (per_hour)
                    and per day (per_day), messages per hour and per day
@@ -275,6 +277,7 @@ class HoldRecord(NamedTuple):
     created: float
     added_by: str
     expires: float | None   # unix time it ends; None = until removed
+    scope: str              # "relay": relaying suspended; "all": every recipient refused
 
 
 class LimitRecord(NamedTuple):
@@ -341,9 +344,15 @@ def _hold_record(row: Mapping[str, Any], now: float, actor: str) -> HoldRecord:
     value = row.get("value")
     if value in (None, ""):
         raise StoreInputError(f"a {kind} hold needs a value (the client network or user name)")
+    scope = row.get("scope") or "relay"
+    if scope not in ("relay", "all"):
+        raise StoreInputError(f"scope must be 'relay' or 'all', not {scope!r}")
+    if scope == "all" and kind != "client":
+        raise StoreInputError("only a client hold may block everything (scope 'all'): a "
+                              "user is authenticated, and its relaying is what a hold stops")
     return HoldRecord(kind, *_client_value(kind, value, "user name"),
                       _text(row.get("reason"), "reason"), _text(row.get("comment"), "comment"),
-                      *_stamp(row, now, actor), _expiry(row.get("expires")))
+                      *_stamp(row, now, actor), _expiry(row.get("expires")), scope)
 
 
 def _limit_key(row: Mapping[str, Any]) -> tuple:
@@ -408,7 +417,8 @@ SECTIONS = {section.name: section for section in (
             ("network", "sender_domains") + _STAMP_FIELDS + ("expires",), ("network",),
             RelayClientRecord._fields[:-1], _network_key, "sender_domains"),
     Section("holds", _hold_record, ("kind", "value"),
-            ("kind", "value", "reason") + _STAMP_FIELDS + ("expires",), ("kind", "value_key"),
+            ("kind", "value", "reason") + _STAMP_FIELDS + ("expires", "scope"),
+            ("kind", "value_key"),
             HoldRecord._fields, _hold_key),
     Section("limits", _limit_record, ("kind",),
             ("kind", "value") + RATE_NAMES + _STAMP_FIELDS, ("kind", "value_key"),

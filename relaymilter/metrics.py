@@ -52,6 +52,7 @@ DESCRIPTION
       relaymilter_store_last_load_timestamp_seconds
       relaymilter_counter_errors_total                    Redis calls failed or timed out
       relaymilter_counter_fallbacks_total                 recipients not counted in Redis
+      relaymilter_probe_blocks_total                      clients blocked for relay probing
       process_*                                           prometheus_client's own
     /metrics answers in Prometheus' text format, or in OpenMetrics when the
     scraper's Accept header asks for it.
@@ -198,6 +199,9 @@ class PrometheusRecorder(Recorder):
         self._counter_fallbacks = counter(
             "relaymilter_counter_fallbacks", "Recipients not counted in the shared counters "
             "(counted in this process, or deferred: [counters] on_error).", registry=registry)
+        self._probe_blocks = counter(
+            "relaymilter_probe_blocks", "Clients blocked for relay probing ([probes]).",
+            registry=registry)
         for callback in CALLBACKS:
             self._internal_errors.labels(callback)
         for result in ("success", "failure"):
@@ -269,6 +273,9 @@ class PrometheusRecorder(Recorder):
 
     def counter_fallback(self) -> None:
         self._counter_fallbacks.inc()
+
+    def probe_blocked(self) -> None:
+        self._probe_blocks.inc()
 
     # -- reading -------------------------------------------------------------
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:

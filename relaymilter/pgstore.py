@@ -189,6 +189,9 @@ MIGRATIONS = [
      "ADD COLUMN messages_per_hour integer CHECK (messages_per_hour >= 1), "
      "ADD COLUMN messages_per_day integer CHECK (messages_per_day >= 1), "
      "ADD CHECK (coalesce(per_hour, per_day, messages_per_hour, messages_per_day) IS NOT NULL)"],
+    # 6: holds that refuse every recipient of a client (a relay prober).
+    ["ALTER TABLE hold ADD COLUMN scope text NOT NULL DEFAULT 'relay' "
+     "CHECK (scope IN ('relay', 'all'))"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -357,7 +360,8 @@ class PostgresStore(Storage):
                 allowlist, scopes,
                 _rows(cursor, "SELECT network, packed, prefixlen, expires FROM relay_client"),
                 _rows(cursor, "SELECT network, domain FROM relay_client_domain"),
-                _rows(cursor, "SELECT kind, value, packed, prefixlen, reason, expires FROM hold"),
+                _rows(cursor, "SELECT kind, value, packed, prefixlen, reason, expires, scope "
+                              "FROM hold"),
                 _rows(cursor, "SELECT kind, value, packed, prefixlen, per_hour, per_day, "
                               "messages_per_hour, messages_per_day FROM rate_limit"),
                 domains, owners, allowlist_ends)

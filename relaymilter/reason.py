@@ -60,6 +60,7 @@ class Reason(enum.Enum):
     DNSBL = ("dnsbl",)
     HOLD_CLIENT = ("hold-client",)
     HOLD_USER = ("hold-user",)
+    BLOCKED = ("blocked",)
     RELAY_CLIENT_SENDER = ("relay-client-sender",)
     SENDER_NOT_OWNED = ("sender-not-owned",)
     RATE_LIMIT = ("rate-limit",)

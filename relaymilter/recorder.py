@@ -60,5 +60,8 @@ class Recorder:
         """A recipient was not counted in the shared counters (counted in this
         process, or deferred)."""
 
+    def probe_blocked(self) -> None:
+        """A client was blocked for relay probing ([probes])."""
+
 
 NO_METRICS = Recorder()

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from relaymilter.autohold import HoldQueue, HoldRequest
 from relaymilter.config import Config
+from relaymilter.decision import PROBING
 from relaymilter.dnsblwatch import DnsblWatch
 from relaymilter.domainpolicy import DomainPolicy
 from relaymilter.engine import Snapshot
@@ -69,6 +70,19 @@ def _counter(config: Config, metrics: Recorder) -> "LimitCounter | RedisCounter"
                         metrics=metrics)
 
 
+def _probe_counter(config: Config, metrics: Recorder) -> "LimitCounter | RedisCounter":
+    """The refused relay attempts per client, over [probes] window: beside the
+    limits' counts (in Redis with [counters] url, so a fleet counts together).
+    The hold falls due when the attempts reach [probes] refusals."""
+    window, counters = config.probes.window, config.counters
+    if counters.url is None:
+        return LimitCounter(hour=window, auto_hold_factor=1)
+    from relaymilter.rediscounter import RedisCounter
+    # Never a 4xx for this count: a fault counts here, whatever on_error says.
+    return RedisCounter(counters.url, hour=window, auto_hold_factor=1,
+                        timeout=counters.timeout_ms / 1000, on_error="local", metrics=metrics)
+
+
 class Runtime:
     """See the module docstring. Only the watcher thread writes `snapshot`."""
 
@@ -76,6 +90,7 @@ class Runtime:
         self.snapshot = snapshot
         self.metrics = metrics      # metrics.py; NO_METRICS when off
         self.counter = _counter(snapshot.config, metrics)
+        self.probes = _probe_counter(snapshot.config, metrics)
         self._reloader = ConfigReloader(snapshot.config, metrics)
         self._store = StoreFollower(metrics)
         self._holds = HoldQueue()
@@ -106,6 +121,9 @@ class Runtime:
                 (snapshot.config.limits, snapshot.config.counters):
             # The old one is left to the collector: a decision may still be using it.
             self.counter = _counter(snapshot.config, self.metrics)
+        if (previous.config.probes, previous.config.counters) != \
+                (snapshot.config.probes, snapshot.config.counters):
+            self.probes = _probe_counter(snapshot.config, self.metrics)
         return True
 
     def load_domain_policy(self) -> bool:
@@ -149,6 +167,16 @@ class Runtime:
         """Ask the watcher thread to write a hold (any thread; never blocks)."""
         self._holds.request(kind, value, reason)
 
+    def request_block(self, address: str) -> None:
+        """Ask the watcher thread to block a relay prober (any thread; never blocks)."""
+        probes = self.snapshot.config.probes
+        self.metrics.probe_blocked()
+        log.warning("client %s made %d refused relay attempts within %d s: blocking it for "
+                    "%d s (relay probing)", address, probes.refusals, probes.window,
+                    probes.block_for)
+        self._holds.request("client", address, PROBING, scope="all",
+                            duration=probes.block_for)
+
     # -- life cycle ------------------------------------------------------------
     def watch(self, interval: float = 1.0) -> None:
         """Start the watcher thread (a daemon thread)."""
@@ -176,7 +204,8 @@ class Runtime:
     def _hold(self, request: HoldRequest) -> None:
         """Write an automatic hold, then run [holds] notify for it (watcher thread)."""
         config = self.snapshot.config
-        duration = config.limits.auto_hold_duration
+        duration = config.limits.auto_hold_duration if request.duration is None \
+            else request.duration
         expires = time.time() + duration if duration > 0 else None
         if self._store.put_on_hold(config.store.location, request, expires) \
                 and config.holds.notify is not None:

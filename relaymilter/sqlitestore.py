@@ -249,6 +249,11 @@ MIGRATIONS = [
     DROP TABLE rate_limit;
     ALTER TABLE rate_limit_v6 RENAME TO rate_limit;
     """,
+    # 7: holds that refuse every recipient of a client (a relay prober).
+    """
+    ALTER TABLE hold ADD COLUMN scope TEXT NOT NULL DEFAULT 'relay'
+        CHECK (scope IN ('relay', 'all'));
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -461,7 +466,7 @@ class SQLiteStore(Storage):
                 connection.execute("SELECT network, packed, prefixlen, expires FROM relay_client"),
                 connection.execute("SELECT network, domain FROM relay_client_domain"),
                 connection.execute(
-                    "SELECT kind, value, packed, prefixlen, reason, expires FROM hold"),
+                    "SELECT kind, value, packed, prefixlen, reason, expires, scope FROM hold"),
                 connection.execute(
                     "SELECT kind, value, packed, prefixlen, per_hour, per_day, messages_per_hour, "
                     "messages_per_day FROM rate_limit"),

@@ -199,11 +199,13 @@ class Storage(abc.ABC):
         return self._delete("relay_clients", by, network=network)
 
     def add_hold(self, kind: str, value: str, reason: str = "", comment: str = "",
-                 added_by: str | None = None, expires: float | None = None) -> None:
+                 added_by: str | None = None, expires: float | None = None,
+                 scope: str = "relay") -> None:
         """Suspend relaying for a client network (kind "client") or SASL user ("user"),
-        until removed or until expires (unix time)."""
+        or with scope "all" refuse every recipient of a client network, until
+        removed or until expires (unix time)."""
         self._put("holds", kind=kind, value=value, reason=reason, comment=comment,
-                  added_by=added_by, expires=expires)
+                  added_by=added_by, expires=expires, scope=scope)
 
     def remove_hold(self, kind: str, value: str, by: str | None = None) -> bool:
         return self._delete("holds", by, kind=kind, value=value)

@@ -6,7 +6,7 @@ NAME
 SYNOPSIS
     relaymilter allowlist add NETWORK [--domain DOMAIN] [--comment TEXT]
     relaymilter relay-client add NETWORK [--sender-domain DOMAIN]... [--comment TEXT]
-    relaymilter hold add (--client NETWORK | --user USER) [--reason TEXT] [--for 24h]
+    relaymilter hold add (--client NETWORK | --user USER) [--reason TEXT] [--for 24h] [--all]
     relaymilter limit add (--client NETWORK | --user USER | --domain DOMAIN |
                           --default client|user) [PER_HOUR] [--per-day N]
                           [--messages-per-hour N] [--messages-per-day N]
@@ -73,7 +73,7 @@ KINDS = {
                      ("network", "sender_domains", "comment", "added_by", "created",
                       "expires")),
     "hold": ("client networks and SASL users whose relaying is suspended",
-             ("kind", "value", "reason", "comment", "added_by", "created", "expires")),
+             ("kind", "value", "scope", "reason", "comment", "added_by", "created", "expires")),
     "limit": ("outbound recipients and messages per hour and per day, per SASL user and "
               "per relaying client",
               ("kind", "value", "per_hour", "per_day", "messages_per_hour", "messages_per_day",
@@ -193,6 +193,10 @@ def _hold_selectors(add: argparse.ArgumentParser, remove: argparse.ArgumentParse
     _who(add)
     _who(remove)
     add.add_argument("--reason", default="", help="why (shown by list, logged)")
+    add.add_argument("--all", dest="scope", action="store_const", const="all",
+                     default="relay", help="a client only: refuse every recipient it sends, "
+                                           "local ones included (as a relay prober is), not "
+                                           "only its relaying")
 
 
 def _for_option(add: argparse.ArgumentParser) -> None:
@@ -483,7 +487,7 @@ def _hold(store: Storage, args: argparse.Namespace) -> int:
         if _refuse_replacing(store, args, kind=kind, value=value, reason=args.reason):
             return EX_ERROR
         store.add_hold(kind, value, reason=args.reason, comment=args.comment,
-                       added_by=args.by, expires=_expires(args))
+                       added_by=args.by, expires=_expires(args), scope=args.scope)
         return EX_OK
     return _changed(store.remove_hold(kind, value, args.by), f"{kind} {value}", store, args)
 

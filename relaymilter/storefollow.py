@@ -83,7 +83,7 @@ class StoreFollower:
                         "([store] path or url)", request.kind, request.value, request.reason)
             return False
         return self._connected(path).put_on_hold(request.kind, request.value, request.reason,
-                                                 expires)
+                                                 expires, request.scope)
 
     def close(self) -> None:
         self._drop()

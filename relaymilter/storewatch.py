@@ -100,14 +100,15 @@ class StoreWatcher:
         return policy
 
     def put_on_hold(self, kind: str, value: str, reason: str,
-                    expires: float | None = None) -> bool:
-        """Write an automatic hold (ending at expires, unix time, if given); the
-        next poll() brings it into force. False when it could not be written."""
+                    expires: float | None = None, scope: str = "relay") -> bool:
+        """Write an automatic hold (ending at expires, unix time, if given; scope
+        "all" blocks the client); the next poll() brings it into force. False
+        when it could not be written."""
         try:
             if self._store is None:
                 self._store = open_store(self.path)
             self._store.add_hold(kind, value, reason=reason, added_by=AUTO_HOLD_ACTOR,
-                                 expires=expires)
+                                 expires=expires, scope=scope)
             # data_version does not move for this connection's own commits.
             self._version = None
         except (StoreError, OSError) as error:
@@ -115,7 +116,13 @@ class StoreWatcher:
                       error)
             self._drop()
             return False
-        log.warning("%s %s put on hold: %s", kind, value, reason)
+        if scope == "all":
+            until = "until removed" if expires is None else \
+                f"for {expires - time.time():.0f} s"
+            log.warning("%s %s blocked %s, every recipient refused: %s", kind, value, until,
+                        reason)
+        else:
+            log.warning("%s %s put on hold: %s", kind, value, reason)
         return True
 
     def remove_ended(self) -> bool:

@@ -231,6 +231,25 @@ def test_allowlist_entries_and_relay_clients_may_end_by_themselves(storage, monk
     assert exported["relay_clients"][0]["expires"] == pytest.approx(now + 30)
 
 
+def test_a_client_hold_may_block_everything(storage):
+    storage.add_hold("client", "192.0.2.77", reason="relay probing", scope="all",
+                     expires=time.time() + 60)
+    storage.add_hold("client", "198.51.100.0/24")
+    assert [(hold["value"], hold["scope"]) for hold in storage.list_holds()] == [
+        ("192.0.2.77/32", "all"), ("198.51.100.0/24", "relay")]
+    policy = storage.load_policy()
+    assert policy.blocked(ip("192.0.2.77")).reason == "relay probing"
+    assert policy.blocked(ip("198.51.100.9")) is None
+    assert policy.held(ip("198.51.100.9"), None) is not None
+    with pytest.raises(StoreInputError, match="only a client hold may block everything"):
+        storage.add_hold("user", "alice", scope="all")
+    with pytest.raises(StoreInputError, match="scope must be 'relay' or 'all'"):
+        storage.add_hold("client", "192.0.2.1", scope="some")
+    document = storage.export()
+    storage.import_policy(document, replace=True)
+    assert storage.export()["holds"] == document["holds"]
+
+
 def test_ended_entries_are_removed_once_with_their_end_in_the_history(location):
     now = time.time()
     with open_store(location()) as storage:
@@ -571,7 +590,7 @@ def test_every_change_is_in_the_history_with_when_who_and_what(storage):
         (default_actor(), "add", "allowlist", "192.0.2.0/24 for example.com"),
         ("panel", "remove", "holds", "user alice"),
         (default_actor(), "import --replace", "policy", "1 entries")]
-    assert json.loads(events[0]["detail"]) == {"reason": "phished"}
+    assert json.loads(events[0]["detail"]) == {"reason": "phished", "scope": "relay"}
     assert json.loads(events[3]["detail"])["domains"] == 1
     assert all(started - 1 <= event["at"] <= time.time() for event in events)
     assert storage.history(since=events[2]["at"]) == events[2:]

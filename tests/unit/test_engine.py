@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from relaymilter.config import parse_config
+from relaymilter.config import ProbesConfig, parse_config
 from relaymilter.zones import ListingResult, Status, Zone, ZoneAnswer
 from relaymilter.decision import Action, ClientFacts, RecipientFacts
 from relaymilter.engine import Snapshot, decide_listing, decide_recipient, enforce, lookups_needed
@@ -314,3 +314,58 @@ def test_one_outbound_count_per_user_however_the_login_is_spelt():
     first = decide_recipient(relay_facts(auth_user="zed@example.com"), snap, counter)
     second = decide_recipient(relay_facts(auth_user="ZED@example.com"), snap, counter)
     assert (first.action, second.action) == (Action.PERMIT, Action.DEFER)
+
+
+# ------------------------------------------------------- relay probing ---
+
+def probe_snapshot(**probes):
+    settings = {"detect": True, "refusals": 3, "window": 600, "block_for": 3600, **probes}
+    config = _replace(SNAPSHOT.config, probes=ProbesConfig(**settings))
+    return _replace(SNAPSHOT, config=config)
+
+
+def test_the_refusal_that_reaches_the_count_asks_to_block_the_client():
+    snap, probes = probe_snapshot(), LimitCounter(hour=600, auto_hold_factor=1)
+    decisions = [decide_recipient(relay_facts(ip="192.0.2.77", auth_user=None,
+                                              recipient=f"<u{n}@remote.test>"), snap,
+                                  probes=probes) for n in range(5)]
+    assert [d.code for d in decisions] == [554] * 5
+    assert [d.block_request for d in decisions] == [None, None, "192.0.2.77", None, None]
+
+
+def test_trusted_and_authenticated_clients_are_never_counted_and_local_mail_is_not():
+    snap, probes = probe_snapshot(refusals=2), LimitCounter(hour=600, auto_hold_factor=1)
+    for _ in range(5):
+        assert decide_recipient(relay_facts(), snap, probes=probes).block_request is None
+        local = relay_facts(ip="192.0.2.77", auth_user=None, recipient="<u@local.test>")
+        assert decide_recipient(local, snap, probes=probes).block_request is None
+    off = probe_snapshot(detect=False, refusals=2)
+    untrusted = relay_facts(ip="192.0.2.77", auth_user=None)
+    assert all(decide_recipient(untrusted, off, probes=probes).block_request is None
+               for _ in range(5))
+
+
+def test_a_recipient_asked_twice_for_one_message_is_one_attempt():
+    snap, probes = probe_snapshot(refusals=2), LimitCounter(hour=600, auto_hold_factor=1)
+    asked = _replace(relay_facts(ip="192.0.2.77", auth_user=None), instance="4F1A2.1")
+    assert [decide_recipient(asked, snap, probes=probes).block_request
+            for _ in range(3)] == [None, None, None]
+
+
+def test_a_blocked_client_is_refused_every_recipient_local_ones_included():
+    snap = with_policy(holds=[{"kind": "client", "value": "192.0.2.77", "scope": "all",
+                               "reason": "relay probing"}])
+    for recipient in ("<u@local.test>", "<postmaster@local.test>", "<u@remote.test>"):
+        decision = decide_recipient(relay_facts(ip="192.0.2.77", auth_user=None,
+                                                recipient=recipient), snap)
+        assert decision.reply == "554 5.7.1 Client host [192.0.2.77] blocked: relay probing"
+        assert decision.reason.word == "blocked"
+    # A hold of scope "relay" leaves local mail alone; authenticated clients are
+    # never blocked (their relaying from there stays suspended, as by any hold).
+    relay_only = with_policy(holds=[{"kind": "client", "value": "192.0.2.77"}])
+    assert decide_recipient(relay_facts(ip="192.0.2.77", auth_user=None,
+                                        recipient="<u@local.test>"), relay_only).code is None
+    trusted = with_policy(holds=[{"kind": "client", "value": str(OUR_USER_IP), "scope": "all"}])
+    assert decide_recipient(relay_facts(recipient="<u@local.test>"), trusted).action \
+        is Action.PERMIT
+    assert decide_recipient(relay_facts(), trusted).reason.word == "hold-client"
