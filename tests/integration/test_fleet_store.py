@@ -36,6 +36,7 @@ echo "$RELAYMILTER_HOLD_KIND|$RELAYMILTER_HOLD_VALUE|$RELAYMILTER_HOLD_REASON|\
 $RELAYMILTER_HOLD_EXPIRES|$RELAYMILTER_HOLD_HOST" >> {log}
 """
 REMOTE = "someone@remote.test"
+PROBE_REFUSALS = 4
 
 
 class Host:
@@ -47,6 +48,7 @@ class Host:
             directory, front_end="policyd", relay={"local_domains": ["local.test"]},
             store={"url": url}, counters={"url": counters},
             limits={"auto_hold_factor": AUTO_HOLD_FACTOR}, holds={"notify": notify},
+            probes={"refusals": PROBE_REFUSALS, "window": 60, "block_for": 600},
             metrics={"policyd_listen": f"127.0.0.1:{self.metrics_port}"})
 
     def answer(self, user: str, message: str = "", recipient: str = REMOTE) -> bytes:
@@ -55,6 +57,14 @@ class Host:
             return client.ask(request(recipient, sasl_username=user, instance=message))[0]
         finally:
             client.close()
+
+    def ask(self, client: str, recipient: str) -> bytes:
+        """An unauthenticated client's recipient."""
+        policy = PolicyClient(str(self.service.socket_path))
+        try:
+            return policy.ask(request(recipient, client=client))[0]
+        finally:
+            policy.close()
 
     def cli(self, *words: str) -> subprocess.CompletedProcess:
         return subprocess.run([RELAYMILTER, *words, "-c", str(self.service.config_path)],
@@ -287,3 +297,19 @@ def test_a_relay_client_for_a_while_stops_relaying_when_it_ends(fleet):
     # Both hosts saw it end; one removed it from the store, and said so once.
     within(PICKUP, lambda: "[]" == one.cli("relay-client", "list", "--json").stdout.strip())
     assert ended_events(one, f"{customer}/32") == 1
+
+
+def test_a_prober_spreading_its_tries_over_the_fleet_is_blocked_on_every_host(fleet):
+    _, one, two, _ = fleet
+    prober = "192.0.2.123"
+    tries = [(one if number % 2 else two).ask(prober, f"r{number}@remote.test")
+             for number in range(PROBE_REFUSALS)]
+    assert tries == [b"action=554 5.7.1 Relay access denied"] * PROBE_REFUSALS
+    blocked = f"action=554 5.7.1 Client host [{prober}] blocked: relay probing".encode()
+    within(PICKUP, lambda: one.ask(prober, "user@local.test") == blocked
+           and two.ask(prober, "user@local.test") == blocked)
+    assert one.ask("192.0.2.124", "user@local.test") == b"action=DUNNO"     # a neighbour
+    holds = [hold for hold in json.loads(one.cli("hold", "list", "--json").stdout)
+             if hold["value"] == f"{prober}/32"]
+    assert [(hold["scope"], hold["reason"]) for hold in holds] == [("all", "relay probing")]
+    assert one.cli("hold", "remove", "--client", prober).returncode == 0

@@ -95,3 +95,19 @@ def test_trusted_clients_are_never_counted(site):
         # A trusted client may relay: nothing is refused, nothing counted.
         assert site.reply("198.51.100.7", f"<x{number}@remote.test>")[0] == 250
     assert json.loads(site.cli("hold", "list", "--json").stdout) == []
+
+
+def test_relaymilter_probe_against_us_is_caught_and_still_finds_us_closed(site):
+    tester = "192.0.2.90"
+    done = subprocess.run([RELAYMILTER, "probe", f"127.0.0.1:{site.postfix.port}", "--as",
+                           tester, "--local-domain", "local.test", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    replies = [form["reply"] for form in report["forms"]]
+    # Refused as relaying at first, then blocked; never accepted.
+    assert "Relay access denied" in replies[0]
+    assert any("blocked: relay probing" in reply for reply in replies[REFUSALS:])
+    holds = json.loads(site.cli("hold", "list", "--json").stdout)
+    assert [(hold["value"], hold["scope"]) for hold in holds] == [(f"{tester}/32", "all")]
+    assert site.cli("hold", "remove", "--client", tester).returncode == 0
