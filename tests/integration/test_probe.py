@@ -57,7 +57,8 @@ def test_an_open_postfix_is_reported_open_with_the_forms_it_took(postfix_factory
 
 def test_postfix_closed_by_its_own_restrictions_is_closed(postfix_factory):
     postfix = postfix_factory(extra_main_cf=CLOSED_BY_POSTFIX)
-    status, report = probe(f"127.0.0.1:{postfix.port}")
+    status, report = probe(f"127.0.0.1:{postfix.port}", "--source", "127.0.0.2")
+    assert "connect from unknown[127.0.0.2]" in postfix.log_text()
     assert status == CLOSED and report["verdict"] == "closed", verdicts(report)
     assert report["control"]["verdict"] == "accepted"
     assert set(verdicts(report).values()) <= {"refused", "skipped"}
