@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import logging
 import logging.handlers
@@ -42,8 +43,8 @@ from relaymilter.config import Config, ConfigError, config_path, load_config
 from relaymilter.dnsbl import report_lines
 from relaymilter.endpoint import parse_socket
 from relaymilter.engine import Engine
-from relaymilter.exitcodes import (EX_CONFIG, EX_LISTED, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
-                                   EX_USAGE)
+from relaymilter.exitcodes import (EX_CONFIG, EX_LISTED, EX_NOINPUT, EX_OK, EX_TEMPFAIL,
+                                   EX_UNAVAILABLE, EX_USAGE)
 from relaymilter.explain import Question, exemptions, exit_status, explain, open_domain_policy
 from relaymilter.explain import report_lines as explain_lines
 from relaymilter.reload import NO_LOCAL_DOMAINS, build_dnsbl, build_snapshot
@@ -414,6 +415,38 @@ def policyd_lines(policyd_socket: str) -> list[str]:
             "Policy service unavailable"]
 
 
+DEFAULT_MAIL_LOG = "/var/log/mail.log"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """relaymilter report: read the logs, print the summary."""
+    import gzip
+
+    from relaymilter.report import Summary, text_lines
+    summary = Summary()
+    for name in args.logfiles or [DEFAULT_MAIL_LOG]:
+        try:
+            if name == "-":
+                stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+            elif name.endswith(".gz"):
+                stream = gzip.open(name, "rt", encoding="utf-8", errors="replace")
+            else:
+                stream = open(name, encoding="utf-8", errors="replace")
+            with stream:
+                for line in stream:
+                    summary.add_line(line)
+        except (OSError, EOFError) as error:
+            sys.stderr.write(f"relaymilter report: {name}: "
+                             f"{getattr(error, 'strerror', None) or error}\n")
+            return EX_NOINPUT
+    document = summary.document(top=max(1, args.top))
+    if args.json:
+        sys.stdout.write(json.dumps(document, indent=1) + "\n")
+    else:
+        sys.stdout.write("\n".join(text_lines(document)) + "\n")
+    return EX_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="relaymilter",
                      description="Milter that closes open relays and keeps listed relays out.")
@@ -456,6 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain_verb.add_argument("--rcpt", required=True, action="append", metavar="ADDR",
                               help="a recipient (repeatable)")
     explain_verb.add_argument("--json", action="store_true", help="JSON instead of text")
+    report = verb("report", cmd_report, "a summary of relaymilter's decisions in mail logs: "
+                  "refusals by reason, top clients, users and domains, per day")
+    report.add_argument("logfiles", nargs="*", metavar="LOGFILE",
+                        help=f"mail logs, .gz ones too; - for standard input (default "
+                             f"{DEFAULT_MAIL_LOG})")
+    report.add_argument("--top", type=int, default=10, metavar="N",
+                        help="entries in each top list (default 10)")
+    report.add_argument("--json", action="store_true", help="JSON instead of text")
     add_policy_verbs(verb)
     add_probe_verb(verb)
     return parser

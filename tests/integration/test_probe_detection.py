@@ -111,3 +111,19 @@ def test_relaymilter_probe_against_us_is_caught_and_still_finds_us_closed(site):
     holds = json.loads(site.cli("hold", "list", "--json").stdout)
     assert [(hold["value"], hold["scope"]) for hold in holds] == [(f"{tester}/32", "all")]
     assert site.cli("hold", "remove", "--client", tester).returncode == 0
+
+
+def test_the_report_counts_what_the_daemon_logged(site):
+    client = "192.0.2.99"
+    assert site.reply(client, "<a@remote.test>")[0] == 554
+    assert site.reply(client, "<b%remote.test@local.test>")[0] == 554
+    assert site.reply(client, "<user@local.test>")[0] == 250
+    site.service.wait_for_log(rf"RCPT from unknown\[{client}\]: .* reason=percent-hack")
+    done = subprocess.run([RELAYMILTER, "report", str(site.service.log_path), "--top", "100",
+                           "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["unreadable"] == 0
+    mine = [row for row in report["top_clients"] if row["client"] == client]
+    assert mine == [{"client": client, "refusals": 2,
+                     "reasons": {"remote-domain": 1, "percent-hack": 1}}]
