@@ -334,6 +334,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("metrics", "policyd_listen", str, "",
         "The same for the policy service (`relaymilter policyd`): its own address, so that "
         "one config serves both daemons at once; \"\" = off.", _listen, restart_only=True),
+    Key("metrics", "status_token", str, "",
+        "A secret that /status and /api/v1/ ask for (Authorization: Bearer TOKEN, or "
+        "?token=TOKEN) when the listener is not on loopback; \"\" = those pages only on "
+        "loopback. /metrics and /healthz never ask."),
 )
 
 SECTIONS = tuple(dict.fromkeys(key.section for key in SCHEMA))
@@ -446,6 +450,7 @@ class CountersConfig:
 class MetricsConfig:
     listen: str
     policyd_listen: str
+    status_token: str
 
     @property
     def address(self) -> tuple[str, int] | None:

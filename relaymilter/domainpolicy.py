@@ -39,7 +39,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from relaymilter.address import IPAddress, parse_network
@@ -58,6 +58,7 @@ class Hold:
     reason: str
     expires: float | None = None    # unix time it ends; None = until removed
     scope: str = "relay"
+    created: float | None = field(default=None, compare=False)   # unix time it was written
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +137,7 @@ class DomainPolicy:
             ((entry.network, entry.packed, entry.prefixlen, entry.expires) for entry in relay),
             ((entry.network, domain) for entry in relay for domain in entry.sender_domains),
             ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.reason, entry.expires,
-              entry.scope) for entry in records["holds"]),
+              entry.scope, entry.created) for entry in records["holds"]),
             ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.per_hour,
               entry.per_day, entry.messages_per_hour, entry.messages_per_day)
              for entry in records["limits"]),
@@ -148,7 +149,7 @@ class DomainPolicy:
                   relay_clients: Iterable[tuple[str, bytes, int]],
                   relay_client_domains: Iterable[tuple[str, str]],
                   holds: Iterable[tuple[str, str, bytes | None, int | None, str, float | None,
-                                        str]],
+                                        str, float]],
                   limits: Iterable[tuple],
                   domains: Iterable[tuple[str, int | None, list[str]]],
                   owners: Iterable[tuple[str, list[str]]],
@@ -161,8 +162,8 @@ class DomainPolicy:
                               already ended are left out
         relay_client_domains  (network, sender domain)
         holds                 (kind, value, packed or None, prefix length or None, reason,
-                              expires: unix time or None, scope "relay" or "all"); those
-                              already ended are left out
+                              expires: unix time or None, scope "relay" or "all", created);
+                              those already ended are left out
         limits                (kind, value, packed or None, prefix length or None, then
                               the rates of a limits.Limit: per hour, per day, messages
                               per hour, messages per day, each a count or None)
@@ -189,12 +190,12 @@ class DomainPolicy:
 
         client_holds: list[tuple[Hold, bytes, int]] = []
         user_holds: dict[str, Hold] = {}
-        for kind, value, packed, prefixlen, reason, expires, scope in holds:
+        for kind, value, packed, prefixlen, reason, expires, scope, created in holds:
             if expires is not None:
                 if expires <= now:
                     continue
                 ends.append(expires)
-            hold = Hold(kind, value, reason, expires, scope)
+            hold = Hold(kind, value, reason, expires, scope, created)
             if kind == "client":
                 client_holds.append((hold, packed, prefixlen))
             else:
@@ -273,6 +274,11 @@ class DomainPolicy:
             if hold is not None and _in_force(hold):
                 return hold
         return None
+
+    def holds(self) -> list[Hold]:
+        """Every hold in force: clients (in network order), then users."""
+        return [hold for hold in (*self._client_holds, *self._user_holds.values())
+                if _in_force(hold)]
 
     def blocked(self, client: IPAddress | None) -> Hold | None:
         """The hold refusing every recipient of client (scope "all"), if the

@@ -285,6 +285,7 @@ class Engine:
         decision = enforce(decide_listing(listing.result()), snapshot.config.decisions.dry_run)
         log_decision("CONNECT", decision, client)
         self._count("connect", decision)
+        self._running.metrics.decided("connect", decision, client, None, None)
         return decision
 
     def answer_recipient(self, facts: RecipientFacts) -> Decision:
@@ -316,6 +317,7 @@ class Engine:
                  recipient: str | None, queue_id: str | None) -> Decision:
         log_decision("RCPT", decision, client, sender, recipient, queue_id)
         self._count("rcpt", decision)
+        self._running.metrics.decided("rcpt", decision, client, sender, recipient)
         return decision
 
     def _count(self, stage: str, decision: Decision) -> None:

@@ -86,9 +86,11 @@ import socket
 import socketserver
 import threading
 import time
+import urllib.parse
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from relaymilter import __version__
+from relaymilter.activity import Activity, Seen
 from relaymilter.recorder import NO_METRICS, Recorder
 
 if TYPE_CHECKING:
@@ -154,6 +156,7 @@ class PrometheusRecorder(Recorder):
         self.prometheus = prometheus   # the module, imported only when metrics are on
         self.registry = registry = prometheus.CollectorRegistry()
         self.health_state = HealthState()
+        self.activity = Activity()      # the status page's last hour
         self._clock = clock
         counter, gauge = prometheus.Counter, prometheus.Gauge
         prometheus.Info("relaymilter_build", "relaymilter's version and Python's",
@@ -225,6 +228,15 @@ class PrometheusRecorder(Recorder):
 
     def decision(self, stage: str, action: str, reason: str) -> None:
         self._decisions.labels(stage, action, reason).inc()
+
+    def decided(self, stage: str, decision: Any, client: Any, sender: str | None,
+                recipient: str | None) -> None:
+        self.activity.record(Seen(
+            self._clock(), stage, decision.action_label, decision.reason.word,
+            str(client.address) if client.address is not None else "unknown",
+            client.auth_user, sender.strip().strip("<>") if sender is not None else None,
+            recipient.strip().strip("<>") if recipient is not None else None,
+            decision.action.value == "permit" and decision.reason.grants_relay))
 
     def internal_error(self, callback: str) -> None:
         self._internal_errors.labels(callback).inc()
@@ -412,6 +424,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _page(self, path: str) -> tuple[int, bytes, str]:
         recorder = self.server.recorder
+        if path in ("/status", "/api/v1/status", "/api/v1/decisions"):
+            return self._status(path)
         if path == "/metrics":
             body, content_type = recorder.exposition(self.headers.get("Accept"))
             return 200, body, content_type
@@ -419,7 +433,35 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             ok, report = recorder.health(self.server.snapshot())
             body = json.dumps(report, indent=1).encode() + b"\n"
             return (200 if ok else 503), body, "application/json"
-        return 404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8"
+        return 404, b"not found: try /status, /metrics or /healthz\n", \
+            "text/plain; charset=utf-8"
+
+    def _status(self, path: str) -> tuple[int, bytes, str]:
+        """The status page and its API (statuspage.py), for those allowed."""
+        from relaymilter.statuspage import (Filters, decisions_document, status_document,
+                                            status_html)
+        snapshot = self.server.snapshot()
+        query = urllib.parse.parse_qs(self.path.partition("?")[2], max_num_fields=20)
+        refused = self._refused(snapshot, query)
+        if refused is not None:
+            return 403, refused.encode() + b"\n", "text/plain; charset=utf-8"
+        recorder, now = self.server.recorder, time.time()
+        filters = Filters.from_query(query)
+        if path == "/api/v1/decisions":
+            document = decisions_document(recorder, filters)
+        else:
+            document = status_document(recorder, snapshot, now)
+        if path == "/status":
+            page = status_html(document, decisions_document(recorder, filters))
+            return 200, page.encode("utf-8"), "text/html; charset=utf-8"
+        return 200, json.dumps(document, indent=1).encode() + b"\n", "application/json"
+
+    def _refused(self, snapshot: "Snapshot | None",
+                 query: dict[str, list[str]]) -> str | None:
+        from relaymilter.statuspage import access_refused
+        token = snapshot.config.metrics.status_token if snapshot is not None else ""
+        return access_refused(self.server.server_address[0], token,
+                              self.headers.get("Authorization"), (query.get("token") or [None])[0])
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)

@@ -360,8 +360,8 @@ class PostgresStore(Storage):
                 allowlist, scopes,
                 _rows(cursor, "SELECT network, packed, prefixlen, expires FROM relay_client"),
                 _rows(cursor, "SELECT network, domain FROM relay_client_domain"),
-                _rows(cursor, "SELECT kind, value, packed, prefixlen, reason, expires, scope "
-                              "FROM hold"),
+                _rows(cursor, "SELECT kind, value, packed, prefixlen, reason, expires, scope, "
+                              "created FROM hold"),
                 _rows(cursor, "SELECT kind, value, packed, prefixlen, per_hour, per_day, "
                               "messages_per_hour, messages_per_day FROM rate_limit"),
                 domains, owners, allowlist_ends)

@@ -12,6 +12,8 @@ DESCRIPTION
 
 from __future__ import annotations
 
+from typing import Any
+
 class Recorder:
     """The events relaymilter counts. This base records nothing: metrics off."""
 
@@ -20,6 +22,11 @@ class Recorder:
 
     def milter_session_closed(self) -> None:
         """A milter connection was closed for lasting over [milter] session_timeout."""
+
+    def decided(self, stage: str, decision: Any, client: Any, sender: str | None,
+                recipient: str | None) -> None:
+        """The same decision whole, for the status page (activity.py): a
+        decision.Decision and the decision.ClientFacts it was for."""
 
     def decision(self, stage: str, action: str, reason: str) -> None:
         """A decision was answered at stage "connect" or "rcpt".

@@ -466,7 +466,8 @@ class SQLiteStore(Storage):
                 connection.execute("SELECT network, packed, prefixlen, expires FROM relay_client"),
                 connection.execute("SELECT network, domain FROM relay_client_domain"),
                 connection.execute(
-                    "SELECT kind, value, packed, prefixlen, reason, expires, scope FROM hold"),
+                    "SELECT kind, value, packed, prefixlen, reason, expires, scope, created "
+                    "FROM hold"),
                 connection.execute(
                     "SELECT kind, value, packed, prefixlen, per_hour, per_day, messages_per_hour, "
                     "messages_per_day FROM rate_limit"),

@@ -1,0 +1,129 @@
+"""The status page and its API on a real daemon, after real traffic through Postfix:
+a refused relay, a listed client, a held user, an authenticated sender, a dead zone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from typing import Iterator
+
+import pytest
+
+from postfix_instance import PostfixInstance
+from rbldnsd import Rbldnsd, RbldnsdZone
+from relaymilter_process import RELAYMILTER, RelaymilterProcess, _free_port, public_subdirectory
+from smtp_dialog import SmtpDialog
+
+CLEAN, LISTED, HELD_FROM, OUR_USER = "192.0.2.99", "192.0.2.20", "192.0.2.30", "192.0.2.40"
+HOSTILE = "<a&b'c@local.test>"      # what Postfix lets through that HTML must escape
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+class Site:
+    def __init__(self, service: RelaymilterProcess, postfix: PostfixInstance, url: str) -> None:
+        self.service, self.postfix, self.url = service, postfix, url
+
+    def rcpt(self, client: str, recipient: str, login: str | None = None) -> int:
+        with SmtpDialog(self.postfix.port) as smtp:
+            smtp.ehlo()
+            smtp.xclient(addr=client, login=login)
+            assert smtp.mail_from("<someone@sender.test>").code == 250
+            return smtp.rcpt_to(recipient).code
+
+
+@pytest.fixture(scope="module")
+def site(postfix_installed, rbldnsd_installed, public_tree) -> Iterator[Site]:
+    zones = Rbldnsd([RbldnsdZone("bl.test", "ip4set", [":127.0.0.2:Listed", "127.0.0.2",
+                                                       LISTED]),
+                     RbldnsdZone("world.test", "ip4trie", ["0.0.0.0/0"])], ttl=2)
+    zones.start()
+    directory = public_subdirectory(public_tree, "status")
+    port = _free_port()
+    service = RelaymilterProcess(
+        directory, relay={"local_domains": ["local.test"]},
+        dnsbl={"nameservers": [zones.nameserver],
+               "zone": [{"name": "bl.test", "display_name": "BL"},
+                        {"name": "world.test", "display_name": "WORLD"}]},
+        store={"path": str(directory / "policy.sqlite3")},
+        metrics={"listen": f"127.0.0.1:{port}"})
+    service.start()
+    postfix = PostfixInstance(**service.postfix_kwargs(local_domains=("local.test",)))
+    try:
+        postfix.start()
+        service.wait_for_log(r"error: dnsbl WORLD: .*disabled", timeout=10)
+        done = subprocess.run([RELAYMILTER, "hold", "add", "--user", "mallory", "--reason",
+                               "password phished", "-c", str(service.config_path)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        site = Site(service, postfix, f"http://127.0.0.1:{port}")
+        service.wait_for_log(r"policy store .* loaded in .*1 holds", timeout=10)
+        assert site.rcpt(CLEAN, "<user@remote.test>") == 554              # relay refused
+        assert site.rcpt(LISTED, "<user@local.test>") == 554              # listed
+        assert site.rcpt(HELD_FROM, "<user@remote.test>", "mallory") == 550   # held
+        for number in range(2):
+            assert site.rcpt(OUR_USER, f"<r{number}@remote.test>", "alice") == 250
+        assert site.rcpt(CLEAN, HOSTILE) == 250
+        yield site
+    finally:
+        postfix.stop()
+        service.kill()
+        zones.stop()
+
+
+def test_the_api_says_what_happened_in_the_last_hour(site):
+    status, content_type, body = get(site.url + "/api/v1/status")
+    assert status == 200 and content_type == "application/json"
+    document = json.loads(body)
+    assert document["zones"] == [{"name": "BL", "enabled": True},
+                                 {"name": "WORLD", "enabled": False}]
+    assert document["health"]["status"] == "degraded"       # a zone is dead
+    assert [(hold["value"], hold["reason"], hold["expires"]) for hold in document["holds"]] \
+        == [("mallory", "password phished", None)]
+    assert document["holds"][0]["since"].endswith("Z")
+    refused = {row["client"]: row["refusals"] for row in document["top_refused_clients"]}
+    assert refused == {CLEAN: 1, LISTED: 1, HELD_FROM: 1}
+    assert document["top_senders"] == [{"sender": "alice", "recipients": 2}]
+    totals = document["decisions"]["totals"]
+    assert totals["reject"] == 3 and totals["permit"] >= 3
+    assert document["cache"]["entries"] >= 1
+
+
+def test_the_decisions_api_filters(site):
+    status, _, body = get(site.url + "/api/v1/decisions?user=ALICE")
+    decisions = json.loads(body)["decisions"]
+    assert status == 200 and len(decisions) == 2
+    assert {decision["recipient"] for decision in decisions} == {"r0@remote.test",
+                                                                  "r1@remote.test"}
+    assert all(decision["verdict"] == "permit" and decision["reason"] == "authenticated"
+               for decision in decisions)
+    _, _, body = get(site.url + f"/api/v1/decisions?client={LISTED}")
+    assert [(d["verdict"], d["reason"]) for d in json.loads(body)["decisions"]] == [
+        ("reject", "dnsbl")]
+
+
+def test_the_page_shows_the_hold_the_refused_client_and_the_dead_zone(site):
+    status, content_type, page = get(site.url + "/status")
+    assert status == 200 and content_type == "text/html; charset=utf-8"
+    assert "a&b'c" not in page and "a&amp;b&#x27;c@local.test" in page
+    assert "password phished" in page and "mallory" in page
+    assert "DEAD: disabled by its health check" in page
+    assert f"<td>{CLEAN}</td>" in page and f"<td>{LISTED}</td>" in page
+    assert "<script" not in page.lower().replace("&lt;script", "")      # no JavaScript
+    _, _, filtered = get(site.url + f"/status?client={LISTED}")
+    last = filtered.split("<h2>Last decisions</h2>")[1]
+    assert LISTED in last and "remote.test" not in last
+
+
+def test_unknown_paths_are_404_and_the_metrics_stay_where_they_were(site):
+    assert get(site.url + "/api/v2/anything")[0] == 404
+    status, content_type, body = get(site.url + "/metrics")
+    assert status == 200 and "relaymilter_decisions_total" in body
