@@ -55,6 +55,7 @@ from relaymilter.openstore import open_store
 from relaymilter.store import StoreError
 from relaymilter.storecli import add_policy_verbs
 from relaymilter.probecli import add_probe_verb
+from relaymilter.topcli import add_top_verb
 from relaymilter.text import one_line
 from relaymilter.address import parse_ip
 from relaymilter.relay import RelayRules, Trust, client_trust
@@ -499,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="JSON instead of text")
     add_policy_verbs(verb)
     add_probe_verb(verb)
+    add_top_verb(verb)
     return parser
 
 

@@ -127,3 +127,24 @@ def test_unknown_paths_are_404_and_the_metrics_stay_where_they_were(site):
     assert get(site.url + "/api/v2/anything")[0] == 404
     status, content_type, body = get(site.url + "/metrics")
     assert status == 200 and "relaymilter_decisions_total" in body
+
+
+def test_top_shows_the_same_in_a_terminal(site):
+    done = subprocess.run([RELAYMILTER, "top", site.url, "--once"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    screen = done.stdout
+    assert "health: degraded" in screen and "WORLD DEAD" in screen and "BL ok" in screen
+    assert "mallory" in screen and "password phished" in screen
+    assert f"1  {CLEAN}" in screen and "2  alice" in screen
+    config = subprocess.run([RELAYMILTER, "top", "--once", "-c", str(site.service.config_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert config.returncode == 0 and "mallory" in config.stdout      # URL from the config
+
+
+def test_top_without_a_daemon_says_so():
+    from postfix_instance import free_loopback_port
+    done = subprocess.run([RELAYMILTER, "top", f"http://127.0.0.1:{free_loopback_port()}",
+                           "--once"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 69 and "Connection refused" in done.stderr
+    assert "Traceback" not in done.stderr

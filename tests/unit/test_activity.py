@@ -89,3 +89,16 @@ def test_filters_from_a_query_are_bounded():
                                   "limit": ["99999"], "domain": [""]})
     assert filters == Filters("192.0.2.9", "x" * 255, None, 1000)
     assert Filters.from_query({"limit": ["many"]}).limit == 100
+
+
+def test_top_never_writes_a_client_s_escape_sequence_to_the_terminal():
+    from relaymilter.topcli import top_lines
+    document = {"version": "1", "generated": "2026-12-04T10:00:00Z",
+                "health": {"status": "ok"}, "zones": [{"name": "BL", "enabled": False}],
+                "cache": None, "decisions": {"totals": {"reject": 2}, "per_minute": [
+                    {"minute": "2026-12-04T10:00:00Z", "verdicts": {"reject": 2}}]},
+                "holds": [], "top_refused_clients": [],
+                "top_senders": [{"sender": "evil\x1b[2Jname", "recipients": 3}]}
+    screen = "\n".join(top_lines(document))
+    assert "\x1b" not in screen and "evil\\x1b[2Jname" in screen
+    assert "BL DEAD" in screen and "10:00 UTC" in screen
