@@ -53,6 +53,7 @@ DESCRIPTION
       relaymilter_counter_errors_total                    Redis calls failed or timed out
       relaymilter_counter_fallbacks_total                 recipients not counted in Redis
       relaymilter_probe_blocks_total                      clients blocked for relay probing
+      relaymilter_auto_holds_total                        senders put on hold over their limit
       process_*                                           prometheus_client's own
     /metrics answers in Prometheus' text format, or in OpenMetrics when the
     scraper's Accept header asks for it.
@@ -202,6 +203,9 @@ class PrometheusRecorder(Recorder):
         self._counter_fallbacks = counter(
             "relaymilter_counter_fallbacks", "Recipients not counted in the shared counters "
             "(counted in this process, or deferred: [counters] on_error).", registry=registry)
+        self._auto_holds = counter(
+            "relaymilter_auto_holds", "Senders put on hold automatically, far over their "
+            "outbound limit ([limits] auto_hold_factor).", registry=registry)
         self._probe_blocks = counter(
             "relaymilter_probe_blocks", "Clients blocked for relay probing ([probes]).",
             registry=registry)
@@ -288,6 +292,9 @@ class PrometheusRecorder(Recorder):
 
     def probe_blocked(self) -> None:
         self._probe_blocks.inc()
+
+    def auto_hold(self) -> None:
+        self._auto_holds.inc()
 
     # -- reading -------------------------------------------------------------
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:

@@ -67,6 +67,9 @@ class Recorder:
         """A recipient was not counted in the shared counters (counted in this
         process, or deferred)."""
 
+    def auto_hold(self) -> None:
+        """A sender over its outbound limit was put on hold automatically."""
+
     def probe_blocked(self) -> None:
         """A client was blocked for relay probing ([probes])."""
 

@@ -165,6 +165,7 @@ class Runtime:
 
     def request_hold(self, kind: str, value: str, reason: str) -> None:
         """Ask the watcher thread to write a hold (any thread; never blocks)."""
+        self.metrics.auto_hold()
         self._holds.request(kind, value, reason)
 
     def request_block(self, address: str) -> None:

@@ -178,7 +178,9 @@ def test_package_ships_unit_users_directories_man_pages_and_snippets(installed):
                  "/usr/share/man/man8/relaymilter.8.gz",
                  "/usr/share/man/man5/relaymilter.conf.5.gz",
                  "/usr/share/doc/relaymilter/examples/postfix-main.cf.snippet",
-                 "/usr/share/doc/relaymilter/examples/sendmail.mc.snippet"):
+                 "/usr/share/doc/relaymilter/examples/sendmail.mc.snippet",
+                 "/usr/share/doc/relaymilter/examples/relaymilter-alerts.yml",
+                 "/usr/share/doc/relaymilter/examples/relaymilter-dashboard.json"):
         assert path in listed, f"{path} is not in the package"
     assert UNIT.read_text() == (ROOT / "packaging" / "systemd" / "relaymilter.service").read_text()
     assert POLICYD_UNIT.read_text() == \

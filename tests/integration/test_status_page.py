@@ -5,8 +5,12 @@ a refused relay, a listed client, a held user, an authenticated sender, a dead z
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import urllib.request
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -148,3 +152,64 @@ def test_top_without_a_daemon_says_so():
                            "--once"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 69 and "Connection refused" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------ a real browser, and monitoring ---
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTEFACTS = ROOT / "build" / "test-artifacts"
+# Nothing may leave loopback: every request but 127.0.0.1's goes to a proxy
+# that is not there, and Chromium's own background traffic is off.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--disable-default-apps", "--disable-extensions",
+                  "--disable-domain-reliability", "--no-pings", "--dns-prefetch-disable",
+                  "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1"]
+
+
+def chromium(*arguments: str, home: Path) -> subprocess.CompletedProcess:
+    binary = shutil.which("chromium")
+    assert binary, "chromium is not installed: run scripts/install-debian-deps test"
+    return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={home}", *arguments],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(home)})
+
+
+def test_a_real_browser_shows_the_hold_the_refused_client_and_the_dead_zone(site, tmp_path):
+    dom = chromium("--dump-dom", site.url + "/status", home=tmp_path).stdout
+    assert "relaymilter status" in dom
+    assert "mallory" in dom and "password phished" in dom
+    assert CLEAN in dom and LISTED in dom
+    assert "DEAD: disabled by its health check" in dom
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTEFACTS / "status-page.png"
+    shot.unlink(missing_ok=True)
+    chromium(f"--screenshot={shot}", "--window-size=1280,2200", site.url + "/status",
+             home=tmp_path)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_the_alert_rules_pass_promtool_and_fire_when_they_should():
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed: run scripts/install-debian-deps test"
+    rules = ROOT / "packaging" / "prometheus" / "relaymilter-alerts.yml"
+    checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0 and "SUCCESS: 9 rules found" in checked.stdout, checked
+    tested = subprocess.run([promtool, "test", "rules", "relaymilter-alerts-test.yml"],
+                            cwd=ROOT / "tests" / "prometheus", capture_output=True, text=True,
+                            timeout=60)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_every_metric_the_rules_and_the_dashboard_read_is_one_the_daemon_exports(site):
+    _, _, exposition = get(site.url + "/metrics")
+    exported = set(re.findall(r"^(relaymilter_\w+)", exposition, re.M))
+    rules = (ROOT / "packaging" / "prometheus" / "relaymilter-alerts.yml").read_text()
+    dashboard = json.loads((ROOT / "packaging" / "grafana" /
+                            "relaymilter-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"]
+                   for target in panel["targets"]]
+    used = set(re.findall(r"relaymilter_\w+", rules + "\n".join(expressions)))
+    assert used and not used - exported, sorted(used - exported)
+    assert {"relaymilter_auto_holds_total", "relaymilter_dnsbl_zone_enabled"} <= used
