@@ -70,6 +70,10 @@ class Activity:
         self._lock = threading.Lock()
         self._minutes: deque[_Minute] = deque()
         self._recent: deque[Seen] = deque(maxlen=recent)
+        # Counts not yet taken by drain() (fleettops.py shares them): minute
+        # start -> ("refused" | "senders" -> Counter).
+        self._pending: dict[int, dict[str, Counter]] = {}
+        self.sharing = False            # set when a FleetTops drains the pending counts
 
     def record(self, seen: Seen) -> None:
         start = int(seen.at // 60) * 60
@@ -85,8 +89,22 @@ class Activity:
             minute.verdicts[seen.verdict] += 1
             if refused:
                 minute.refused[seen.client] += 1
+                if self.sharing:
+                    self._pending_of(start, "refused")[seen.client] += 1
             elif seen.relayed:
-                minute.senders[seen.user or seen.client] += 1
+                sender = seen.user or seen.client
+                minute.senders[sender] += 1
+                if self.sharing:
+                    self._pending_of(start, "senders")[sender] += 1
+
+    def _pending_of(self, start: int, kind: str) -> Counter:
+        return self._pending.setdefault(start, {}).setdefault(kind, Counter())
+
+    def drain(self) -> dict[int, dict[str, Counter]]:
+        """The counts recorded since the last drain (for the fleet's top lists)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        return pending
 
     def _drop(self, now_start: int) -> None:
         oldest = now_start - (self.minutes - 1) * 60

@@ -345,6 +345,8 @@ def _serve(args: argparse.Namespace, front_end: str, worker: int = 0,
         _tune_collector()
         engine = Engine(runtime)
         if listener is not None:
+            if config.counters.url is not None:
+                listener.share_tops(config.counters.url, config.counters.timeout_ms / 1000)
             listener.start()
             log.info("metrics on %s/metrics, health check on %s/healthz",
                      listener.url, listener.url)

@@ -457,7 +457,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/api/v1/decisions":
             document = decisions_document(recorder, filters)
         else:
-            document = status_document(recorder, snapshot, now)
+            document = status_document(recorder, snapshot, now, self.server.fleet)
         if path == "/status":
             page = status_html(document, decisions_document(recorder, filters))
             return 200, page.encode("utf-8"), "text/html; charset=utf-8"
@@ -489,6 +489,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.recorder = recorder
         self.snapshot = snapshot
+        self.fleet: Any = None          # fleettops.FleetTops, with [counters] url
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -517,13 +518,23 @@ class MetricsListener:
         self.url = f"http://{shown}"
         self._thread: threading.Thread | None = None
 
+    def share_tops(self, url: str, timeout: float) -> None:
+        """With [counters] url: the status page's top lists cover the fleet
+        (fleettops.py; redis-py only then). Before start()."""
+        from relaymilter.fleettops import FleetTops
+        self._server.fleet = FleetTops(url, self._server.recorder.activity, timeout)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics",
                                         daemon=True)
         self._thread.start()
+        if self._server.fleet is not None:
+            self._server.fleet.start()
 
     def stop(self) -> None:
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5)
+        if self._server.fleet is not None:
+            self._server.fleet.stop()
         self._server.server_close()

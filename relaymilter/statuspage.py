@@ -89,8 +89,10 @@ def _iso(stamp: float | None) -> str | None:
         "%Y-%m-%dT%H:%M:%SZ")
 
 
-def status_document(recorder: Any, snapshot: "Snapshot | None", now: float) -> dict[str, Any]:
-    """The /api/v1/status document."""
+def status_document(recorder: Any, snapshot: "Snapshot | None", now: float,
+                    fleet: Any = None) -> dict[str, Any]:
+    """The /api/v1/status document; with fleet (fleettops.FleetTops), the top
+    lists of every process sharing the counters."""
     _, health = recorder.health(snapshot)
     checker = snapshot.dnsbl if snapshot is not None else None
     zones, cache = [], None
@@ -104,6 +106,13 @@ def status_document(recorder: Any, snapshot: "Snapshot | None", now: float) -> d
                  "hit_rate": round(stats.hits / asked, 4) if asked else None}
     activity = recorder.activity
     holds = snapshot.domain_policy.holds() if snapshot is not None else []
+    refused = senders = None
+    if fleet is not None:
+        refused, senders = fleet.top("refused", now, TOP), fleet.top("senders", now, TOP)
+    scope = "fleet" if refused is not None and senders is not None else "this process"
+    if scope != "fleet":
+        refused = activity.top_refused_clients(now, TOP)
+        senders = activity.top_senders(now, TOP)
     return {
         "generated": _iso(now), "version": __version__, "health": health, "zones": zones,
         "cache": cache,
@@ -113,10 +122,10 @@ def status_document(recorder: Any, snapshot: "Snapshot | None", now: float) -> d
         "holds": [{"kind": hold.kind, "value": hold.value, "scope": hold.scope,
                    "reason": hold.reason, "since": _iso(hold.created),
                    "expires": _iso(hold.expires)} for hold in holds],
-        "top_refused_clients": [{"client": client, "refusals": count} for client, count
-                                in activity.top_refused_clients(now, TOP)],
-        "top_senders": [{"sender": sender, "recipients": count} for sender, count
-                        in activity.top_senders(now, TOP)],
+        "top_scope": scope,
+        "top_refused_clients": [{"client": client, "refusals": count}
+                                for client, count in refused],
+        "top_senders": [{"sender": sender, "recipients": count} for sender, count in senders],
     }
 
 
@@ -186,11 +195,12 @@ def status_html(document: dict[str, Any], found: dict[str, Any]) -> str:
     parts.append(_table(["kind", "value", "scope", "reason", "since", "ends"], [
         [hold["kind"], hold["value"], hold["scope"], hold["reason"], hold["since"],
          hold["expires"] or "when removed"] for hold in document["holds"]], "no holds"))
-    parts.append("<h2>Top refused clients, last hour</h2>")
+    scope = "the fleet" if document.get("top_scope") == "fleet" else "this process"
+    parts.append(f"<h2>Top refused clients, last hour ({scope})</h2>")
     parts.append(_table(["client", "refusals"], [
         [row["client"], row["refusals"]] for row in document["top_refused_clients"]],
         "no client refused"))
-    parts.append("<h2>Top outbound senders, last hour</h2>")
+    parts.append(f"<h2>Top outbound senders, last hour ({scope})</h2>")
     parts.append(_table(["sender (SASL user or client)", "recipients"], [
         [row["sender"], row["recipients"]] for row in document["top_senders"]],
         "no outbound mail"))

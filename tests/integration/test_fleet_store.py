@@ -313,3 +313,19 @@ def test_a_prober_spreading_its_tries_over_the_fleet_is_blocked_on_every_host(fl
              if hold["value"] == f"{prober}/32"]
     assert [(hold["scope"], hold["reason"]) for hold in holds] == [("all", "relay probing")]
     assert one.cli("hold", "remove", "--client", prober).returncode == 0
+
+
+def test_the_status_page_s_top_lists_cover_the_fleet(fleet):
+    _, one, two, _ = fleet
+    prober = "192.0.2.150"      # fewer tries than [probes] refusals: counted, not blocked
+    assert [host.ask(prober, "x@remote.test") for host in (one, one, two)] == \
+        [b"action=554 5.7.1 Relay access denied"] * 3
+
+    def fleet_count() -> int | None:
+        url = f"http://127.0.0.1:{two.metrics_port}/api/v1/status"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            document = json.loads(response.read())
+        assert document["top_scope"] == "fleet"
+        return {row["client"]: row["refusals"]
+                for row in document["top_refused_clients"]}.get(prober)
+    within(10.0, lambda: fleet_count() == 3)       # shared every 5 s

@@ -102,3 +102,16 @@ def test_top_never_writes_a_client_s_escape_sequence_to_the_terminal():
     screen = "\n".join(top_lines(document))
     assert "\x1b" not in screen and "evil\\x1b[2Jname" in screen
     assert "BL DEAD" in screen and "10:00 UTC" in screen
+
+
+def test_counts_are_kept_for_the_fleet_only_when_shared_and_drained_once():
+    activity = Activity()
+    activity.record(seen(T0, client="192.0.2.9"))
+    assert activity.drain() == {}                   # not shared: nothing kept twice
+    activity.sharing = True
+    activity.record(seen(T0, client="192.0.2.9"))
+    activity.record(seen(T0 + 61, "permit", client="198.51.100.7", user="alice", relayed=True))
+    drained = activity.drain()
+    assert drained == {int(T0): {"refused": {"192.0.2.9": 1}},
+                       int(T0) + 60: {"senders": {"alice": 1}}}
+    assert activity.drain() == {}

@@ -27,7 +27,7 @@ IO_MODULES = ("sqlite3", "socket", "socketserver", "http", "ssl", "selectors", "
               "relaymilter.milter", "relaymilter.policyd", "relaymilter.metrics",
               "relaymilter.sqlitestore", "relaymilter.pgstore", "relaymilter.pgnotify",
               "relaymilter.storewatch", "relaymilter.rediscounter", "relaymilter.dnsbl",
-              "relaymilter.cli", "smtplib", "relaymilter.probe")
+              "relaymilter.cli", "smtplib", "relaymilter.probe", "relaymilter.fleettops")
 
 
 def module_name(path: pathlib.Path) -> str:
