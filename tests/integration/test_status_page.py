@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -19,17 +18,10 @@ from postfix_instance import PostfixInstance
 from rbldnsd import Rbldnsd, RbldnsdZone
 from relaymilter_process import RELAYMILTER, RelaymilterProcess, _free_port, public_subdirectory
 from smtp_dialog import SmtpDialog
+from test_postfix_metrics import get
 
 CLEAN, LISTED, HELD_FROM, OUR_USER = "192.0.2.99", "192.0.2.20", "192.0.2.30", "192.0.2.40"
 HOSTILE = "<a&b'c@local.test>"      # what Postfix lets through that HTML must escape
-
-
-def get(url: str) -> tuple[int, str, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.headers["Content-Type"], response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers["Content-Type"], error.read().decode()
 
 
 class Site:
