@@ -162,8 +162,9 @@ class RedisCounter:
 
     def __init__(self, url: str, hour: float = 3600.0, auto_hold_factor: int = 0,
                  timeout: float = 0.05, on_error: str = "local",
-                 metrics: Recorder = NO_METRICS) -> None:
+                 metrics: Recorder = NO_METRICS, counts: str = "outbound limits") -> None:
         self.hour = hour
+        self.counts = counts            # what it counts, for the log: one Redis, two counters
         self.auto_hold_factor = auto_hold_factor
         self.shown = display_location(url)
         self._on_error = on_error
@@ -258,8 +259,9 @@ class RedisCounter:
         if first:
             doing = ("counting in this process" if self._on_error == "local"
                      else "deferring limited recipients (on_error = tempfail)")
-            log.error("Redis counters at %s unavailable, %s until they answer (retried every "
-                      "%.0f s): %s", self.shown, doing, RETRY_AFTER, self._outage)
+            log.error("Redis counters at %s unavailable (%s), %s until they answer (retried "
+                      "every %.0f s): %s", self.shown, self.counts, doing, RETRY_AFTER,
+                      self._outage)
             threading.Thread(target=self._probe, name="relaymilter-redis-probe",
                              daemon=True).start()
 
@@ -282,4 +284,5 @@ class RedisCounter:
                 return
             self._outage = None
         self._metrics.counter_recovered()
-        log.warning("Redis counters at %s answer again: counting fleet-wide", self.shown)
+        log.warning("Redis counters at %s answer again (%s): counting fleet-wide", self.shown,
+                    self.counts)

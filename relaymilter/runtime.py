@@ -80,7 +80,8 @@ def _probe_counter(config: Config, metrics: Recorder) -> "LimitCounter | RedisCo
     from relaymilter.rediscounter import RedisCounter
     # Never a 4xx for this count: a fault counts here, whatever on_error says.
     return RedisCounter(counters.url, hour=window, auto_hold_factor=1,
-                        timeout=counters.timeout_ms / 1000, on_error="local", metrics=metrics)
+                        timeout=counters.timeout_ms / 1000, on_error="local", metrics=metrics,
+                        counts="relay probes")
 
 
 class Runtime:

@@ -224,8 +224,8 @@ def test_redis_killed_mid_run_loses_no_mail(fleet):
                    for answer in answers), answers
         assert answers.count(LIMITED) >= 2
         assert not two.health()["counters"]["ok"] and two.health()["status"] == "degraded"
-        two.service.wait_for_log(r"Redis counters at unix://\S+ unavailable, counting in this "
-                                 r"process")
+        two.service.wait_for_log(r"Redis counters at unix://\S+ unavailable \(outbound limits\), "
+                                 r"counting in this process")
         counters.start()
         # The next limited recipient after the retry interval finds Redis again
         # (erin: a limit far from reach, however often this asks).

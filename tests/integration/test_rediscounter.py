@@ -150,7 +150,7 @@ def test_redis_gone_counts_in_this_process_logs_once_and_comes_back(caplog, monk
             time.sleep(0.6)
             assert not counter.charge(ALICE, Limit(3)).allowed    # tried Redis again: still gone
             assert [record.levelname for record in caplog.records] == ["ERROR"]
-            assert "unavailable, counting in this process" in caplog.records[0].getMessage()
+            assert "unavailable (outbound limits), counting in this process" in caplog.records[0].getMessage()
             assert metrics.health_state.counters_error is not None
             server.start()
             time.sleep(0.6)
