@@ -31,6 +31,8 @@ import threading
 from collections import Counter, deque
 from typing import NamedTuple
 
+from relaymilter.address import shown_domain
+
 
 class Seen(NamedTuple):
     """One decision, as the status page shows it."""
@@ -54,12 +56,6 @@ class _Minute:
         self.verdicts: Counter = Counter()
         self.refused: Counter = Counter()
         self.senders: Counter = Counter()
-
-
-def _domain(address: str | None) -> str | None:
-    if not address or "@" not in address:
-        return None
-    return address.rsplit("@", 1)[1].strip("<> ").rstrip(".").lower() or None
 
 
 class Activity:
@@ -156,7 +152,8 @@ class Activity:
                 continue
             if user_key and (seen.user or "").lower() != user_key:
                 continue
-            if domain_key and domain_key not in (_domain(seen.sender), _domain(seen.recipient)):
+            if domain_key and domain_key not in (shown_domain(seen.sender),
+                                                 shown_domain(seen.recipient)):
                 continue
             found.append(seen)
             if len(found) >= limit:

@@ -252,6 +252,16 @@ def resolved_domain(address: str) -> tuple[str | None, IPAddress | None]:
     return normalise_domain(domain_text), None
 
 
+def shown_domain(address: str | None) -> str | None:
+    """The text after the last "@" of an address as logged or shown, lower
+    case, without brackets or a trailing dot; None without one. For
+    counting and filtering what was decided (the report, the status page),
+    never for deciding: resolved_domain() checks, this does not."""
+    if not address or "@" not in address:
+        return None
+    return address.rsplit("@", 1)[1].strip("<> ").rstrip(".").lower() or None
+
+
 def parse_address_literal(text: str) -> IPAddress | None:
     """[192.0.2.1] or [IPv6:2001:db8::1] -> address; None if malformed."""
     if not (text.startswith("[") and text.endswith("]")):

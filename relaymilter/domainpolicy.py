@@ -40,11 +40,12 @@ import ipaddress
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from relaymilter.address import IPAddress, parse_network
 from relaymilter.entries import too_wide, user_key, validate_document
-from relaymilter.limits import Limit
+from relaymilter.limits import RATE_NAMES, Limit
 from relaymilter.netindex import NetworkIndex
 
 
@@ -78,6 +79,14 @@ class DomainDnsbl:
     threshold: int | None
 
 
+# The rows from_rows() reads, by store column (and record field): the SQL
+# backends select them (sqlrecords.POLICY_ROWS), from_document() takes them
+# from validated records.
+RELAY_CLIENT_ROW = ("network", "packed", "prefixlen", "expires")
+HOLD_ROW = ("kind", "value", "packed", "prefixlen", "reason", "expires", "scope", "created")
+LIMIT_ROW = ("kind", "value", "packed", "prefixlen") + RATE_NAMES
+
+
 class DomainPolicy:
     """The store's entries, as decisions read them. Immutable: share it freely.
 
@@ -90,7 +99,7 @@ class DomainPolicy:
     __slots__ = ("_allowlist", "_scopes", "_global_scopes", "_relay_index", "_relay_clients",
                  "_hold_index", "_client_holds", "_user_holds", "_default_limits",
                  "_user_limits", "_client_limit_index", "_client_limits", "_domains",
-                 "_owned", "_counts", "_next_expiry")
+                 "_owned", "_counts", "_next_expiry", "_blocks")
 
     def __init__(self, **parts: Any) -> None:
         for name in self.__slots__:
@@ -134,13 +143,10 @@ class DomainPolicy:
                 owners.setdefault(owner, []).append(entry.domain)
         return cls.from_rows(
             index, scopes,
-            ((entry.network, entry.packed, entry.prefixlen, entry.expires) for entry in relay),
+            map(attrgetter(*RELAY_CLIENT_ROW), relay),
             ((entry.network, domain) for entry in relay for domain in entry.sender_domains),
-            ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.reason, entry.expires,
-              entry.scope, entry.created) for entry in records["holds"]),
-            ((entry.kind, entry.value, entry.packed, entry.prefixlen, entry.per_hour,
-              entry.per_day, entry.messages_per_hour, entry.messages_per_day)
-             for entry in records["limits"]),
+            map(attrgetter(*HOLD_ROW), records["holds"]),
+            map(attrgetter(*LIMIT_ROW), records["limits"]),
             [(dnsbl, threshold, names) for (dnsbl, threshold), names in settings.items()],
             list(owners.items()), allowlist_ends)
 
@@ -158,15 +164,15 @@ class DomainPolicy:
 
         allowlist             the index of allowlist networks, each tagged with
                               scopes[domain] ("" = every domain)
-        relay_clients         (network, packed address, prefix length, expires); those
-                              already ended are left out
+        relay_clients         RELAY_CLIENT_ROW: (network, packed address, prefix length,
+                              expires); those already ended are left out
         relay_client_domains  (network, sender domain)
-        holds                 (kind, value, packed or None, prefix length or None, reason,
-                              expires: unix time or None, scope "relay" or "all", created);
-                              those already ended are left out
-        limits                (kind, value, packed or None, prefix length or None, then
-                              the rates of a limits.Limit: per hour, per day, messages
-                              per hour, messages per day, each a count or None)
+        holds                 HOLD_ROW: (kind, value, packed or None, prefix length or None,
+                              reason, expires: unix time or None, scope "relay" or "all",
+                              created); those already ended are left out
+        limits                LIMIT_ROW: (kind, value, packed or None, prefix length or
+                              None, then the rates of a limits.Limit: per hour, per day,
+                              messages per hour, messages per day, each a count or None)
         domains               (dnsbl "on"/"off", threshold or None, [domain, ...])
         owners                (SASL user, [domain, ...])
         allowlist_ends        when the first allowlist entry in the index ends (the
@@ -245,7 +251,8 @@ class DomainPolicy:
                     "holds": len(client_holds) + len(user_holds),
                     "limits": len(default_limits) + len(user_limits) + len(client_limits),
                     "domains": len(domain_settings)},
-            next_expiry=min((end for end in ends if end is not None), default=None))
+            next_expiry=min((end for end in ends if end is not None), default=None),
+            blocks=any(hold.scope == "all" for hold, _, _ in client_holds))
 
     @property
     def next_expiry(self) -> float | None:
@@ -283,7 +290,9 @@ class DomainPolicy:
     def blocked(self, client: IPAddress | None) -> Hold | None:
         """The hold refusing every recipient of client (scope "all"), if the
         longest hold network holding it is one."""
-        if client is None:
+        # Asked for every recipient of every untrusted client: without blocks,
+        # no lookup.
+        if client is None or not self._blocks:
             return None
         tag = self._hold_index.longest(client)
         if tag is None:

@@ -284,7 +284,6 @@ class Engine:
         snapshot = self._running.snapshot
         decision = enforce(decide_listing(listing.result()), snapshot.config.decisions.dry_run)
         log_decision("CONNECT", decision, client)
-        self._count("connect", decision)
         self._running.metrics.decided("connect", decision, client, None, None)
         return decision
 
@@ -316,9 +315,5 @@ class Engine:
     def _applied(self, decision: Decision, client: ClientFacts, sender: str | None,
                  recipient: str | None, queue_id: str | None) -> Decision:
         log_decision("RCPT", decision, client, sender, recipient, queue_id)
-        self._count("rcpt", decision)
         self._running.metrics.decided("rcpt", decision, client, sender, recipient)
         return decision
-
-    def _count(self, stage: str, decision: Decision) -> None:
-        self._running.metrics.decision(stage, decision.action_label, decision.reason.label)

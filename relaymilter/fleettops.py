@@ -6,7 +6,8 @@ NAME
 SYNOPSIS
     tops = FleetTops("redis://counters.example/0", activity)    # [counters] url
     tops.start()                 # every PUBLISH_EVERY seconds: this process's new counts
-    tops.top("refused", now, 10) # [("192.0.2.9", 41), ...] over the fleet, or None
+    tops.tops(now, 10)           # {"refused": [("192.0.2.9", 41), ...], "senders": [...]}
+                                 # over the fleet, or None
     tops.stop()
 
 DESCRIPTION
@@ -92,18 +93,23 @@ class FleetTops:
             self._failing = False
             log.warning("fleet top lists: Redis at %s answers again", self.shown)
 
-    def top(self, kind: str, now: float, count: int) -> list[tuple[str, int]] | None:
-        """The fleet's top count of kind over the last hour; None when Redis fails."""
+    def tops(self, now: float, count: int) -> dict[str, list[tuple[str, int]]] | None:
+        """The fleet's top count of each kind over the last hour, in one round
+        trip; None when Redis fails."""
         current = int(now // 60) * 60
-        keys = [_key(kind, current - 60 * back) for back in range(MINUTES)]
         try:
-            summed = self._client.zunion(keys, withscores=True)
+            with self._client.pipeline(transaction=False) as pipeline:
+                for kind in KINDS:
+                    pipeline.zunion([_key(kind, current - 60 * back) for back in range(MINUTES)],
+                                    withscores=True)
+                summed = pipeline.execute()
         except redis.RedisError as error:
             self._failed(error)
             return None
-        ranked = sorted(((member.decode("utf-8", "replace"), int(score))
-                         for member, score in summed), key=lambda item: (-item[1], item[0]))
-        return ranked[:count]
+        return {kind: sorted(((member.decode("utf-8", "replace"), int(score))
+                              for member, score in members),
+                             key=lambda item: (-item[1], item[0]))[:count]
+                for kind, members in zip(KINDS, summed)}
 
     def _failed(self, error: Exception) -> None:
         if not self._failing:

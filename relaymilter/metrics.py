@@ -8,7 +8,8 @@ SYNOPSIS
     runtime = Runtime.start(config, metrics=recorder)
     listener = MetricsListener(config.metrics.address, recorder, lambda: runtime.snapshot)
     listener.start()                            # GET /metrics, GET /healthz
-    recorder.decision("rcpt", "reject", "remote-domain")   # one call per event, any thread
+    recorder.decided("rcpt", decision, client, sender, recipient)   # one call per event,
+                                                                    # any thread
     listener.stop()
 
 DESCRIPTION
@@ -235,6 +236,7 @@ class PrometheusRecorder(Recorder):
 
     def decided(self, stage: str, decision: Any, client: Any, sender: str | None,
                 recipient: str | None) -> None:
+        self.decision(stage, decision.action_label, decision.reason.label)
         self.activity.record(Seen(
             self._clock(), stage, decision.action_label, decision.reason.word,
             str(client.address) if client.address is not None else "unknown",

@@ -358,12 +358,7 @@ class PostgresStore(Storage):
                                         "FROM domain_owner GROUP BY owner").fetchall()]
             return DomainPolicy.from_rows(
                 allowlist, scopes,
-                _rows(cursor, "SELECT network, packed, prefixlen, expires FROM relay_client"),
-                _rows(cursor, "SELECT network, domain FROM relay_client_domain"),
-                _rows(cursor, "SELECT kind, value, packed, prefixlen, reason, expires, scope, "
-                              "created FROM hold"),
-                _rows(cursor, "SELECT kind, value, packed, prefixlen, per_hour, per_day, "
-                              "messages_per_hour, messages_per_day FROM rate_limit"),
+                *(cursor.execute(query).fetchall() for query in sqlrecords.POLICY_ROWS),
                 domains, owners, allowlist_ends)
 
 
@@ -385,10 +380,6 @@ def _copy_allowlist(cursor: psycopg.Cursor, records: list) -> None:
             copy.write_row(row)
     cursor.execute(f"INSERT INTO allowlist ({columns}) SELECT {columns} FROM allowlist_in "
                    f"{sqlrecords.ALLOWLIST_CONFLICT}")
-
-
-def _rows(cursor: psycopg.Cursor, query: str) -> list[tuple]:
-    return cursor.execute(query).fetchall()
 
 
 def _message(error: psycopg.Error) -> str:

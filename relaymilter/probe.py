@@ -348,26 +348,23 @@ def run_probe(options: ProbeOptions) -> Report:
 def _ask(session: _Session, form: Form, accepted: str) -> Row | None:
     """One form, reconnecting first if the last one left the session closed;
     None when no new session opens."""
-    for _ in range(2):
-        if session.client is None or session.client.sock is None:
-            if session.reconnects >= MAX_RECONNECTS:
-                return None
-            session.reconnects += 1
-            try:
-                session.open()
-            except (Unreachable, _Refused, OSError, smtplib.SMTPException):
-                return None
+    if session.client is None or session.client.sock is None:
+        if session.reconnects >= MAX_RECONNECTS:
+            return None
+        session.reconnects += 1
         try:
-            return session.ask(form, accepted)
-        except (smtplib.SMTPServerDisconnected, smtplib.SMTPResponseException, OSError) as error:
-            if session.client is not None:
-                session.client.close()
-            return Row(form, "connection", None, _shown(f"connection lost: {error}"),
-                       "deferred")
-        except _Refused as refused:
-            return Row(form, refused.stage, refused.code, _shown(refused.reply),
-                       _verdict(refused.code, accepted))
-    return None
+            session.open()
+        except (Unreachable, _Refused, OSError, smtplib.SMTPException):
+            return None
+    try:
+        return session.ask(form, accepted)
+    except (smtplib.SMTPServerDisconnected, smtplib.SMTPResponseException, OSError) as error:
+        if session.client is not None:
+            session.client.close()
+        return Row(form, "connection", None, _shown(f"connection lost: {error}"), "deferred")
+    except _Refused as refused:
+        return Row(form, refused.stage, refused.code, _shown(refused.reply),
+                   _verdict(refused.code, accepted))
 
 
 def _session_refused(report: Report, refused: _Refused) -> Report:

@@ -41,6 +41,7 @@ from relaymilter.text import one_line
 if TYPE_CHECKING:       # smtplib and ssl only when a probe runs
     import ssl
 
+    from relaymilter.config import Config
     from relaymilter.probe import ProbeOptions, Report, Row
 
 PASSWORD_VARIABLE = "RELAYMILTER_PROBE_PASSWORD"
@@ -87,8 +88,12 @@ def add_probe_verb(verb: Any) -> None:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from relaymilter.probe import NoLocalDomain, Unreachable, run_probe
+    config = None
+    if args.self_probe:
+        from relaymilter.config import config_path, load_config
+        config = load_config(config_path(args.config))
     try:
-        options = _options(args)
+        options = _options(args, config)
     except ValueError as error:
         sys.stderr.write(f"relaymilter probe: {error}\n")
         return EX_USAGE
@@ -104,8 +109,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         sys.stderr.write(f"relaymilter probe: internal error: {type(error).__name__}: "
                          f"{one_line(str(error))}\n")
         return EX_SOFTWARE
-    if args.self_probe and report.xclient is None:
-        trusted = _trusted_source(args)
+    if config is not None and report.xclient is None:
+        trusted = _trusted_source(args, config)
         if trusted:
             report.notes.append(f"we connected from {trusted}, which trusted_networks has: "
                                 "the MTA may let us relay for that; use --source with an "
@@ -119,14 +124,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return status
 
 
-def _options(args: argparse.Namespace) -> "ProbeOptions":
+def _options(args: argparse.Namespace, config: "Config | None") -> "ProbeOptions":
+    """The probe's options; config: relaymilter's, for --self."""
     from relaymilter.probe import ProbeOptions, resolve_port
     local, relay = args.local_domain, args.relay_domain
     xclient = args.xclient
     server = args.server
-    if args.self_probe:
-        from relaymilter.config import config_path, load_config
-        config = load_config(config_path(args.config))
+    if config is not None:
         domains = [domain for domain in config.relay.local_domains if not domain.startswith(".")]
         local = local or (domains[0] if domains else None)
         if local is None:
@@ -180,12 +184,10 @@ def _password(args: argparse.Namespace) -> str:
     return password
 
 
-def _trusted_source(args: argparse.Namespace) -> str | None:
+def _trusted_source(args: argparse.Namespace, config: "Config") -> str | None:
     """The source we connect from, when the config trusts it (as loopback is)."""
-    from relaymilter.config import config_path, load_config
     from relaymilter.relay import RelayRules
-    rules = RelayRules.build(trusted_networks=load_config(
-        config_path(args.config)).relay.trusted_networks)
+    rules = RelayRules.build(trusted_networks=config.relay.trusted_networks)
     source = ipaddress.ip_address(args.source or "127.0.0.1")
     return str(source) if any(source in network for network in rules.trusted_networks) \
         else None

@@ -25,8 +25,9 @@ class Recorder:
 
     def decided(self, stage: str, decision: Any, client: Any, sender: str | None,
                 recipient: str | None) -> None:
-        """The same decision whole, for the status page (activity.py): a
-        decision.Decision and the decision.ClientFacts it was for."""
+        """A decision.Decision was answered at stage "connect" or "rcpt" to the
+        decision.ClientFacts client: counted (decision()) and kept for the
+        status page (activity.py). The engine's one call per decision."""
 
     def decision(self, stage: str, action: str, reason: str) -> None:
         """A decision was answered at stage "connect" or "rcpt".

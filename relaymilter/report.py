@@ -41,6 +41,8 @@ import re
 from collections import Counter
 from typing import Any, NamedTuple
 
+from relaymilter.address import shown_domain
+
 _SYSLOG_TIME = re.compile(r"^(?P<month>[A-Z][a-z]{2}) +(?P<day>\d{1,2}) (?P<time>\d\d:\d\d:\d\d)")
 _ISO_TIME = re.compile(r"^(?P<date>\d{4}-\d\d-\d\d)[T ](?P<time>\d\d:\d\d:\d\d)")
 _MONTHS = {name: number for number, name in enumerate(
@@ -101,12 +103,6 @@ def parse_line(line: str, today: datetime.date | None = None) -> Entry | None | 
                  fields["hold"])
 
 
-def _domain(recipient: str | None) -> str | None:
-    if not recipient or "@" not in recipient:
-        return None
-    return recipient.rsplit("@", 1)[1].rstrip(".").lower() or None
-
-
 class Summary:
     """Decisions added up; see the module docstring."""
 
@@ -152,7 +148,7 @@ class Summary:
         self.client_reasons.setdefault(entry.client, Counter())[entry.reason] += 1
         if entry.user:
             self.users[entry.user] += 1
-        domain = _domain(entry.recipient)
+        domain = shown_domain(entry.recipient)
         if domain:
             self.domains[domain] += 1
         if entry.hold_reason:

@@ -58,30 +58,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _counter(config: Config, metrics: Recorder) -> "LimitCounter | RedisCounter":
-    """The outbound limits' counter: in Redis ([counters] url), else in this process."""
-    limits, counters = config.limits, config.counters
+def _counter(config: Config, metrics: Recorder, hour: float, auto_hold_factor: int,
+             on_error: str, counts: str) -> "LimitCounter | RedisCounter":
+    """A counter in Redis ([counters] url), else in this process."""
+    counters = config.counters
     if counters.url is None:
-        return LimitCounter(hour=limits.window, auto_hold_factor=limits.auto_hold_factor)
+        return LimitCounter(hour=hour, auto_hold_factor=auto_hold_factor)
     from relaymilter.rediscounter import RedisCounter     # redis-py only when configured
-    return RedisCounter(counters.url, hour=limits.window,
-                        auto_hold_factor=limits.auto_hold_factor,
-                        timeout=counters.timeout_ms / 1000, on_error=counters.on_error,
-                        metrics=metrics)
+    return RedisCounter(counters.url, hour=hour, auto_hold_factor=auto_hold_factor,
+                        timeout=counters.timeout_ms / 1000, on_error=on_error,
+                        metrics=metrics, counts=counts)
+
+
+def _limits_counter(config: Config, metrics: Recorder) -> "LimitCounter | RedisCounter":
+    """The outbound limits' counter."""
+    limits = config.limits
+    return _counter(config, metrics, limits.window, limits.auto_hold_factor,
+                    config.counters.on_error, "outbound limits")
 
 
 def _probe_counter(config: Config, metrics: Recorder) -> "LimitCounter | RedisCounter":
-    """The refused relay attempts per client, over [probes] window: beside the
-    limits' counts (in Redis with [counters] url, so a fleet counts together).
-    The hold falls due when the attempts reach [probes] refusals."""
-    window, counters = config.probes.window, config.counters
-    if counters.url is None:
-        return LimitCounter(hour=window, auto_hold_factor=1)
-    from relaymilter.rediscounter import RedisCounter
-    # Never a 4xx for this count: a fault counts here, whatever on_error says.
-    return RedisCounter(counters.url, hour=window, auto_hold_factor=1,
-                        timeout=counters.timeout_ms / 1000, on_error="local", metrics=metrics,
-                        counts="relay probes")
+    """The refused relay attempts per client, over [probes] window, beside the
+    limits' counts (a fleet counts together). The hold falls due when the
+    attempts reach [probes] refusals. Never a 4xx for this count: a Redis
+    fault counts here, whatever [counters] on_error says."""
+    return _counter(config, metrics, config.probes.window, 1, "local", "relay probes")
 
 
 class Runtime:
@@ -90,7 +91,7 @@ class Runtime:
     def __init__(self, snapshot: Snapshot, metrics: Recorder = NO_METRICS) -> None:
         self.snapshot = snapshot
         self.metrics = metrics      # metrics.py; NO_METRICS when off
-        self.counter = _counter(snapshot.config, metrics)
+        self.counter = _limits_counter(snapshot.config, metrics)
         self.probes = _probe_counter(snapshot.config, metrics)
         self._reloader = ConfigReloader(snapshot.config, metrics)
         self._store = StoreFollower(metrics)
@@ -121,7 +122,7 @@ class Runtime:
         if (previous.config.limits, previous.config.counters) != \
                 (snapshot.config.limits, snapshot.config.counters):
             # The old one is left to the collector: a decision may still be using it.
-            self.counter = _counter(snapshot.config, self.metrics)
+            self.counter = _limits_counter(snapshot.config, self.metrics)
         if (previous.config.probes, previous.config.counters) != \
                 (snapshot.config.probes, snapshot.config.counters):
             self.probes = _probe_counter(snapshot.config, self.metrics)

@@ -463,14 +463,7 @@ class SQLiteStore(Storage):
                                             "FROM domain_owner GROUP BY owner")]
             return DomainPolicy.from_rows(
                 allowlist, scopes,
-                connection.execute("SELECT network, packed, prefixlen, expires FROM relay_client"),
-                connection.execute("SELECT network, domain FROM relay_client_domain"),
-                connection.execute(
-                    "SELECT kind, value, packed, prefixlen, reason, expires, scope, created "
-                    "FROM hold"),
-                connection.execute(
-                    "SELECT kind, value, packed, prefixlen, per_hour, per_day, messages_per_hour, "
-                    "messages_per_day FROM rate_limit"),
+                *(connection.execute(query).fetchall() for query in sqlrecords.POLICY_ROWS),
                 domains, owners, allowlist_ends)
 
 

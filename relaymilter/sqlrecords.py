@@ -31,6 +31,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from relaymilter.domainpolicy import HOLD_ROW, LIMIT_ROW, RELAY_CLIENT_ROW
 from relaymilter.entries import SECTIONS, AllowlistRecord, Section
 from relaymilter.netindex import TAG_BYTES
 
@@ -54,6 +55,14 @@ TABLES = {
     "limits": Table("rate_limit", "kind, value != '', length(packed), packed, prefixlen, value"),
     "domains": Table("domain", "domain", ("domain_owner", "owner")),
 }
+
+
+# The plain row queries of Storage.load_policy(): DomainPolicy.from_rows()'s
+# relay_clients, relay_client_domains, holds and limits, in that order.
+POLICY_ROWS = (f"SELECT {', '.join(RELAY_CLIENT_ROW)} FROM relay_client",
+               "SELECT network, domain FROM relay_client_domain",
+               f"SELECT {', '.join(HOLD_ROW)} FROM hold",
+               f"SELECT {', '.join(LIMIT_ROW)} FROM rate_limit")
 
 
 def clear(cursor: Any) -> None:

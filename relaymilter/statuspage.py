@@ -106,13 +106,11 @@ def status_document(recorder: Any, snapshot: "Snapshot | None", now: float,
                  "hit_rate": round(stats.hits / asked, 4) if asked else None}
     activity = recorder.activity
     holds = snapshot.domain_policy.holds() if snapshot is not None else []
-    refused = senders = None
-    if fleet is not None:
-        refused, senders = fleet.top("refused", now, TOP), fleet.top("senders", now, TOP)
-    scope = "fleet" if refused is not None and senders is not None else "this process"
-    if scope != "fleet":
-        refused = activity.top_refused_clients(now, TOP)
-        senders = activity.top_senders(now, TOP)
+    tops = fleet.tops(now, TOP) if fleet is not None else None
+    scope = "this process" if tops is None else "fleet"
+    if tops is None:
+        tops = {"refused": activity.top_refused_clients(now, TOP),
+                "senders": activity.top_senders(now, TOP)}
     return {
         "generated": _iso(now), "version": __version__, "health": health, "zones": zones,
         "cache": cache,
@@ -124,8 +122,9 @@ def status_document(recorder: Any, snapshot: "Snapshot | None", now: float,
                    "expires": _iso(hold.expires)} for hold in holds],
         "top_scope": scope,
         "top_refused_clients": [{"client": client, "refusals": count}
-                                for client, count in refused],
-        "top_senders": [{"sender": sender, "recipients": count} for sender, count in senders],
+                                for client, count in tops["refused"]],
+        "top_senders": [{"sender": sender, "recipients": count}
+                        for sender, count in tops["senders"]],
     }
 
 
@@ -151,11 +150,11 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _table(headers: list[str], rows: list[list[Any]], empty: str, raw: bool = False) -> str:
+def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
     if not rows:
         return f"<p>{_e(empty)}</p>"
     head = "".join(f"<th>{_e(header)}</th>" for header in headers)
-    body = "".join("<tr>" + "".join(f"<td>{cell if raw else _e(cell)}</td>" for cell in row)
+    body = "".join("<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row)
                    + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import psycopg
 
-from procs import alive, children
+from procs import alive, children, wait_ready
 
 SERVER_USER = "postgres"
 KEEP_DIRECTORY_ENV = "RELAYMILTER_KEEP_POSTGRES"  # =1 keeps the cluster for debugging
@@ -131,21 +131,15 @@ class PostgresInstance:
             self._process = subprocess.Popen(
                 [str(self.binaries / "postgres"), "-D", str(self.data), *options],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **self._as_user())
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._process.poll() is not None:
-                raise PostgresError(f"postgres exited with {self._process.returncode}:\n"
-                                    f"{self.log_tail()}")
-            try:
-                psycopg.connect(self.url(), connect_timeout=2).close()
-                return
-            except psycopg.OperationalError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise PostgresError(f"postgres not accepting connections after {timeout:.0f} "
-                                    f"s:\n{self.log_tail()}")
-            time.sleep(0.05)
+        wait_ready(self._process, self._accepting, timeout, self.kill,
+                   lambda message: PostgresError(f"postgres {message}"), self.log_tail, 0.05)
+
+    def _accepting(self) -> bool:
+        try:
+            psycopg.connect(self.url(), connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def stop(self) -> None:
         """A fast shutdown (SIGINT): open transactions roll back, connections close."""

@@ -28,10 +28,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis
+
+from procs import wait_ready
 
 REDIS_SERVER = shutil.which("redis-server", path=os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/bin", "/usr/sbin"]))
@@ -81,20 +82,15 @@ class RedisInstance:
                  "--unixsocketperm", "777", "--save", "", "--appendonly", "no",
                  "--dir", str(self.directory), "--daemonize", "no"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._process.poll() is not None:
-                raise RedisError(f"redis-server exited with {self._process.returncode}:\n"
-                                 f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                if self.client().ping():
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RedisError(f"redis-server not answering after {timeout:.0f} s")
-            time.sleep(0.02)
+        wait_ready(self._process, self._answering, timeout, self.kill,
+                   lambda message: RedisError(f"redis-server {message}"),
+                   lambda: self.log_path.read_text(errors="replace")[-2000:])
+
+    def _answering(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL: every count is lost."""
